@@ -1,0 +1,50 @@
+# rackbench: one declarative workflow from model download to paper-ready report.
+#
+#   snakemake --cores 2                                   # the embedded CPU demo (config.yaml)
+#   snakemake --configfile config/llama2-70b-gb300.yaml \
+#       --workflow-profile profiles/slurm                 # the GB300 NVL72 rack
+#
+# Steps: download_model -> prepare_dataset -> quantize -> build_engine ->
+# run_shard (one job per shard) -> accuracy -> report. Logic lives in
+# scripts/rackbench/; rules only call it.
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+# The demo config is the default; a --configfile given on the command line
+# replaces it rather than being merged into it.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+
+
+wildcard_constraints:
+    model=r"[^/]+",
+    dataset=r"[^/]+",
+    recipe=r"nvfp4|fp8|none",
+    backend=r"reference|tensorrt-llm",
+    gpu=r"[^/]+",
+    bs=r"\d+",
+    layout=r"\d+x\d+",
+    mode=r"performance|accuracy",
+    shard=r"\d+",
+
+
+include: "rules/demo.smk"
+include: "rules/download.smk"
+include: "rules/dataset.smk"
+include: "rules/quantize.smk"
+include: "rules/engine.smk"
+include: "rules/run.smk"
+include: "rules/accuracy.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.report.output,

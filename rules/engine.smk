@@ -1,0 +1,26 @@
+# build_engine, per GPU type: an engine directory recording what it was built
+# for (GPU type, compute capability, software versions, build settings). The
+# run step refuses it anywhere else. TensorRT-LLM builds run in its container.
+
+
+rule build_engine:
+    input:
+        checkpoint="results/quantized/{model}/{recipe}/checkpoint",
+    output:
+        directory("results/engines/{model}/{recipe}/{backend}/{gpu}/engine"),
+    params:
+        gpu_spec=lambda wc: as_json(GPU_TYPES[wc.gpu]),
+        settings=lambda wc: as_json(config["engines"][wc.backend]),
+    log:
+        "results/logs/build_engine/{model}-{recipe}-{backend}-{gpu}.log",
+    resources:
+        **job_resources(lambda wc: wc.gpu, engine_gpus),
+    conda:
+        RUN_ENV
+    container:
+        engine_container
+    shell:
+        "python -m rackbench.build_engine --checkpoint {input.checkpoint} --out {output}"
+        " --backend {wildcards.backend} --model {wildcards.model} --recipe {wildcards.recipe}"
+        " --gpu-type {wildcards.gpu} --gpu-spec-json {params.gpu_spec}"
+        " --settings-json {params.settings} > {log} 2>&1"
