@@ -1,0 +1,600 @@
+"""A real single-node Slurm cluster for rackbench's tests, from Debian's packages.
+
+    python tests/slurm/cluster.py start [--no-accounting]   # idempotent
+    python tests/slurm/cluster.py status
+    python tests/slurm/cluster.py stop                       # only what this module started
+
+From pytest: ``cluster.start()`` returns a :class:`Cluster`; ``cluster.stop(c.started)``
+stops, by PID, exactly the daemons that call started (a running cluster is reused
+and left alone).
+
+What it sets up (Slurm 22.05 on a box without systemd or cgroups, e.g. CI's 2 cores):
+
+* munged (as user munge), and with accounting mariadbd + slurmdbd (so ``sacct``, the
+  Snakemake plugin's default status command, works as on a real cluster);
+* slurmctld + slurmd with one node ``$(hostname -s)`` advertising ``CPUS`` CPUs
+  (``SlurmdParameters=config_overrides``) and ``GPUS`` fake typed GPUs
+  ``gpu:gb300`` whose device files are symlinks to /dev/null, so that
+  ``--gpus=gb300:1`` schedules and each job step gets its own CUDA_VISIBLE_DEVICES;
+* one default partition ``gpu``.
+
+Without accounting (``accounting=False``) slurm.conf uses accounting_storage/none:
+``sacct`` then fails and Snakemake must be told ``--slurm-status-command squeue``
+(``MinJobAge`` is 300 s, above the plugin's 120 s threshold).
+
+If Slurm cannot be installed or started, :class:`ClusterUnavailable` says why; the
+tests turn that into a skip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+CLUSTER_NAME = "rackbench"
+PARTITION = "gpu"
+GPU_TYPE = "gb300"
+GPUS = 4
+CPUS = 4
+MIN_JOB_AGE = 300
+
+CONF_DIR = Path(os.environ.get("RACKBENCH_SLURM_CONF_DIR", "/etc/slurm"))
+STATE_DIR = Path("/var/lib/slurm")
+LOG_DIR = Path("/var/log/slurm")
+RUN_DIR = Path("/run/slurm")
+FAKE_GPU_DIR = STATE_DIR / "fake-gpus"
+# What this module started (name -> pid), and the hash of the config they run with.
+BOOK = STATE_DIR / "rackbench-cluster.json"
+DB_PASSWORD_FILE = STATE_DIR / "rackbench-db-password"
+MARKER = "rackbench-test-cluster"
+
+PACKAGES = ["munge", "slurmctld", "slurmd", "slurm-client", "slurmdbd", "mariadb-server"]
+BINARIES = {
+    "munged": "/usr/sbin/munged",
+    "slurmctld": "/usr/sbin/slurmctld",
+    "slurmd": "/usr/sbin/slurmd",
+    "sbatch": "/usr/bin/sbatch",
+    "slurmdbd": "/usr/sbin/slurmdbd",
+    "mariadbd": "/usr/sbin/mariadbd",
+}
+# Start order; stop goes the other way.
+DAEMONS = ["munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd"]
+PIDFILES = {
+    "munged": Path("/run/munge/munged.pid"),
+    "mariadbd": None,  # does not daemonize itself; we keep its PID
+    "slurmdbd": RUN_DIR / "slurmdbd.pid",
+    "slurmctld": RUN_DIR / "slurmctld.pid",
+    "slurmd": RUN_DIR / "slurmd.pid",
+}
+MYSQL_SOCKET = Path("/run/mysqld/mysqld.sock")
+
+
+class ClusterUnavailable(RuntimeError):
+    """Slurm cannot be installed or started on this machine (the reason is the message)."""
+
+
+@dataclass
+class Cluster:
+    host: str
+    accounting: bool
+    partition: str = PARTITION
+    gpu_type: str = GPU_TYPE
+    gpus: int = GPUS
+    cpus: int = CPUS
+    # daemons (name -> pid) that this start() call launched; stop(started) stops them
+    started: dict = field(default_factory=dict)
+
+    def env(self) -> dict:
+        """Environment for Slurm clients (the config is at Slurm's default path)."""
+        e = dict(os.environ)
+        if CONF_DIR != Path("/etc/slurm"):
+            e["SLURM_CONF"] = str(CONF_DIR / "slurm.conf")
+        return e
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def log(msg: str) -> None:
+    print(f"[slurm-cluster] {msg}", file=sys.stderr, flush=True)
+
+
+def sh(cmd, *, check=True, timeout=60, input=None, env=None) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input,
+                       env=env, shell=isinstance(cmd, str))
+    if check and p.returncode != 0:
+        raise ClusterUnavailable(
+            f"{cmd if isinstance(cmd, str) else ' '.join(cmd)} failed ({p.returncode}): "
+            f"{(p.stderr or p.stdout).strip()[-2000:]}")
+    return p
+
+
+def ok(cmd, timeout=20) -> bool:
+    try:
+        return sh(cmd, check=False, timeout=timeout).returncode == 0
+    except (subprocess.TimeoutExpired, OSError):
+        return False
+
+
+def wait_for(what: str, pred, timeout: float, log_file: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.5)
+    tail = ""
+    if log_file and log_file.exists():
+        tail = "\n" + "\n".join(log_file.read_text(errors="replace").splitlines()[-25:])
+    raise ClusterUnavailable(f"timed out after {timeout:.0f}s waiting for {what}{tail}")
+
+
+def pid_alive(pid: int | None, name: str) -> bool:
+    """True if `pid` is a live (not zombie) process whose command line names `name`."""
+    if not pid:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return False
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return state not in ("Z", "X") and name in cmdline
+
+
+def pidfile_pid(name: str) -> int | None:
+    pf = PIDFILES.get(name)
+    if pf is None or not pf.exists():
+        return None
+    try:
+        return int(pf.read_text().split()[0])
+    except (ValueError, IndexError, OSError):
+        return None
+
+
+def read_book() -> dict:
+    try:
+        return json.loads(BOOK.read_text())
+    except (OSError, ValueError):
+        return {"pids": {}, "conf_hash": None}
+
+
+def write_book(book: dict) -> None:
+    BOOK.parent.mkdir(parents=True, exist_ok=True)
+    BOOK.write_text(json.dumps(book, indent=1))
+
+
+def running_pid(name: str) -> int | None:
+    """PID of a running `name` daemon: from its pidfile, else from our book."""
+    pid = pidfile_pid(name)
+    if pid_alive(pid, name):
+        return pid
+    pid = read_book()["pids"].get(name)
+    if pid_alive(pid, name):
+        return pid
+    return None
+
+
+_children: dict[int, subprocess.Popen] = {}
+
+
+def kill_pid(name: str, pid: int, timeout: float = 30) -> None:
+    if not pid_alive(pid, name):
+        return
+    log(f"stopping {name} (pid {pid})")
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pid in _children:
+            _children[pid].poll()
+        if not pid_alive(pid, name):
+            break
+        time.sleep(0.2)
+    else:
+        log(f"{name} (pid {pid}) ignored SIGTERM; SIGKILL")
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if pid in _children:
+        try:
+            _children.pop(pid).wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+# ----------------------------------------------------------------------------- install
+
+def missing_binaries() -> list[str]:
+    return [n for n, p in BINARIES.items() if not Path(p).exists()]
+
+
+def ensure_installed() -> None:
+    missing = missing_binaries()
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        raise ClusterUnavailable(f"Slurm is not installed ({', '.join(missing)} missing) "
+                                 "and installing needs root")
+    if not shutil.which("apt-get"):
+        raise ClusterUnavailable(f"Slurm is not installed ({', '.join(missing)} missing) "
+                                 "and there is no apt-get")
+    log(f"installing {' '.join(PACKAGES)} (missing: {', '.join(missing)})")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    lock = ["-o", "DPkg::Lock::Timeout=900"]
+    for cmd in (["apt-get", *lock, "update"],
+                ["apt-get", *lock, "install", "-y", "--no-install-recommends", *PACKAGES]):
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
+        if p.returncode != 0:
+            raise ClusterUnavailable(f"{' '.join(cmd)} failed: {p.stderr.strip()[-1500:]}")
+    still = missing_binaries()
+    if still:
+        raise ClusterUnavailable(f"after apt-get install, still missing: {', '.join(still)}")
+
+
+# ----------------------------------------------------------------------------- config
+
+def hostname() -> str:
+    return socket.gethostname().split(".")[0]
+
+
+def real_memory() -> int:
+    out = sh([BINARIES["slurmd"], "-C"]).stdout
+    for tok in out.split():
+        if tok.startswith("RealMemory="):
+            return int(tok.split("=", 1)[1])
+    raise ClusterUnavailable(f"slurmd -C reports no RealMemory: {out!r}")
+
+
+def db_password() -> str:
+    if DB_PASSWORD_FILE.exists():
+        return DB_PASSWORD_FILE.read_text().strip()
+    DB_PASSWORD_FILE.parent.mkdir(parents=True, exist_ok=True)
+    pw = secrets.token_hex(12)
+    DB_PASSWORD_FILE.write_text(pw)
+    DB_PASSWORD_FILE.chmod(0o600)
+    return pw
+
+
+def render(accounting: bool, host: str) -> dict[str, str]:
+    v = dict(cluster_name=CLUSTER_NAME, host=host, state_dir=STATE_DIR, log_dir=LOG_DIR,
+             min_job_age=MIN_JOB_AGE, cpus=CPUS, real_memory=real_memory(), gpu_type=GPU_TYPE,
+             gpus=GPUS, last_gpu=GPUS - 1, partition=PARTITION, fake_gpu_dir=FAKE_GPU_DIR,
+             dbd_port=6819, db_password=db_password())
+    if accounting:
+        v.update(accounting_storage="accounting_storage/slurmdbd",
+                 jobacct_gather="jobacct_gather/linux",
+                 accounting_extra="\n".join([
+                     "AccountingStorageHost=localhost",
+                     "AccountingStoragePort=6819",
+                     # record GPUs per job (sacct AllocTRES / ReqTRES: gres/gpu:gb300=N)
+                     f"AccountingStorageTRES=gres/gpu,gres/gpu:{GPU_TYPE}",
+                     # keep --comment (the plugin puts rule and wildcards there)
+                     "AccountingStoreFlags=job_comment",
+                 ]))
+    else:
+        v.update(accounting_storage="accounting_storage/none",
+                 jobacct_gather="jobacct_gather/none", accounting_extra="")
+    out = {}
+    for name in ("slurm.conf", "gres.conf") + (("slurmdbd.conf",) if accounting else ()):
+        out[name] = string.Template((HERE / f"{name}.in").read_text()).substitute(v)
+    return out
+
+
+def conf_hash(files: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(files):
+        if k != "slurmdbd.conf":
+            h.update(k.encode() + b"\0" + files[k].encode() + b"\0")
+    return h.hexdigest()
+
+
+def install_conf(files: dict[str, str]) -> None:
+    existing = CONF_DIR / "slurm.conf"
+    if existing.exists() and MARKER not in existing.read_text(errors="replace"):
+        raise ClusterUnavailable(f"{existing} exists and is not rackbench's test config; "
+                                 "refusing to overwrite a real cluster's configuration")
+    CONF_DIR.mkdir(parents=True, exist_ok=True)
+    slurm = pwd.getpwnam("slurm")
+    for name, text in files.items():
+        p = CONF_DIR / name
+        if not p.exists() or p.read_text() != text:
+            p.write_text(text)
+        if name == "slurmdbd.conf":
+            os.chown(p, slurm.pw_uid, slurm.pw_gid)
+            p.chmod(0o600)
+        else:
+            p.chmod(0o644)
+
+
+def prepare_dirs() -> None:
+    slurm = pwd.getpwnam("slurm")
+    for d in (STATE_DIR / "slurmctld", STATE_DIR / "slurmd", LOG_DIR, RUN_DIR):
+        d.mkdir(parents=True, exist_ok=True)
+        os.chown(d, slurm.pw_uid, slurm.pw_gid)
+        d.chmod(0o755)
+    FAKE_GPU_DIR.mkdir(parents=True, exist_ok=True)
+    for i in range(GPUS):
+        dev = FAKE_GPU_DIR / f"nvidia{i}"
+        if not dev.is_symlink():
+            if dev.exists():
+                dev.unlink()
+            dev.symlink_to("/dev/null")
+
+
+# ----------------------------------------------------------------------------- daemons
+
+def munge_ok() -> bool:
+    try:
+        cred = subprocess.run(["munge", "-n"], capture_output=True, timeout=10)
+        return cred.returncode == 0 and subprocess.run(
+            ["unmunge"], input=cred.stdout, capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def start_munged(book: dict) -> int | None:
+    if munge_ok():
+        return None
+    munge = pwd.getpwnam("munge")
+    key = Path("/etc/munge/munge.key")
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True)
+        if shutil.which("mungekey"):
+            sh(["mungekey", "--create", "--keyfile", str(key)])
+        else:
+            key.write_bytes(os.urandom(1024))
+    os.chown(key, munge.pw_uid, munge.pw_gid)
+    key.chmod(0o400)
+    for d in (Path("/run/munge"), Path("/var/lib/munge"), Path("/var/log/munge")):
+        d.mkdir(parents=True, exist_ok=True)
+        os.chown(d, munge.pw_uid, munge.pw_gid)
+    Path("/run/munge").chmod(0o755)
+    sh(["runuser", "-u", "munge", "--", BINARIES["munged"]])
+    wait_for("munged", munge_ok, 30, Path("/var/log/munge/munged.log"))
+    return pidfile_pid("munged")
+
+
+def mysql_ok() -> bool:
+    return ok(["mariadb-admin", f"--socket={MYSQL_SOCKET}", "ping"], timeout=10)
+
+
+def start_mariadbd() -> int | None:
+    if mysql_ok():
+        return None
+    mysql = pwd.getpwnam("mysql")
+    MYSQL_SOCKET.parent.mkdir(parents=True, exist_ok=True)
+    os.chown(MYSQL_SOCKET.parent, mysql.pw_uid, mysql.pw_gid)
+    datadir = Path("/var/lib/mysql")
+    if not (datadir / "mysql").is_dir():
+        sh(["mariadb-install-db", "--user=mysql", f"--datadir={datadir}"], timeout=300)
+    logf = LOG_DIR / "mariadbd.log"
+    out = open(logf, "ab")
+    p = subprocess.Popen([BINARIES["mariadbd"], "--user=mysql", f"--datadir={datadir}",
+                          f"--socket={MYSQL_SOCKET}", "--bind-address=127.0.0.1",
+                          "--innodb-buffer-pool-size=64M"],
+                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                         start_new_session=True)
+    out.close()
+    _children[p.pid] = p
+    wait_for("mariadbd", lambda: p.poll() is None and mysql_ok(), 120, logf)
+    return p.pid
+
+
+def setup_database() -> None:
+    pw = db_password()
+    sql = (
+        "CREATE DATABASE IF NOT EXISTS slurm_acct_db;"
+        f"CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '{pw}';"
+        f"ALTER USER 'slurm'@'localhost' IDENTIFIED BY '{pw}';"
+        "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';"
+        "FLUSH PRIVILEGES;"
+    )
+    sh(["mariadb", f"--socket={MYSQL_SOCKET}", "-u", "root", "-e", sql])
+
+
+def sacctmgr_ok() -> bool:
+    return ok(["sacctmgr", "-n", "-P", "list", "cluster"], timeout=15)
+
+
+def start_slurmdbd() -> int | None:
+    if running_pid("slurmdbd") and sacctmgr_ok():
+        return None
+    sh([BINARIES["slurmdbd"]])
+    wait_for("slurmdbd", sacctmgr_ok, 90, LOG_DIR / "slurmdbd.log")
+    return pidfile_pid("slurmdbd")
+
+
+def setup_accounts() -> None:
+    def add(*args):
+        p = sh(["sacctmgr", "-i", "add", *args], check=False)
+        text = (p.stdout + p.stderr).lower()
+        if p.returncode != 0 and "already exist" not in text and "nothing new" not in text:
+            raise ClusterUnavailable(f"sacctmgr add {' '.join(args)}: {text.strip()}")
+    add("cluster", CLUSTER_NAME)
+    add("account", "rackbench", f"Cluster={CLUSTER_NAME}", "Description=rackbench tests",
+        "Organization=rackbench")
+    add("user", "root", "Account=rackbench", f"Cluster={CLUSTER_NAME}")
+
+
+def ctld_ok() -> bool:
+    try:
+        return "UP" in sh(["scontrol", "ping"], check=False, timeout=10).stdout
+    except (subprocess.TimeoutExpired, OSError):
+        return False
+
+
+def node_state(host: str) -> str:
+    try:
+        p = sh(["sinfo", "-h", "-N", "-n", host, "-o", "%T"], check=False, timeout=10)
+    except (subprocess.TimeoutExpired, OSError):
+        return ""
+    return p.stdout.strip().lower()
+
+
+def start_slurmctld() -> int | None:
+    if running_pid("slurmctld") and ctld_ok():
+        return None
+    sh([BINARIES["slurmctld"]])
+    wait_for("slurmctld", ctld_ok, 60, LOG_DIR / "slurmctld.log")
+    return pidfile_pid("slurmctld")
+
+
+def start_slurmd() -> int | None:
+    if running_pid("slurmd"):
+        return None
+    sh([BINARIES["slurmd"]])
+    wait_for("slurmd", lambda: pid_alive(pidfile_pid("slurmd"), "slurmd"), 30,
+             LOG_DIR / "slurmd.log")
+    return pidfile_pid("slurmd")
+
+
+def node_ready(host: str, timeout: float = 60) -> None:
+    """Wait for the node to be schedulable; resume it if an earlier bad config drained it."""
+    deadline = time.monotonic() + timeout
+    resumed = False
+    while time.monotonic() < deadline:
+        st = node_state(host)
+        base = st.rstrip("*~#!%$@^-")
+        if base in ("idle", "mixed", "allocated", "completing"):
+            return
+        if ("drain" in st or base == "down") and not resumed:
+            log(f"node {host} is {st}; resuming it")
+            sh(["scontrol", "update", f"nodename={host}", "state=resume"], check=False)
+            resumed = True
+        time.sleep(1)
+    reason = sh(["sinfo", "-h", "-N", "-n", host, "-o", "%T %E"], check=False).stdout.strip()
+    tail = ""
+    lf = LOG_DIR / "slurmd.log"
+    if lf.exists():
+        tail = "\n" + "\n".join(lf.read_text(errors="replace").splitlines()[-15:])
+    raise ClusterUnavailable(f"node {host} not schedulable: {reason!r}{tail}")
+
+
+# ----------------------------------------------------------------------------- API
+
+def start(accounting: bool = True, install: bool = True) -> Cluster:
+    """Start the cluster (or reuse a running one). Raises ClusterUnavailable."""
+    if sys.platform != "linux":
+        raise ClusterUnavailable("the test cluster needs Linux")
+    if os.geteuid() != 0:
+        raise ClusterUnavailable("starting Slurm daemons needs root")
+    if install:
+        ensure_installed()
+    elif missing_binaries():
+        raise ClusterUnavailable(f"Slurm is not installed: {', '.join(missing_binaries())}")
+    for u in ("slurm", "munge") + (("mysql",) if accounting else ()):
+        try:
+            pwd.getpwnam(u)
+        except KeyError:
+            raise ClusterUnavailable(f"system user {u!r} is missing (package install incomplete)")
+
+    host = hostname()
+    prepare_dirs()
+    files = render(accounting, host)
+    want_hash = conf_hash(files)
+    book = read_book()
+    started: dict[str, int] = {}
+
+    # A running controller with another configuration (e.g. the other accounting
+    # mode) is restarted if we started it; a foreign one is left alone.
+    ctld = running_pid("slurmctld")
+    if ctld and book.get("conf_hash") != want_hash:
+        for name in ("slurmd", "slurmctld"):
+            pid = running_pid(name)
+            if pid and book["pids"].get(name) != pid:
+                raise ClusterUnavailable(
+                    f"{name} (pid {pid}) is running with another configuration and was "
+                    "not started by tests/slurm/cluster.py; stop it first")
+        for name in ("slurmd", "slurmctld"):
+            pid = running_pid(name)
+            if pid:
+                kill_pid(name, pid)
+                book["pids"].pop(name, None)
+    install_conf(files)
+
+    def note(name, pid):
+        if pid:
+            started[name] = pid
+            book["pids"][name] = pid
+            write_book(book)
+            log(f"started {name} (pid {pid})")
+
+    note("munged", start_munged(book))
+    if accounting:
+        note("mariadbd", start_mariadbd())
+        setup_database()
+        note("slurmdbd", start_slurmdbd())
+        setup_accounts()
+    note("slurmctld", start_slurmctld())
+    book["conf_hash"] = want_hash
+    write_book(book)
+    note("slurmd", start_slurmd())
+    node_ready(host)
+    c = Cluster(host=host, accounting=accounting, started=started)
+    if accounting:
+        wait_for("sacct", lambda: ok(["sacct", "-n", "-X", "-j", "1"]), 30)
+    return c
+
+
+def stop(pids: dict[str, int] | None = None) -> None:
+    """Stop, by PID, the given daemons (default: everything this module started)."""
+    book = read_book()
+    if pids is None:
+        pids = dict(book["pids"])
+    for name in reversed(DAEMONS):
+        pid = pids.get(name)
+        if pid:
+            kill_pid(name, pid)
+            if book["pids"].get(name) == pid:
+                book["pids"].pop(name)
+    write_book(book)
+
+
+def status() -> dict:
+    return {name: running_pid(name) for name in DAEMONS}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("start")
+    s.add_argument("--no-accounting", action="store_true",
+                   help="accounting_storage/none (use --slurm-status-command squeue)")
+    s.add_argument("--no-install", action="store_true")
+    sub.add_parser("stop")
+    sub.add_parser("status")
+    a = ap.parse_args(argv)
+    try:
+        if a.cmd == "start":
+            c = start(accounting=not a.no_accounting, install=not a.no_install)
+            print(json.dumps({"host": c.host, "accounting": c.accounting,
+                              "started": c.started, "running": status()}))
+        elif a.cmd == "stop":
+            stop()
+        else:
+            print(json.dumps(status()))
+    except ClusterUnavailable as e:
+        print(f"slurm cluster unavailable: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
