@@ -92,11 +92,6 @@ def dataset_size(config: dict, dataset: str) -> int | None:
 
 
 def _semantic_checks(config: dict) -> None:
-    secrets = list(_find_secrets(config))
-    if secrets:
-        raise ConfigError(f"{secrets[0]}: looks like a secret token written in the config; "
-                          "put the Hugging Face token in the HF_TOKEN environment variable instead")
-
     bench = config["benchmarks"]
     for name in bench["models"]:
         if name not in config["models"]:
@@ -165,6 +160,11 @@ def _semantic_checks(config: dict) -> None:
 
 def check_config(config: dict) -> None:
     """Raise ConfigError with a one-line message naming the key and the problem."""
+    # Secrets first: a token under an unknown key must be reported as a token.
+    secrets = list(_find_secrets(config))
+    if secrets:
+        raise ConfigError(f"{secrets[0]}: looks like a secret token written in the config; "
+                          "put the Hugging Face token in the HF_TOKEN environment variable instead")
     _validate_schema(config)
     _semantic_checks(config)
 
