@@ -1,0 +1,641 @@
+"""Aggregate shard runs into the report: tables, figures, provenance.
+
+``python -m rackbench.report --shard-dirs D [D ...] --accuracy A.json [A.json ...]
+--gpu-types-json JSON --models-json JSON --out DIR``
+
+Reads only results/ (shard dirs, accuracy.json files, provenance.json files
+near them); never reruns anything. Writes to DIR: ``throughput.csv`` (one row
+per configuration, accuracy included), ``shards.csv``, ``provenance.csv``,
+``report.md`` and the figures ``shard_throughput``, ``shard_timeline``,
+``records`` and ``efficiency`` as PDF, SVG and PNG. The same inputs give
+byte-identical outputs.
+
+Throughput counts output tokens, as MLPerf does. Three figures, always named:
+
+(a) *sum*: the sum of the shards' own LoadGen tokens/s. This is how a rack
+    figure made of separate runs (18 LoadGen runs added up) is computed; it is a
+    rack throughput only if the shards ran at the same time.
+(b) *concurrent*: all shards' output tokens / (last shard end - first shard
+    start), from shard.json ``started_at``/``finished_at`` and samples.parquet.
+(c) *spread*: per-GPU tokens/s of each shard ((a)'s shard figure / GPUs per
+    shard); mean, min, max and coefficient of variation (sample s.d. / mean)
+    across shards, and the slowest shard.
+
+A shard *overlaps* when all other shards of its configuration were running for
+at least ``--min-overlap`` (default 0.9) of its own run time; otherwise (a) is
+flagged as not a rack throughput.
+
+Status of a configuration: ``INVALID`` when any shard's LoadGen result is not
+VALID, a shard is missing, or the accuracy gate failed (its throughput is then
+never reported as a result); ``NO ACCURACY EVIDENCE`` when there is no
+accuracy.json/accuracy.txt for it; otherwise ``VALID``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pyarrow.compute as pc
+
+from rackbench import figures, ingest, provenance
+from rackbench.atomic import atomic_path, write_text_atomic
+
+STATUS_VALID = "VALID"
+STATUS_INVALID = "INVALID"
+STATUS_NO_EVIDENCE = "NO ACCURACY EVIDENCE"
+CONFIG_FIELDS = ("model", "recipe", "backend", "gpu_type", "batch_size", "layout")
+PRECISION = {"nvfp4": "fp4", "fp8": "fp8", "none": "bf16"}
+NAN = float("nan")
+
+
+# --- reading ------------------------------------------------------------------
+
+def _config_from_run_path(path: Path) -> dict:
+    """results/runs/{model}/{recipe}/{backend}/{gpu}/bs{bs}/{layout}/{mode}/shard{n}."""
+    parts = path.resolve().parts if not path.is_absolute() else path.parts
+    parts = list(Path(os.path.normpath(path)).parts)
+    if len(parts) >= 8 and parts[-4].startswith("bs"):
+        model, recipe, backend, gpu, bs, layout = parts[-8:-2]
+        try:
+            return {"model": model, "recipe": recipe, "backend": backend, "gpu_type": gpu,
+                    "batch_size": int(bs[2:]), "layout": layout}
+        except ValueError:
+            return {}
+    return {}
+
+
+def _config_key(d: dict) -> tuple:
+    return tuple(str(d.get(k)) for k in CONFIG_FIELDS)
+
+
+def config_name(d: dict) -> str:
+    return f"{d['model']}/{d['recipe']}/{d['backend']}/{d['gpu_type']}/bs{d['batch_size']}/{d['layout']}"
+
+
+def read_shard(shard_dir: str | os.PathLike) -> dict:
+    """One shard dir -> a flat record (shard.json + LoadGen logs + samples.parquet sums)."""
+    shard_dir = Path(shard_dir)
+    meta = json.loads((shard_dir / "shard.json").read_text())
+    from_path = _config_from_run_path(shard_dir)
+    rec = {k: meta.get(k, from_path.get(k)) for k in CONFIG_FIELDS}
+    if rec["gpu_type"] is None:
+        rec["gpu_type"] = meta.get("gpu", from_path.get("gpu_type"))
+    rec["batch_size"] = int(rec["batch_size"]) if rec["batch_size"] is not None else None
+    rec["config"] = config_name(rec)
+    rec["shard_dir"] = shard_dir.as_posix()
+    for k in ("shard_index", "num_shards", "gpus_per_shard", "shard_mode", "mode", "hostname",
+              "slurm_job_id", "cuda_visible_devices"):
+        rec[k] = meta.get(k)
+    rec["started_at"] = _float(meta.get("started_at"))
+    rec["finished_at"] = _float(meta.get("finished_at"))
+    if rec["gpus_per_shard"] is None and rec["layout"]:
+        rec["gpus_per_shard"] = int(str(rec["layout"]).partition("x")[2] or 1)
+    if rec["num_shards"] is None and rec["layout"]:
+        rec["num_shards"] = int(str(rec["layout"]).partition("x")[0])
+    inputs = [shard_dir / "shard.json"]
+
+    samples = shard_dir / "samples.parquet"
+    if samples.exists():
+        table = pq.read_table(samples, columns=["input_tokens", "output_tokens", "completed_at"])
+        rec["completed_samples"] = table.num_rows
+        rec["output_tokens"] = int(pc.sum(table["output_tokens"]).as_py() or 0)
+        rec["input_tokens"] = int(pc.sum(table["input_tokens"]).as_py() or 0)
+        rec["last_completion"] = _float(pc.max(table["completed_at"]).as_py())
+        rec["tokens_source"] = "samples.parquet"
+        inputs.append(samples)
+        del table
+    else:
+        rec["completed_samples"] = meta.get("completed_samples")
+        rec["output_tokens"] = meta.get("output_tokens")
+        rec["input_tokens"] = meta.get("input_tokens")
+        rec["last_completion"] = None
+        rec["tokens_source"] = "shard.json"
+
+    loadgen = ingest.ingest_dir(shard_dir) if (shard_dir / ingest.SUMMARY).exists() or \
+        (shard_dir / ingest.DETAIL).exists() else {}
+    for name in (ingest.SUMMARY, ingest.DETAIL):
+        if (shard_dir / name).exists():
+            inputs.append(shard_dir / name)
+    lg_json = meta.get("loadgen") or {}
+    rec["loadgen_result"] = loadgen.get("result") or lg_json.get("result")
+    rec["loadgen_tokens_per_second"] = loadgen.get("tokens_per_second") or _str(lg_json.get("tokens_per_second"))
+    rec["loadgen_samples_per_second"] = loadgen.get("samples_per_second") or _str(lg_json.get("samples_per_second"))
+    rec["min_duration_satisfied"] = loadgen.get("min_duration_satisfied")
+    rec["min_queries_satisfied"] = loadgen.get("min_queries_satisfied")
+    rec["loadgen_version"] = loadgen.get("loadgen_version")
+    rec["loadgen_duration_s"] = loadgen.get("duration_s")
+    rec["accuracy_log"] = ingest.accuracy_log_state(shard_dir / ingest.ACC_LOG)
+
+    duration = _sub(rec["finished_at"], rec["started_at"])
+    rec["wall_s"] = duration
+    rec["measured_tokens_per_s"] = (rec["output_tokens"] / duration
+                                    if duration and rec["output_tokens"] is not None else NAN)
+    if rec["loadgen_tokens_per_second"] not in (None, ""):
+        rec["tokens_per_s"] = float(rec["loadgen_tokens_per_second"])
+        rec["tokens_per_s_source"] = "LoadGen"
+    else:
+        rec["tokens_per_s"] = rec["measured_tokens_per_s"]
+        rec["tokens_per_s_source"] = "measured (shard.json window)"
+    rec["tokens_per_s_per_gpu"] = rec["tokens_per_s"] / (rec["gpus_per_shard"] or 1)
+    rec["inline_provenance"] = meta.get("provenance")
+    rec["inputs"] = [p.as_posix() for p in inputs]
+    return rec
+
+
+def _float(v):
+    try:
+        return None if v is None else float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _str(v):
+    return None if v is None else str(v)
+
+
+def _sub(a, b):
+    return a - b if a is not None and b is not None else None
+
+
+def read_accuracy(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    data = json.loads(path.read_text())
+    cfg = dict(data.get("configuration") or {})
+    if "gpu" in cfg and "gpu_type" not in cfg:
+        cfg["gpu_type"] = cfg.pop("gpu")
+    if "bs" in cfg and "batch_size" not in cfg:
+        cfg["batch_size"] = cfg.pop("bs")
+    parts = list(Path(os.path.normpath(path)).parts)
+    if len(parts) >= 7 and parts[-3].startswith("bs"):
+        derived = dict(zip(("model", "recipe", "backend", "gpu_type", "batch_size", "layout"), parts[-7:-1]))
+        derived["batch_size"] = derived["batch_size"][2:]
+        for k, v in derived.items():
+            cfg.setdefault(k, v)
+    if cfg.get("batch_size") is not None:
+        cfg["batch_size"] = int(cfg["batch_size"])
+    txt = path.parent / "accuracy.txt"
+    return {"file": path.as_posix(), "configuration": cfg, "data": data,
+            "accuracy_txt": ingest.parse_accuracy_txt(txt) if txt.exists() else None,
+            "accuracy_txt_file": txt.as_posix() if txt.exists() else None}
+
+
+def count_parameters(hf_config: dict) -> int:
+    """Parameters of a Llama-style decoder from its HF config.json (embeddings and lm_head included)."""
+    c = hf_config.get("text_config", hf_config)
+    h, L, inter, vocab = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"]
+    nh = c["num_attention_heads"]
+    kv = c.get("num_key_value_heads") or nh
+    hd = c.get("head_dim") or h // nh
+    attn = h * nh * hd + 2 * h * kv * hd + nh * hd * h
+    mlp = 3 * h * inter
+    per_layer = attn + mlp + 2 * h
+    embed = vocab * h
+    head = 0 if c.get("tie_word_embeddings") else vocab * h
+    return L * per_layer + embed + head + h
+
+
+def model_parameters(model: str, spec: dict, results_root: Path | None) -> tuple[float | None, str]:
+    """(parameter count, where it came from)."""
+    if spec.get("parameters"):
+        return float(spec["parameters"]), "models table"
+    candidates = []
+    if spec.get("checkpoint_config"):
+        candidates.append(Path(spec["checkpoint_config"]))
+    if results_root is not None:
+        candidates.append(results_root / "models" / model / "snapshot" / "config.json")
+    local = (spec.get("source") or {}).get("local")
+    if local:
+        candidates.append(Path(local) / "config.json")
+    for cand in candidates:
+        if cand.is_file():
+            try:
+                return float(count_parameters(json.loads(cand.read_text()))), f"counted from {cand.as_posix()}"
+            except (KeyError, TypeError, ValueError):
+                continue
+    return None, "unknown (no `parameters` in models table, no checkpoint config.json found)"
+
+
+def _results_root(shard_dir: str) -> Path | None:
+    parts = Path(os.path.normpath(shard_dir)).parts
+    if "runs" in parts:
+        i = len(parts) - 1 - parts[::-1].index("runs")
+        return Path(*parts[:i]) if i else Path(".")
+    return None
+
+
+# --- aggregation ----------------------------------------------------------------
+
+def aggregate(shards: list[dict], accuracy: list[dict], gpu_types: dict, models: dict,
+              *, min_overlap: float = 0.9, published: dict | None = None) -> list[dict]:
+    """Per-configuration figures (a), (b), (c), overlap, status, accuracy, records, efficiency.
+
+    Also annotates each shard record in place (``overlap_fraction``, ``overlaps_all``, ``status``).
+    """
+    published = published if published is not None else published_records(gpu_types)
+    by_cfg: dict[str, list[dict]] = {}
+    for s in shards:
+        by_cfg.setdefault(s["config"], []).append(s)
+    acc_by_key = {_config_key(a["configuration"]): a for a in accuracy}
+    configs = []
+    for ci, name in enumerate(sorted(by_cfg)):
+        rows = sorted(by_cfg[name], key=lambda s: (s["shard_index"] is None, s["shard_index"]))
+        first = rows[0]
+        cfg = {k: first[k] for k in CONFIG_FIELDS}
+        cfg["config"] = name
+        cfg["short"] = f"{first['gpu_type']} {first['recipe']} bs{first['batch_size']} {first['layout']}"
+        cfg["label"] = name
+        reasons = []
+        expected = first["num_shards"] or len(rows)
+        indices = [s["shard_index"] for s in rows]
+        cfg["shards_found"] = len(rows)
+        cfg["shards_expected"] = expected
+        if len(set(indices)) != len(indices):
+            reasons.append(f"duplicate shard indices {sorted(indices)}")
+        if len(set(indices)) < expected:
+            missing = sorted(set(range(expected)) - set(indices))
+            reasons.append(f"only {len(set(indices))} of {expected} shards (missing {missing})")
+        gps = first["gpus_per_shard"] or 1
+        cfg["gpus_per_shard"] = gps
+        cfg["total_gpus"] = gps * len(rows)
+        for s in rows:
+            if s["loadgen_result"] != "VALID":
+                reasons.append(f"shard {s['shard_index']}: LoadGen result {s['loadgen_result'] or 'missing'}")
+
+        # (a) sum of per-shard throughputs
+        per_shard = [s["tokens_per_s"] for s in rows]
+        cfg["a_sum_tokens_per_s"] = sum(per_shard)
+        cfg["a_source"] = ", ".join(sorted({s["tokens_per_s_source"] for s in rows}))
+        # (b) concurrent
+        starts = [s["started_at"] for s in rows if s["started_at"] is not None]
+        ends = [s["finished_at"] for s in rows if s["finished_at"] is not None]
+        out_tok = sum(s["output_tokens"] or 0 for s in rows)
+        in_tok = sum(s["input_tokens"] or 0 for s in rows)
+        cfg["output_tokens"], cfg["input_tokens"] = out_tok, in_tok
+        if len(starts) == len(rows) and len(ends) == len(rows):
+            window = max(ends) - min(starts)
+            cfg["window_s"] = window
+            cfg["b_concurrent_tokens_per_s"] = out_tok / window if window > 0 else NAN
+            cfg["common_start"], cfg["common_end"] = max(starts), min(ends)
+        else:
+            cfg["window_s"] = NAN
+            cfg["b_concurrent_tokens_per_s"] = NAN
+            cfg["common_start"] = cfg["common_end"] = None
+        # overlap
+        non_overlap = []
+        for s in rows:
+            dur = _sub(s["finished_at"], s["started_at"])
+            if cfg["common_start"] is None or not dur or dur <= 0:
+                frac = NAN
+            else:
+                lo = max(s["started_at"], cfg["common_start"])
+                hi = min(s["finished_at"], cfg["common_end"])
+                frac = max(0.0, hi - lo) / dur
+            s["overlap_fraction"] = frac
+            s["overlaps_all"] = bool(len(rows) == 1 or (not math.isnan(frac) and frac >= min_overlap))
+            if not s["overlaps_all"]:
+                non_overlap.append(s["shard_index"])
+        cfg["non_overlapping_shards"] = non_overlap
+        cfg["concurrent"] = not non_overlap
+        # (c) spread, per GPU
+        per_gpu = [s["tokens_per_s_per_gpu"] for s in rows]
+        mean = statistics.fmean(per_gpu)
+        sd = statistics.stdev(per_gpu) if len(per_gpu) > 1 else 0.0
+        cfg["c_per_gpu_mean"] = mean
+        cfg["c_per_gpu_min"] = min(per_gpu)
+        cfg["c_per_gpu_max"] = max(per_gpu)
+        cfg["c_cv"] = sd / mean if mean else NAN
+        slowest = min(rows, key=lambda s: (s["tokens_per_s_per_gpu"], s["shard_index"]))
+        cfg["slowest_shard"] = slowest["shard_index"]
+        cfg["slowest_shard_dir"] = slowest["shard_dir"]
+        cfg["shard_mean_tokens_per_s"] = statistics.fmean(per_shard)
+        cfg["shard_sd_tokens_per_s"] = statistics.stdev(per_shard) if len(per_shard) > 1 else 0.0
+        cfg["a_per_gpu"] = cfg["a_sum_tokens_per_s"] / cfg["total_gpus"]
+        cfg["b_per_gpu"] = cfg["b_concurrent_tokens_per_s"] / cfg["total_gpus"]
+
+        # accuracy
+        acc = acc_by_key.get(_config_key(cfg))
+        if acc is None:
+            cfg["accuracy_evidence"] = "none"
+            cfg["accuracy_valid"] = None
+            cfg["accuracy_file"] = None
+            cfg["accuracy_failures"] = ""
+        else:
+            data = acc["data"]
+            cfg["accuracy_file"] = acc["file"]
+            cfg["accuracy_evidence"] = "accuracy.txt" if acc["accuracy_txt"] else "accuracy.json"
+            cfg["accuracy_valid"] = bool(data.get("valid"))
+            cfg["accuracy_failures"] = "; ".join(data.get("failures") or [])
+            for k in ("rouge1", "rouge2", "rougeL", "rougeLsum", "tokens_per_sample", "gen_num"):
+                cfg[f"acc_{k}"] = data.get(k)
+            if not cfg["accuracy_valid"]:
+                reasons.append("accuracy gate failed" + (f": {cfg['accuracy_failures']}"
+                                                         if cfg["accuracy_failures"] else ""))
+        if reasons:
+            cfg["status"] = STATUS_INVALID
+        elif acc is None:
+            cfg["status"] = STATUS_NO_EVIDENCE
+            reasons.append("no accuracy evidence (no accuracy.json/accuracy.txt; "
+                           "performance-mode mlperf_log_accuracy.json is empty)")
+        else:
+            cfg["status"] = STATUS_VALID
+        cfg["status_reasons"] = "; ".join(reasons)
+        for s in rows:
+            s["status"] = cfg["status"]
+
+        # records and efficiency
+        rec = published.get(first["gpu_type"])
+        cfg["published_per_gpu"] = float(rec["tokens_per_s_per_gpu"]) if rec else NAN
+        cfg["published_source"] = rec["source"] if rec else None
+        _efficiency(cfg, rows, gpu_types.get(first["gpu_type"]) or {}, models, first["shard_dir"])
+        configs.append(cfg)
+    return configs
+
+
+def _efficiency(cfg: dict, rows: list[dict], gpu: dict, models: dict, shard_dir: str) -> None:
+    cfg["efficiency_a"] = cfg["efficiency_b"] = NAN
+    precision = PRECISION.get(cfg["recipe"], cfg["recipe"])
+    cfg["precision"] = precision
+    params, params_source = model_parameters(cfg["model"], models.get(cfg["model"]) or {},
+                                             _results_root(shard_dir))
+    cfg["parameters"], cfg["parameters_source"] = params, params_source
+    peaks = gpu.get("peak_dense_flops") or {}
+    peak = peaks.get(precision)
+    cfg["peak_dense_flops"] = float(peak) if peak else None
+    cfg["peak_source"] = peaks.get("source")
+    if not peak:
+        cfg["efficiency_skip"] = (f"GPU type {cfg['gpu_type']!r} has no peak dense FLOP/s for {precision} "
+                                  "in the GPU-type table")
+        return
+    if not params:
+        cfg["efficiency_skip"] = f"parameter count of {cfg['model']} {params_source}"
+        return
+    cfg["efficiency_skip"] = None
+    flop_per_token = 2.0 * params
+    # (b): all tokens over the common window, per GPU
+    if cfg["window_s"] and not math.isnan(cfg["window_s"]) and cfg["window_s"] > 0:
+        rate = (cfg["input_tokens"] + cfg["output_tokens"]) / cfg["window_s"] / cfg["total_gpus"]
+        cfg["efficiency_b"] = rate * flop_per_token / float(peak)
+    # (a): each shard's own window, mean over shards
+    effs = []
+    for s in rows:
+        if s["wall_s"] and s["wall_s"] > 0:
+            rate = ((s["input_tokens"] or 0) + (s["output_tokens"] or 0)) / s["wall_s"] / (s["gpus_per_shard"] or 1)
+            effs.append(rate * flop_per_token / float(peak))
+    if effs:
+        cfg["efficiency_a"] = statistics.fmean(effs)
+
+
+def published_records(gpu_types: dict) -> dict:
+    recs = {k: dict(v) for k, v in figures.PUBLISHED_RECORDS.items()}
+    for name, spec in sorted((gpu_types or {}).items()):
+        pub = (spec or {}).get("published")
+        if pub and pub.get("tokens_per_s_per_gpu"):
+            recs[name] = {"tokens_per_s_per_gpu": pub["tokens_per_s_per_gpu"],
+                          "source": pub.get("source", "GPU-type table")}
+    return recs
+
+
+# --- provenance -----------------------------------------------------------------
+
+def provenance_rows(shards: list[dict], accuracy: list[dict]) -> list[dict]:
+    places: list[Path] = []
+    for s in shards:
+        places.append(Path(s["shard_dir"]))
+        root = _results_root(s["shard_dir"])
+        if root is not None:
+            places += [root / "engines" / s["model"] / s["recipe"] / s["backend"] / s["gpu_type"] / "engine",
+                       root / "quantized" / s["model"] / s["recipe"] / "checkpoint",
+                       root / "models" / s["model"] / "snapshot"]
+    places += [Path(a["file"]) for a in accuracy]
+    rows = []
+    for f in provenance.find_provenance([p for p in places if p.exists()]):
+        try:
+            record = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        rows.append(provenance.summarize(record, f.as_posix()))
+    seen = {r["file"] for r in rows}
+    for s in shards:
+        if s.get("inline_provenance"):
+            name = f"{s['shard_dir']}/shard.json#provenance"
+            if name not in seen:
+                rows.append(provenance.summarize(s["inline_provenance"], name))
+    rows.sort(key=lambda r: r["file"])
+    return rows
+
+
+# --- writing --------------------------------------------------------------------
+
+def _fmt(v, digits: int = 1) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return str(v)
+
+
+def _sci(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4g}"
+
+
+def _md_table(header: list[str], rows: list[list]) -> str:
+    def esc(x):
+        return str(x).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    import pandas as pd
+    frame = pd.DataFrame([{c: r.get(c) for c in columns} for r in rows], columns=columns)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")
+
+
+THROUGHPUT_COLUMNS = [
+    "config", "model", "recipe", "backend", "gpu_type", "batch_size", "layout", "status", "status_reasons",
+    "shards_found", "shards_expected", "total_gpus", "concurrent", "non_overlapping_shards",
+    "a_sum_tokens_per_s", "a_source", "b_concurrent_tokens_per_s", "window_s", "output_tokens", "input_tokens",
+    "c_per_gpu_mean", "c_per_gpu_min", "c_per_gpu_max", "c_cv", "slowest_shard", "slowest_shard_dir",
+    "a_per_gpu", "b_per_gpu", "published_per_gpu", "published_source",
+    "accuracy_evidence", "accuracy_valid", "accuracy_file", "accuracy_failures",
+    "acc_rouge1", "acc_rouge2", "acc_rougeL", "acc_tokens_per_sample",
+    "precision", "parameters", "parameters_source", "peak_dense_flops", "peak_source",
+    "efficiency_a", "efficiency_b", "efficiency_skip",
+]
+RESULT_COLUMNS = ["a_sum_tokens_per_s", "b_concurrent_tokens_per_s", "c_per_gpu_mean", "c_per_gpu_min",
+                  "c_per_gpu_max", "a_per_gpu", "b_per_gpu", "efficiency_a", "efficiency_b"]
+SHARD_COLUMNS = [
+    "config", "shard_index", "status", "shard_dir", "hostname", "slurm_job_id", "gpus_per_shard", "shard_mode",
+    "loadgen_result", "loadgen_tokens_per_second", "loadgen_samples_per_second", "min_duration_satisfied",
+    "min_queries_satisfied", "loadgen_version", "loadgen_duration_s", "tokens_per_s", "tokens_per_s_source",
+    "tokens_per_s_per_gpu", "measured_tokens_per_s", "output_tokens", "input_tokens", "completed_samples",
+    "tokens_source", "started_at", "finished_at", "last_completion", "wall_s", "overlap_fraction",
+    "overlaps_all", "accuracy_log",
+]
+
+
+def _public(cfg: dict) -> dict:
+    """An INVALID configuration's throughput is not a result: blank it."""
+    out = dict(cfg)
+    out["non_overlapping_shards"] = " ".join(str(i) for i in cfg["non_overlapping_shards"])
+    if cfg["status"] == STATUS_INVALID:
+        for c in RESULT_COLUMNS:
+            out[c] = None
+    return out
+
+
+def render_markdown(configs, shards, prov, figure_inputs, min_overlap) -> str:
+    md = ["# rackbench report", "",
+          "Throughput counts **output tokens**, as MLPerf does. Each throughput figure names its method:", "",
+          "- **(a) sum**: the sum of the shards' own LoadGen tokens/s (how a rack figure made of separate "
+          "LoadGen runs is computed, e.g. 18 runs added up). It is a rack throughput **only if the shards ran "
+          "at the same time**.",
+          "- **(b) concurrent**: total output tokens of all shards / (last shard end - first shard start), "
+          "from shard.json `started_at`/`finished_at` and samples.parquet.",
+          "- **(c) spread**: per-GPU tokens/s of each shard ((a)'s shard figure / GPUs per shard): mean, min, "
+          "max and coefficient of variation (sample s.d. / mean) across shards; the slowest shard is named.",
+          "",
+          f"A shard *overlaps* when all other shards of its configuration were running for at least "
+          f"{min_overlap:.0%} of its run time. An INVALID configuration (LoadGen INVALID, missing shard, or "
+          "accuracy gate failed) is shown as INVALID, never as a result.", "",
+          "## Throughput per configuration", ""]
+    rows = []
+    for c in configs:
+        inv = c["status"] == STATUS_INVALID
+        val = (lambda v, d=1: "INVALID" if inv else _fmt(v, d))
+        overlap = "yes" if c["concurrent"] else \
+            f"**NO** (shards {', '.join(map(str, c['non_overlapping_shards']))}): (a) is not a rack throughput"
+        rows.append([c["config"], f"**{c['status']}**", f"{c['shards_found']}/{c['shards_expected']}",
+                     c["total_gpus"], val(c["a_sum_tokens_per_s"]), val(c["b_concurrent_tokens_per_s"]),
+                     _fmt(c["window_s"], 1), val(c["c_per_gpu_mean"]), val(c["c_per_gpu_min"]),
+                     val(c["c_per_gpu_max"]), val(c["c_cv"], 3), c["slowest_shard"], overlap,
+                     c["accuracy_evidence"] if c["accuracy_evidence"] != "none" else "**NONE**"])
+    md.append(_md_table(["configuration", "status", "shards", "GPUs", "(a) sum tok/s", "(b) concurrent tok/s",
+                         "(b) window s", "(c) mean tok/s/GPU", "(c) min", "(c) max", "(c) CV",
+                         "(c) slowest shard", "shards overlapped", "accuracy evidence"], rows))
+    reasons = [c for c in configs if c["status_reasons"]]
+    if reasons:
+        md += ["", "Status reasons:", ""] + [f"- `{c['config']}`: {c['status']}: {c['status_reasons']}"
+                                              for c in reasons]
+    md += ["", "## Shards", ""]
+    srows = []
+    for s in shards:
+        srows.append([s["config"], s["shard_index"], s["loadgen_result"] or "-",
+                      s["loadgen_tokens_per_second"] or "-", s["tokens_per_s_source"],
+                      "INVALID" if s["status"] == STATUS_INVALID else _fmt(s["tokens_per_s_per_gpu"]),
+                      _fmt(s["output_tokens"]), _fmt(s["wall_s"], 2), _fmt(s["overlap_fraction"], 3),
+                      s["hostname"] or "-"])
+    md.append(_md_table(["configuration", "shard", "LoadGen result", "LoadGen tokens/s (as printed)",
+                         "source", "tok/s/GPU", "output tokens", "wall s", "overlap fraction", "host"], srows))
+    md += ["", "## Accuracy", ""]
+    arows = []
+    for c in configs:
+        if c["accuracy_evidence"] == "none":
+            arows.append([c["config"], "**NO ACCURACY EVIDENCE**", "-", "-", "-", "-", "-"])
+        else:
+            arows.append([c["config"], "PASS" if c["accuracy_valid"] else "**FAIL**",
+                          _fmt(c.get("acc_rouge1"), 4), _fmt(c.get("acc_rouge2"), 4), _fmt(c.get("acc_rougeL"), 4),
+                          _fmt(c.get("acc_tokens_per_sample"), 1), c["accuracy_file"]])
+    md.append(_md_table(["configuration", "gate", "rouge1", "rouge2", "rougeL", "tokens/sample", "file"], arows))
+    md += ["", "## Per GPU against published Llama-2-70B Offline records", ""]
+    rrows = []
+    for c in configs:
+        inv = c["status"] == STATUS_INVALID
+        rrows.append([c["config"], "INVALID" if inv else _fmt(c["a_per_gpu"]),
+                      "INVALID" if inv else _fmt(c["b_per_gpu"]),
+                      _fmt(c["published_per_gpu"], 0), c["published_source"] or "no record for this GPU type",
+                      "INVALID" if inv else (_fmt(100 * c["efficiency_b"], 3) + " %"
+                                             if not math.isnan(c["efficiency_b"]) else
+                                             f"skipped: {c['efficiency_skip'] or 'no window'}"),
+                      _sci(c["parameters"]), c["parameters_source"],
+                      _sci(c["peak_dense_flops"]), c["precision"]])
+    md.append(_md_table(["configuration", "(a)/GPU tok/s", "(b)/GPU tok/s", "published tok/s/GPU", "source",
+                         "efficiency (b)", "parameters", "parameters from", "peak dense FLOP/s", "precision"],
+                        rrows))
+    md += ["", "Efficiency = (input + output tokens)/s per GPU x 2 x parameters / peak dense FLOP/s for the "
+           "recipe's precision (GPU-type table). Published records are Llama-2-70B; compare only like models.",
+           "", "## Provenance", ""]
+    md.append(_md_table(list(provenance.SUMMARY_COLUMNS),
+                        [[_fmt(r[c]) if r[c] is not None else "-" for c in provenance.SUMMARY_COLUMNS]
+                         for r in prov]) if prov else "No provenance.json found near the inputs.")
+    md += ["", "## Figures", ""]
+    for name, inputs in figure_inputs.items():
+        md.append(f"- `{name}.{{pdf,svg,png}}`, drawn from {len(inputs)} input files (listed in each file's metadata)")
+    return "\n".join(md) + "\n"
+
+
+def build_report(shard_dirs, accuracy_files, gpu_types: dict, models: dict, out_dir,
+                 *, min_overlap: float = 0.9, table_sources=("gpu-types table", "models table")) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards = [read_shard(d) for d in sorted(set(map(str, shard_dirs)))]
+    if not shards:
+        raise SystemExit("no shard dirs given")
+    accuracy = [read_accuracy(a) for a in sorted(set(map(str, accuracy_files)))]
+    configs = aggregate(shards, accuracy, gpu_types, models, min_overlap=min_overlap)
+    shards.sort(key=lambda s: (s["config"], s["shard_index"]))
+    prov = provenance_rows(shards, accuracy)
+
+    shard_inputs = sorted({p for s in shards for p in s["inputs"]})
+    acc_inputs = sorted({a["file"] for a in accuracy} | {a["accuracy_txt_file"] for a in accuracy
+                                                          if a["accuracy_txt_file"]})
+    fig_inputs = {
+        "shard_throughput": shard_inputs + acc_inputs,
+        "shard_timeline": sorted({s["shard_dir"] + "/shard.json" for s in shards}),
+        "records": shard_inputs + acc_inputs + [table_sources[0]],
+        "efficiency": shard_inputs + acc_inputs + list(table_sources),
+    }
+    published = published_records(gpu_types)
+    figures.shard_throughput(configs, shards, out_dir, fig_inputs["shard_throughput"])
+    figures.shard_timeline(configs, shards, out_dir, fig_inputs["shard_timeline"])
+    figures.records(configs, published, out_dir, fig_inputs["records"])
+    figures.efficiency(configs, out_dir, fig_inputs["efficiency"])
+
+    _write_csv(out_dir / "throughput.csv", [_public(c) for c in configs], THROUGHPUT_COLUMNS)
+    _write_csv(out_dir / "shards.csv", shards, SHARD_COLUMNS)
+    _write_csv(out_dir / "provenance.csv", prov, list(provenance.SUMMARY_COLUMNS))
+    write_text_atomic(out_dir / "report.md", render_markdown(configs, shards, prov, fig_inputs, min_overlap))
+    return {"configs": configs, "shards": shards, "provenance": prov}
+
+
+def _load_json_arg(value: str | None) -> dict:
+    if not value:
+        return {}
+    path = Path(value)
+    return json.loads(path.read_text()) if path.exists() else json.loads(value)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rackbench.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shard-dirs", nargs="+", required=True, help="performance-mode shard output dirs")
+    parser.add_argument("--accuracy", nargs="*", default=[], help="accuracy.json files (one per configuration)")
+    parser.add_argument("--gpu-types-json", default=None, help="config['gpu_types'] as a JSON file or string")
+    parser.add_argument("--models-json", default=None, help="config['models'] as a JSON file or string")
+    parser.add_argument("--out", required=True, help="output dir (results/report)")
+    parser.add_argument("--min-overlap", type=float, default=0.9,
+                        help="fraction of a shard's run time all others must share (default 0.9)")
+    args = parser.parse_args(argv)
+    sources = tuple(v if v and Path(v).exists() else f"{flag} (inline)"
+                    for v, flag in ((args.gpu_types_json, "--gpu-types-json"), (args.models_json, "--models-json")))
+    result = build_report(args.shard_dirs, args.accuracy, _load_json_arg(args.gpu_types_json),
+                          _load_json_arg(args.models_json), args.out, min_overlap=args.min_overlap,
+                          table_sources=sources)
+    for c in result["configs"]:
+        print(f"{c['config']}: {c['status']}  (a) {_fmt(c['a_sum_tokens_per_s'])}  "
+              f"(b) {_fmt(c['b_concurrent_tokens_per_s'])} tokens/s  concurrent={c['concurrent']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
