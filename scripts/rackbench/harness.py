@@ -10,7 +10,10 @@ SUT/QSL split as in MLPerf's ``language/llama2-70b`` reference:
   data are the generated token ids as int32 (what ``evaluate-accuracy.py
   --dtype int32`` reads, as ``run_accuracy.sh`` calls it) and ``n_tokens`` is
   their count, so that LoadGen (``use_token_latencies``, set for llama2-70b by
-  its built-in mlperf.conf) reports "Tokens per second".
+  its built-in mlperf.conf) reports "Tokens per second". LoadGen 6.x logs an
+  ``error_runtime`` for every sample of 0 or 1 tokens and counts none of its
+  tokens; shard.json reports ``short_outputs`` and ``loadgen_counted_tokens``.
+  (The Engine contract excludes EOS, so an immediate EOS is 0 tokens.)
 
 LoadGen settings start from LoadGen's built-in mlperf.conf for ``loadgen_model``
 (``TestSettings.FromConfig("", model, "Offline", 0)``: official RNG seeds,
@@ -108,6 +111,8 @@ class OfflineSUT:
         self.issued = 0
         self.completed = 0
         self.output_tokens = 0
+        self.short_outputs = 0
+        self.short_output_tokens = 0
         self.first_issue_at: float | None = None
         self.error: BaseException | None = None
         # per-batch records, concatenated at the end
@@ -193,6 +198,10 @@ class OfflineSUT:
             self._rec_ids.append(flat)
         self.output_tokens += total
         self.completed += n
+        short = lengths < 2
+        if short.any():   # LoadGen (use_token_latencies) logs an error and counts 0 tokens for these
+            self.short_outputs += int(short.sum())
+            self.short_output_tokens += int(lengths[short].sum())
 
     # results -----------------------------------------------------------
     def table(self) -> pa.Table:
@@ -419,6 +428,9 @@ def run_shard(engine, *, samples_parquet, out_dir, mode: str, shard_index: int, 
             "input_tokens": sut_impl.input_tokens(),
             "completed_samples": int(sut_impl.completed),
             "issued_samples": int(sut_impl.issued),
+            # LoadGen's token count skips samples of fewer than 2 tokens (an error_runtime each)
+            "short_outputs": int(sut_impl.short_outputs),
+            "loadgen_counted_tokens": int(sut_impl.output_tokens - sut_impl.short_output_tokens),
             "loadgen": loadgen,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "hostname": socket.gethostname(),

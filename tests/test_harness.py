@@ -1,0 +1,258 @@
+"""The offline harness through real LoadGen with a deterministic fake engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rackbench.harness import HarnessError, parse_summary, run_shard, shard_gpu_ids
+from rackbench.shards import shard_sample_indices
+
+MAX_NEW = 12
+
+
+class FakeEngine:
+    """Deterministic: output length and ids are functions of the prompt alone."""
+
+    def __init__(self, max_batch_size=8, crash_after_batches=None, delay_s=0.0):
+        self.max_batch_size = max_batch_size
+        self.crash_after_batches = crash_after_batches
+        self.delay_s = delay_s
+        self.batches: list[int] = []
+        self.closed = False
+
+    @staticmethod
+    def output_for(prompt, max_new_tokens):
+        length = 2 + (sum(prompt) + len(prompt)) % (max_new_tokens - 1)   # 2..max_new_tokens
+        return [(prompt[0] * 7 + k) % 1000 for k in range(length)]
+
+    def generate(self, prompts, max_new_tokens):
+        if self.crash_after_batches is not None and len(self.batches) >= self.crash_after_batches:
+            raise RuntimeError("simulated engine crash")
+        assert all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompts)
+        self.batches.append(len(prompts))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return [self.output_for(p, max_new_tokens) for p in prompts]
+
+    def close(self):
+        self.closed = True
+
+
+def make_dataset(path: Path, n: int = 30, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(1, 1000, size=int(rng.integers(2, 15))).tolist() for _ in range(n)]
+    pq.write_table(pa.table({
+        "input": [" ".join(map(str, p)) for p in prompts],
+        "tok_input": pa.array(prompts, pa.list_(pa.int32())),
+        "output": ["reference answer"] * n,
+    }), path)
+    return prompts
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    path = tmp_path / "samples.parquet"
+    return path, make_dataset(path)
+
+
+def _run(engine, ds, out, mode="performance", shard_index=0, num_shards=2, shard_mode="split", **kw):
+    args = dict(samples_parquet=ds, out_dir=out, mode=mode, shard_index=shard_index, num_shards=num_shards,
+                shard_mode=shard_mode, batch_size=4, max_new_tokens=MAX_NEW, min_duration_ms=0,
+                min_query_count=1, offline_expected_qps=10,
+                metadata={"model": "fake", "recipe": "none", "backend": "fake", "gpu_type": "cpu",
+                          "gpus_per_shard": 1},
+                progress_interval_s=0, log=lambda msg: None)
+    args.update(kw)
+    return run_shard(engine, **args)
+
+
+def test_performance_shard(tmp_path, dataset):
+    ds, prompts = dataset
+    out = tmp_path / "perf" / "shard1"
+    engine = FakeEngine()
+    record = _run(engine, ds, out, shard_index=1)
+
+    for name in ("mlperf_log_summary.txt", "mlperf_log_detail.txt", "mlperf_log_accuracy.json",
+                 "shard.json", "samples.parquet", "provenance.json"):
+        assert (out / name).is_file(), name
+    summary = (out / "mlperf_log_summary.txt").read_text()
+    assert "Result is : VALID" in summary
+    assert "Tokens per second" in summary
+    assert json.loads((out / "shard.json").read_text()) == json.loads(json.dumps(record))
+
+    indices = shard_sample_indices(len(prompts), 1, 2, "split")
+    assert record["sample_indices"] == [indices[0], indices[-1] + 1]
+    assert record["num_samples"] == len(indices)
+    assert record["layout"] == "2x1" and record["model"] == "fake"
+    assert record["loadgen"]["result"] == "VALID"
+    assert record["loadgen"]["tokens_per_second"] > 0 and record["loadgen"]["samples_per_second"] > 0
+    assert record["loadgen"]["settings"]["use_token_latencies"] is True
+    assert record["started_at"] <= record["finished_at"]
+    assert record["provenance"]["step"] == "run_shard"
+
+    table = pq.read_table(out / "samples.parquet")
+    assert table.schema.field("qsl_index").type == pa.int64()
+    assert table.schema.field("sample_index").type == pa.int64()
+    assert table.schema.field("input_tokens").type == pa.int32()
+    assert table.schema.field("output_tokens").type == pa.int32()
+    assert table.schema.field("completed_at").type == pa.float64()
+    assert "output_ids" not in table.column_names
+    rows = table.to_pylist()
+    assert len(rows) == record["completed_samples"] == record["issued_samples"]
+    # every shard sample issued at least once, and the counts follow the fake engine's lengths
+    assert {r["sample_index"] for r in rows} == set(indices)
+    expected_out = 0
+    expected_in = 0
+    for r in rows:
+        assert r["sample_index"] == indices[r["qsl_index"]]
+        prompt = prompts[r["sample_index"]]
+        assert r["input_tokens"] == len(prompt)
+        assert r["output_tokens"] == len(FakeEngine.output_for(prompt, MAX_NEW))
+        assert record["started_at"] <= r["completed_at"] <= record["finished_at"]
+        expected_out += len(FakeEngine.output_for(prompt, MAX_NEW))
+        expected_in += len(prompt)
+    assert record["output_tokens"] == expected_out == record["loadgen_counted_tokens"]
+    assert record["short_outputs"] == 0 and record["loadgen"]["errors"] is False
+    assert record["input_tokens"] == expected_in
+    assert max(engine.batches) <= 4
+    # LoadGen's own token count (from n_tokens): tokens/s / samples/s = tokens / samples (same duration)
+    lg = record["loadgen"]
+    assert lg["tokens_per_second"] / lg["samples_per_second"] == pytest.approx(
+        expected_out / record["completed_samples"], rel=1e-4)
+
+
+def test_short_outputs_flagged_like_loadgen(tmp_path, dataset):
+    """LoadGen counts no tokens for 0/1-token samples and logs an error for each."""
+    ds, prompts = dataset
+
+    class ShortEngine(FakeEngine):
+        def generate(self, prompts, max_new_tokens):
+            return [[1] * (p[0] % 4) for p in prompts]   # 0..3 tokens
+
+    record = _run(ShortEngine(), ds, tmp_path / "short", num_shards=1)
+    lengths = [p[0] % 4 for p in prompts]
+    assert record["output_tokens"] == sum(lengths)
+    assert record["short_outputs"] == sum(1 for n in lengths if n < 2)
+    assert record["loadgen_counted_tokens"] == sum(n for n in lengths if n >= 2)
+    lg = record["loadgen"]
+    assert record["short_outputs"] > 0 and lg["errors"] is True
+    assert lg["tokens_per_second"] / lg["samples_per_second"] == pytest.approx(
+        record["loadgen_counted_tokens"] / record["completed_samples"], rel=1e-4)
+
+
+def test_accuracy_shard_logs_int32_outputs(tmp_path, dataset):
+    ds, prompts = dataset
+    out = tmp_path / "acc" / "shard0"
+    record = _run(FakeEngine(), ds, out, mode="accuracy", shard_mode="replicate")
+    # accuracy runs always split
+    assert record["shard_mode"] == "split" and record["requested_shard_mode"] == "replicate"
+    indices = shard_sample_indices(len(prompts), 0, 2, "split")
+    entries = json.loads((out / "mlperf_log_accuracy.json").read_text())
+    assert sorted(e["qsl_idx"] for e in entries) == list(range(len(indices)))
+    for e in entries:
+        expected = FakeEngine.output_for(prompts[indices[e["qsl_idx"]]], MAX_NEW)
+        assert np.frombuffer(bytes.fromhex(e["data"]), np.int32).tolist() == expected
+        assert e["token_count"] == len(expected)
+    rows = pq.read_table(out / "samples.parquet").to_pylist()
+    assert len(rows) == len(indices) == record["completed_samples"]
+    for r in rows:
+        assert r["output_ids"] == FakeEngine.output_for(prompts[r["sample_index"]], MAX_NEW)
+    assert record["output_tokens"] == sum(len(FakeEngine.output_for(prompts[i], MAX_NEW)) for i in indices)
+
+
+def test_split_shards_partition_and_replicate_covers_all(tmp_path, dataset):
+    ds, prompts = dataset
+    seen = []
+    for i in range(3):
+        rec = _run(FakeEngine(), ds, tmp_path / f"s{i}", mode="accuracy", shard_index=i, num_shards=3)
+        rows = pq.read_table(tmp_path / f"s{i}" / "samples.parquet").column("sample_index").to_pylist()
+        assert len(rows) == rec["num_samples"]
+        seen.extend(rows)
+    assert sorted(seen) == list(range(len(prompts)))
+
+    rec = _run(FakeEngine(), ds, tmp_path / "rep1", shard_index=1, num_shards=3, shard_mode="replicate")
+    assert rec["num_samples"] == len(prompts) and rec["sample_indices"] == [0, len(prompts)]
+    rows = pq.read_table(tmp_path / "rep1" / "samples.parquet").column("sample_index").to_pylist()
+    assert set(rows) == set(range(len(prompts)))
+
+
+def test_engine_crash_leaves_nothing(tmp_path, dataset):
+    ds, _ = dataset
+    out = tmp_path / "runs" / "shard0"
+    with pytest.raises(HarnessError, match="simulated engine crash"):
+        _run(FakeEngine(crash_after_batches=1), ds, out)
+    assert not out.exists()
+    assert list(out.parent.iterdir()) == []   # the temporary dir is gone too
+
+
+def test_killed_shard_leaves_no_output(tmp_path, dataset):
+    ds, _ = dataset
+    out = tmp_path / "runs" / "shard0"
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_harness import FakeEngine, _run
+        _run(FakeEngine(delay_s=0.5), {str(ds)!r}, {str(out)!r}, progress_interval_s=0.1,
+             log=lambda m: print(m, file=sys.stderr, flush=True))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    try:
+        # wait for a progress line that shows samples in flight, then SIGKILL
+        for line in proc.stderr:
+            if "samples (" in line and "/15 samples" in line:
+                break
+        else:
+            pytest.fail("the shard process ended before it reported progress")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    leftovers = list(out.parent.iterdir())
+    assert all(p.name.startswith(".shard0.tmp-") for p in leftovers)
+
+
+def test_batch_size_over_engine_max(tmp_path, dataset):
+    ds, _ = dataset
+    with pytest.raises(HarnessError, match="exceeds the engine's max_batch_size 2"):
+        _run(FakeEngine(max_batch_size=2), ds, tmp_path / "x", batch_size=4)
+    assert not (tmp_path / "x").exists()
+
+
+def test_progress_lines(tmp_path, dataset):
+    ds, _ = dataset
+    lines = []
+    _run(FakeEngine(delay_s=0.05), ds, tmp_path / "p", progress_interval_s=0.05, log=lines.append)
+    progress = [l for l in lines if "output tok/s" in l]
+    assert progress and "15/15 samples (100.0%)" in progress[-1] and "ETA" in progress[-1]
+
+
+def test_parse_summary_published_log():
+    path = Path(__file__).resolve().parents[1] / ".." / "shared" / "mlperf-logs" / \
+        "v5.1_NVIDIA_B200-SXM-180GBx8_TRT" / "llama2-70b-99" / "Offline" / "performance" / "run_1" / \
+        "mlperf_log_summary.txt"
+    if not path.exists():
+        pytest.skip("shared MLPerf logs not present")
+    parsed = parse_summary(path.read_text())
+    assert parsed["result"] == "VALID"
+    assert parsed["tokens_per_second"] == pytest.approx(101527)
+    assert parsed["samples_per_second"] == pytest.approx(371.423)
+
+
+def test_shard_gpu_ids():
+    assert shard_gpu_ids(4, {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}) == [0, 1, 2, 3]
+    assert shard_gpu_ids(1, {"CUDA_VISIBLE_DEVICES": ""}) == []
