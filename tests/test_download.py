@@ -83,3 +83,61 @@ def test_cli_verify_only(source, tmp_path):
     assert download.main(["--local", str(source), "--out", str(out), "--verify-only"]) == 0
     (out / "config.json").write_text("tampered")
     assert download.main(["--local", str(source), "--out", str(out), "--verify-only"]) == 1
+
+
+# ---- the Hugging Face Hub path, against a fake Hub on loopback ----------------
+REPO = "meta-llama/Llama-2-70b-chat-hf"
+REVISION = "e9149a12809580e8602995856f8098ce973d1080"
+TOKEN = "hf_" + "PlantedTestTokenDoNotLeak0123456789"
+
+
+@pytest.fixture
+def fake_hub():
+    from fake_hub import FakeHub
+
+    hub = FakeHub({"config.json": b'{"model_type": "llama"}', "model-00001-of-00002.safetensors": os.urandom(3000),
+                   "model-00002-of-00002.safetensors": os.urandom(2000)}, REPO, REVISION)
+    url = hub.start()
+    yield hub, url
+    hub.stop()
+
+
+def _run_cli(url, out, *extra):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_ENDPOINT=url, HF_TOKEN=TOKEN, HF_HOME=str(out.parent / "hf-home"),
+               HF_HUB_DISABLE_TELEMETRY="1")
+    return subprocess.run([sys.executable, "-m", "rackbench.download", "--repo-id", REPO, "--revision", REVISION,
+                           "--out", str(out), *extra], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_hub_download_pinned_with_token_never_written(fake_hub, tmp_path):
+    hub, url = fake_hub
+    out = tmp_path / "snapshot"
+    proc = _run_cli(url, out)
+    assert proc.returncode == 0, proc.stderr
+    assert hub.downloaded() == sorted(hub.files)
+    # every request asked for the pinned revision and carried the token
+    resolves = [r for r in hub.requests if "/resolve/" in r[1] or "/tree/" in r[1]]
+    assert resolves and all(REVISION in path and auth == f"Bearer {TOKEN}" for _, path, auth in resolves)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"] == {"repo_id": REPO, "revision": REVISION}
+    verify_manifest(out)
+    # the token is in no file and no log
+    assert TOKEN not in proc.stdout + proc.stderr
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_hub_rerun_fetches_only_damaged_file(fake_hub, tmp_path):
+    hub, url = fake_hub
+    out = tmp_path / "snapshot"
+    assert _run_cli(url, out).returncode == 0
+    with open(out / "model-00002-of-00002.safetensors", "r+b") as handle:
+        handle.truncate(5)
+    hub.requests.clear()
+    assert _run_cli(url, out).returncode == 0
+    assert hub.downloaded() == ["model-00002-of-00002.safetensors"]
+    verify_manifest(out)
