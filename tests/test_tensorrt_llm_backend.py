@@ -1,0 +1,266 @@
+"""Contract tests for rackbench.engines.tensorrt_llm against the TensorRT-LLM 1.2.x spec.
+
+The in-process runner is exercised against tests/fakes/tensorrt_llm, a FAKE
+module implementing only the documented surface.
+"""
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = yaml.safe_load((ROOT / "tests/contracts/trtllm_1_2_spec.yaml").read_text())
+FAKES = ROOT / "tests" / "fakes"
+
+from rackbench.engines import tensorrt_llm as trt  # noqa: E402
+
+GB300 = {"compute_capability": "10.3", "runs_nvfp4": True}
+
+
+@pytest.fixture
+def fake_trtllm(monkeypatch):
+    monkeypatch.syspath_prepend(str(FAKES))
+    for name in [m for m in sys.modules if m == "tensorrt_llm" or m.startswith("tensorrt_llm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    mod = importlib.import_module("tensorrt_llm")
+    assert mod.FAKE is True
+    mod.CONSTRUCTED.clear()
+    return mod
+
+
+def _gpu():
+    return {"name": "NVIDIA GB300", "compute_capability": "10.3", "count": 4}
+
+
+def test_module_does_not_import_tensorrt_llm():
+    code = ("import sys, rackbench.engines.tensorrt_llm, rackbench.engines.replicas;"
+            "assert 'tensorrt_llm' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------- trtllm-build flags
+
+def _check_flag(flag, value):
+    spec = SPEC["trtllm_build"]["flags"].get(flag)
+    assert spec is not None, f"--{flag} is not a trtllm-build 1.2 flag"
+    assert "source" in spec
+    kind = spec["type"]
+    if kind == "int":
+        assert str(value).isdigit(), f"--{flag} {value!r} is not an int"
+    elif kind == "enable_disable":
+        assert value in ("enable", "disable"), f"--{flag} takes enable|disable, got {value!r}"
+    elif kind == "choice":
+        assert value in spec["choices"], f"--{flag} {value!r} not in {spec['choices']}"
+
+
+def test_every_trtllm_build_flag_is_in_the_spec():
+    cmd = trt.trtllm_build_command("/ckpt", "/out", {"tensor_parallel_size": 2})
+    assert cmd[0] == SPEC["trtllm_build"]["executable"]
+    args = cmd[1:]
+    assert len(args) % 2 == 0
+    pairs = dict(zip(args[::2], args[1::2]))
+    for flag, value in pairs.items():
+        assert flag.startswith("--")
+        _check_flag(flag[2:], value)
+    assert set(f[2:] for f in pairs).isdisjoint(SPEC["trtllm_build"]["not_flags"])
+
+
+def test_trtllm_build_has_the_record_flags():
+    flags = trt.trtllm_build_flags({})
+    expected = {"gemm_plugin": "nvfp4", "use_paged_context_fmha": "enable", "use_fp8_context_fmha": "enable",
+                "kv_cache_type": "paged", "tokens_per_block": 32, "max_batch_size": 2048,
+                "max_num_tokens": 4096, "max_input_len": 1024, "max_seq_len": 2048,
+                "multiple_profiles": "enable", "use_fused_mlp": "enable", "norm_quant_fusion": "enable"}
+    for key, value in expected.items():
+        assert flags[key] == value, key
+    assert "workers" not in flags  # tp*pp == 1
+
+
+def test_extra_build_flags_are_checked_too():
+    cmd = trt.trtllm_build_command("/c", "/o", {"trtllm_build_extra_flags": {"reduce_fusion": "enable"}})
+    pairs = dict(zip(cmd[1::2], cmd[2::2]))
+    assert pairs["--reduce_fusion"] == "enable"
+    bad = trt.trtllm_build_command("/c", "/o", {"trtllm_build_extra_flags": {"use_fp8_kv_cache": "enable"}})
+    with pytest.raises(AssertionError):
+        for flag, value in zip(bad[1::2], bad[2::2]):
+            _check_flag(flag[2:], value)
+
+
+# ----------------------------------------------------------------- LLM-API options
+
+def _check_fields(values, fields, where):
+    for key, value in values.items():
+        assert key in fields, f"{where}.{key} is not a TensorRT-LLM 1.2 LLM-API field"
+        spec = fields[key]
+        assert "source" in spec
+        if spec["type"] == "object":
+            _check_fields(value, spec["fields"], f"{where}.{key}")
+        elif spec["type"] == "choice":
+            assert value in spec["choices"], f"{where}.{key}={value!r}"
+        elif spec["type"] == "int":
+            assert isinstance(value, int) and not isinstance(value, bool), f"{where}.{key}"
+        elif spec["type"] == "bool":
+            assert isinstance(value, bool), f"{where}.{key}"
+        elif spec["type"] == "float":
+            assert spec.get("min", 0) <= value <= spec.get("max", 1e30), f"{where}.{key}"
+
+
+def test_extra_llm_api_options_fields_are_in_the_spec(tmp_path):
+    options = trt.write_llm_api_options(tmp_path / "x.yaml", {})
+    assert trt.read_llm_api_options(tmp_path / "x.yaml") == options
+    _check_fields(options, SPEC["llm_args"]["fields"], "llm_args")
+    assert options == {
+        "tensor_parallel_size": 1, "pipeline_parallel_size": 1, "max_batch_size": 2048,
+        "max_num_tokens": 4096, "max_input_len": 1024, "max_seq_len": 2048,
+        "enable_chunked_prefill": True,
+        "kv_cache_config": {"dtype": "fp8", "free_gpu_memory_fraction": 0.95, "enable_block_reuse": False},
+        "scheduler_config": {"capacity_scheduler_policy": "MAX_UTILIZATION",
+                             "context_chunking_policy": "FIRST_COME_FIRST_SERVED"}}
+
+
+@pytest.mark.parametrize("bad", [
+    {"mode": "onnx"}, {"tensor_parallel_size": 0}, {"max_input_len": 4096, "max_seq_len": 2048},
+    {"kv_cache": {"dtype": "int8"}}, {"kv_cache": {"free_gpu_memory_fraction": 1.5}},
+    {"scheduler_policy": "max_util"}, {"runtime_max_num_tokens": 9999}])
+def test_bad_settings_are_refused(bad):
+    with pytest.raises(ValueError):
+        trt.resolve_settings(bad)
+
+
+# ----------------------------------------------------------------- build
+
+def test_build_pytorch_mode_writes_options_and_warmup(tmp_path, fake_trtllm):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    facts = trt.build(ckpt, tmp_path / "eng", gpu_type="GB300", gpu_spec=GB300, settings={}, gpu=_gpu)
+    assert (tmp_path / "eng" / trt.EXTRA_OPTIONS_FILE).is_file()
+    warm = json.loads((tmp_path / "eng" / trt.WARMUP_FILE).read_text())
+    assert warm["gpu"]["compute_capability"] == "10.3" and warm["gpu_type"] == "GB300"
+    assert warm["tensorrt_llm_version"] == "1.2.0" and warm["generated_tokens"] > 0
+    assert facts["mode"] == "pytorch" and facts["model_dir"] == str(ckpt.resolve())
+    assert facts["compute_capability"] == "10.3"
+    name, kwargs, _ = fake_trtllm.CONSTRUCTED[-1]
+    assert name == "LLM" and kwargs["kv_cache_config"]["dtype"] == "fp8"
+
+
+def test_build_refuses_a_node_of_another_gpu_type(tmp_path, fake_trtllm):
+    h100 = lambda: {"name": "NVIDIA H100", "compute_capability": "9.0", "count": 4}  # noqa: E731
+    with pytest.raises(trt.EngineMismatch):
+        trt.build(tmp_path, tmp_path / "e", gpu_type="GB300", gpu_spec=GB300, settings={}, gpu=h100)
+
+
+def test_build_tensorrt_mode_runs_export_then_trtllm_build(tmp_path, fake_trtllm):
+    calls = []
+
+    def export(ckpt, out, s):
+        calls.append(("export", Path(out).name, s["tensor_parallel_size"], s["pipeline_parallel_size"]))
+        Path(out).mkdir(parents=True)
+        (Path(out) / "config.json").write_text("{}")
+
+    def run(cmd, **kw):
+        calls.append(("run", cmd))
+        out = Path(cmd[cmd.index("--output_dir") + 1])
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        return subprocess.CompletedProcess(cmd, 0, "built", "")
+
+    facts = trt.build(tmp_path / "ckpt", tmp_path / "eng", gpu_type="GB300", gpu_spec=GB300,
+                      settings={"mode": "tensorrt", "tensor_parallel_size": 2}, run=run, export=export, gpu=_gpu)
+    assert calls[0] == ("export", trt.TRT_CHECKPOINT_SUBDIR, 2, 1)
+    cmd = calls[1][1]
+    assert cmd[:2] == ["trtllm-build", "--checkpoint_dir"] and "--workers" in cmd
+    assert facts["trtllm_build_command"] == cmd and facts["tensorrt_llm_version"] == "1.2.0"
+    assert not (tmp_path / "eng" / trt.TRT_CHECKPOINT_SUBDIR).exists()
+    assert (tmp_path / "eng" / "trtllm-build.log").read_text().startswith("$ trtllm-build")
+
+
+def test_build_tensorrt_mode_reports_failure(tmp_path, fake_trtllm):
+    run = lambda cmd, **kw: subprocess.CompletedProcess(cmd, 2, "", "unrecognized arguments")  # noqa: E731
+    with pytest.raises(RuntimeError, match="exit code 2"):
+        trt.build(tmp_path, tmp_path / "e", gpu_type="GB300", gpu_spec=GB300, settings={"mode": "tensorrt"},
+                  run=run, export=lambda *a: None, gpu=_gpu)
+
+
+def test_tensorrt_engine_refused_on_other_gpu_or_version():
+    facts = {"compute_capability": "10.3", "tensorrt_llm_version": "1.2.0", "gpu_type": "GB300"}
+    trt.check_runtime(facts, gpu={"compute_capability": "10.3"}, version="1.2.0")
+    with pytest.raises(trt.EngineMismatch, match="compute capability"):
+        trt.check_runtime(facts, gpu={"compute_capability": "10.0"}, version="1.2.0")
+    with pytest.raises(trt.EngineMismatch, match="TensorRT-LLM 1.3.0"):
+        trt.check_runtime(facts, gpu={"compute_capability": "10.3"}, version="1.3.0")
+
+
+# ----------------------------------------------------------------- running
+
+def _built_pytorch(tmp_path, fake_trtllm, **settings):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir(exist_ok=True)
+    facts = trt.build(ckpt, tmp_path / "eng", gpu_type="GB300", gpu_spec=GB300,
+                      settings={"warmup": False, **settings}, gpu=_gpu)
+    return {"backend": "tensorrt-llm", "backend_facts": facts}
+
+
+def test_in_process_runner_against_fake(tmp_path, fake_trtllm):
+    record = _built_pytorch(tmp_path, fake_trtllm)
+    engine = trt.load(tmp_path / "eng", record=record, gpu_ids=[0], settings={})
+    prompts = [[1, 2, 3], [5] * 9, [7, 8], [1] * 1030]
+    out = engine.generate(prompts, 1024)
+    params = fake_trtllm.SamplingParams(max_tokens=1024, end_id=2)
+    for prompt, ids in zip(prompts, out):
+        want, _ = fake_trtllm.fake_answer(prompt, params)
+        assert ids == [t for t in want if t != 2]  # EOS stripped, prompt not included
+    assert engine.max_batch_size == 2048
+    assert engine.generate(prompts, 2) == [o[:2] for o in out]
+    sp = engine.sampling_params(1024)
+    assert (sp.max_tokens, sp.end_id, sp.top_k, sp.detokenize) == (1024, 2, 1, False)
+    for name in ("max_tokens", "end_id", "pad_id", "top_k", "detokenize"):
+        assert name in SPEC["sampling_params"]["fields"]
+    name, kwargs, _ = fake_trtllm.CONSTRUCTED[-1]
+    _check_fields(kwargs, SPEC["llm_args"]["fields"], "LLM")
+    engine.close()
+    assert engine.llm is None
+
+
+def test_tensorrt_mode_uses_the_trt_engine_class(tmp_path, fake_trtllm, monkeypatch):
+    eng = tmp_path / "eng" / trt.TRT_ENGINE_SUBDIR
+    eng.mkdir(parents=True)
+    (eng / "config.json").write_text("{}")
+    monkeypatch.setattr(trt, "gpu_facts", _gpu)
+    facts = {"mode": "tensorrt", "compute_capability": "10.3", "tensorrt_llm_version": "1.2.0",
+             "tensor_parallel_size": 1, "pipeline_parallel_size": 1, "engine_subdir": trt.TRT_ENGINE_SUBDIR}
+    engine = trt.load(tmp_path / "eng", record={"backend_facts": facts}, gpu_ids=[0], settings={})
+    assert engine.generate([[4, 4, 4]], 16)
+    name, kwargs, _ = fake_trtllm.CONSTRUCTED[-1]
+    assert name == "LLM" and type(engine.llm).__module__ == "tensorrt_llm._tensorrt_engine"
+    _check_fields(kwargs, SPEC["llm_args"]["fields"], "TrtLLM")
+    engine.close()
+    monkeypatch.setattr(trt, "trtllm_version", lambda: "1.3.0")
+    with pytest.raises(trt.EngineMismatch):
+        trt.load(tmp_path / "eng", record={"backend_facts": facts}, gpu_ids=[0], settings={})
+
+
+def test_load_rejects_gpu_counts_that_do_not_divide(tmp_path, fake_trtllm):
+    record = _built_pytorch(tmp_path, fake_trtllm, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="divide"):
+        trt.load(tmp_path / "eng", record=record, gpu_ids=[0, 1, 2], settings={})
+    with pytest.raises(ValueError, match="needs GPUs"):
+        trt.load(tmp_path / "eng", record=record, gpu_ids=[], settings={})
+
+
+def test_shard_with_four_gpus_runs_four_replicas(tmp_path, fake_trtllm, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    record = _built_pytorch(tmp_path, fake_trtllm)
+    engine = trt.load(tmp_path / "eng", record=record, gpu_ids=[0, 1, 2, 3], settings={})
+    try:
+        assert engine.num_replicas == 4 and engine.replica_devices == ["4", "5", "6", "7"]
+        assert engine.max_batch_size == 4 * 2048
+        prompts = [[i, i + 1] * (i % 4 + 1) for i in range(10)]
+        single = trt.load(tmp_path / "eng", record=record, gpu_ids=[0], settings={})
+        assert engine.generate(prompts, 1024) == single.generate(prompts, 1024)
+    finally:
+        engine.close()
