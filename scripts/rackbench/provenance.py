@@ -109,6 +109,9 @@ def parse_nvidia_smi_q(text: str) -> dict:
             out["gpus"].append(current)
             section = None
             continue
+        if current is not None and not value:
+            section = key           # "FB Memory Usage", "MIG Mode", "PCI", ... (no colon or empty)
+            continue
         if not sep:
             continue
         if current is None:
@@ -116,9 +119,6 @@ def parse_nvidia_smi_q(text: str) -> dict:
                 out["driver"] = value
             elif key == "CUDA Version":
                 out["cuda"] = value
-            continue
-        if indent <= 4 and not value:
-            section = key
             continue
         name = fields.get(key)
         if name is None or name in current:
