@@ -1,0 +1,77 @@
+"""ReplicaPool with a tiny picklable test backend (this module, imported by name in spawned workers)."""
+
+import os
+
+import pytest
+
+from rackbench.engines.replicas import ReplicaError, ReplicaPool, split_batch, visible_devices
+
+BACKEND = __name__
+
+
+class _EchoEngine:
+    """Answers each prompt with [replica device id, len(prompt), sum(prompt)] capped at max_new_tokens."""
+
+    def __init__(self, fail_on=None):
+        self.device = int(os.environ["CUDA_VISIBLE_DEVICES"].split(",")[0])
+        self.max_batch_size = 3
+        self.fail_on = fail_on
+
+    def generate(self, prompts, max_new_tokens):
+        if self.fail_on is not None and any(self.fail_on in p for p in prompts):
+            raise ValueError("poisoned prompt")
+        return [[self.device, len(p), sum(p)][:max_new_tokens] for p in prompts]
+
+    def close(self):
+        pass
+
+
+def load(engine_dir, *, record, gpu_ids, settings):
+    assert gpu_ids == list(range(settings["per"])), gpu_ids  # workers see only their GPUs, renumbered
+    assert len(os.environ["CUDA_VISIBLE_DEVICES"].split(",")) == settings["per"]
+    if settings.get("fail_load"):
+        raise RuntimeError("cannot load")
+    return _EchoEngine(settings.get("fail_on"))
+
+
+def test_visible_devices_maps_through_parent_list():
+    assert visible_devices([0, 1], None) == "0,1"
+    assert visible_devices([2, 3], "4,5,6,7") == "6,7"
+    with pytest.raises(ValueError):
+        visible_devices([4], "0,1")
+
+
+def test_split_batch_contiguous_and_balanced():
+    assert split_batch(10, 4) == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    assert split_batch(2, 4) == [(0, 1), (1, 2)]
+
+
+def test_pool_dispatches_in_order_across_replicas(monkeypatch, tmp_path):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "10,11,12,13")
+    with ReplicaPool(BACKEND, tmp_path, record={}, settings={"per": 2},
+                     gpu_ids=[0, 1, 2, 3], gpus_per_replica=2) as pool:
+        assert pool.num_replicas == 2 and pool.replica_devices == ["10,11", "12,13"]
+        assert pool.max_batch_size == 6
+        prompts = [[i] * (i + 1) for i in range(5)]
+        out = pool.generate(prompts, 3)
+        assert [o[1:] for o in out] == [[len(p), sum(p)] for p in prompts]   # order preserved
+        assert [o[0] for o in out] == [10, 10, 10, 12, 12]                   # both replicas worked
+        assert pool.generate([[9]], 1) == [[10]]
+        assert pool.generate([], 5) == []
+
+
+def test_pool_reports_load_and_generate_errors(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(ReplicaError, match="cannot load"):
+        ReplicaPool(BACKEND, tmp_path, record={}, settings={"per": 1, "fail_load": True},
+                    gpu_ids=[0, 1], gpus_per_replica=1)
+    with ReplicaPool(BACKEND, tmp_path, record={}, settings={"per": 1, "fail_on": 666},
+                     gpu_ids=[0, 1], gpus_per_replica=1) as pool:
+        with pytest.raises(ReplicaError, match="poisoned"):
+            pool.generate([[1], [666]], 4)
+        assert pool.generate([[1], [2]], 4) == [[0, 1, 1], [1, 1, 2]]  # still usable
+
+
+def test_pool_rejects_bad_layouts(tmp_path):
+    with pytest.raises(ValueError):
+        ReplicaPool(BACKEND, tmp_path, record={}, settings={}, gpu_ids=[0, 1, 2], gpus_per_replica=2)
