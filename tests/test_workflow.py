@@ -1,0 +1,120 @@
+"""The workflow as users run it: lint, the real config's DAG, and the demo end to end."""
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import PLANTED_TOKEN, ROOT, snakemake
+
+REAL_CONFIG = ROOT / "config" / "llama2-70b-gb300.yaml"
+
+
+def test_lint_reports_nothing():
+    proc = snakemake(ROOT, "--lint", timeout=300)
+    assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
+
+
+def real_config_with_local_data(tmp_path, **overrides):
+    """The real config, with its dataset paths pointed at stand-in files so the
+    existence checks pass on a machine without the MLPerf data."""
+    config = yaml.safe_load(REAL_CONFIG.read_text())
+    for name, dataset in config["datasets"].items():
+        for part in ("samples", "calibration"):
+            stand_in = tmp_path / f"{name}-{Path(dataset[part]['path']).name}"
+            stand_in.write_bytes(b"stand-in for a dry run")
+            dataset[part]["path"] = str(stand_in)
+    for dotted, value in overrides.items():
+        node = config
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    path = tmp_path / "real.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def job_counts(dry_run_stdout):
+    table = dry_run_stdout.split("Job stats:")[1].split("\n\n")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+def test_real_config_plans_the_whole_rack(tmp_path):
+    config = real_config_with_local_data(tmp_path)
+    proc = snakemake(ROOT, "-n", "--configfile", str(config), timeout=300)
+    counts = job_counts(proc.stdout)
+    # 18 nodes x 4 GPUs, 4 GPUs per shard: 18 performance + 18 accuracy shards
+    assert counts["run_shard"] == 36
+    for rule in ("download_model", "prepare_dataset", "quantize", "build_engine", "accuracy", "report"):
+        assert counts[rule] == 1, rule
+    assert "demo_model" not in counts
+    assert "results/runs/llama2-70b/nvfp4/tensorrt-llm/GB300/bs2048/18x4/performance/shard17" in proc.stdout
+
+
+def test_real_config_one_gpu_shards(tmp_path):
+    config = real_config_with_local_data(tmp_path, **{"benchmarks.gpus_per_shard": [1]})
+    proc = snakemake(ROOT, "-n", "--configfile", str(config), timeout=300)
+    assert job_counts(proc.stdout)["run_shard"] == 144  # 72 performance + 72 accuracy
+    assert "/72x1/performance/shard71" in proc.stdout
+
+
+# ---- the demo, end to end --------------------------------------------------------
+@pytest.mark.slow
+def test_demo_end_to_end(demo_run):
+    workdir, proc = demo_run
+    report = workdir / "results" / "report"
+    for name in ("report.md", "throughput.csv", "shards.csv", "provenance.csv"):
+        assert (report / name).stat().st_size > 0, name
+    for figure in ("shard_throughput", "shard_timeline", "records", "efficiency"):
+        for ext in ("pdf", "svg", "png"):
+            assert (report / f"{figure}.{ext}").stat().st_size > 0
+
+    config_key = "tiny-llama/nvfp4/reference/cpu/bs16/2x1"
+    runs = workdir / "results" / "runs" / config_key
+    shards = [json.loads((runs / "performance" / f"shard{i}" / "shard.json").read_text()) for i in range(2)]
+    for i, shard in enumerate(shards):
+        shard_dir = runs / "performance" / f"shard{i}"
+        for log in ("mlperf_log_summary.txt", "mlperf_log_detail.txt", "mlperf_log_accuracy.json"):
+            assert (shard_dir / log).is_file()
+        assert shard["loadgen"]["result"] == "VALID"
+        assert shard["finished_at"] > shard["started_at"]
+        per_sample = pd.read_parquet(shard_dir / "samples.parquet")
+        assert per_sample["output_tokens"].sum() == shard["output_tokens"]
+    # the performance shards split the 48 demo samples between them
+    assert sorted(s["num_samples"] for s in shards) == [24, 24]
+
+    accuracy = json.loads((workdir / "results" / "accuracy" / config_key / "accuracy.json").read_text())
+    assert accuracy["gen_num"] == 48
+    assert accuracy["valid"] is True, accuracy
+
+    throughput = pd.read_csv(report / "throughput.csv")
+    assert len(throughput) == 1
+    markdown = (report / "report.md").read_text()
+    assert "VALID" in markdown
+
+    # every step left a log and provenance
+    logs = workdir / "results" / "logs"
+    for rule in ("demo_model", "demo_dataset", "download_model", "prepare_dataset", "quantize", "build_engine",
+                 "run_shard", "accuracy", "report"):
+        assert list(logs.glob(f"{rule}*")), rule
+    assert (workdir / "results" / "quantized" / "tiny-llama" / "nvfp4" / "checkpoint" / "provenance.json").is_file()
+    assert (workdir / "results" / "engines" / "tiny-llama" / "nvfp4" / "reference" / "cpu" / "engine"
+            / "engine.json").is_file()
+
+
+@pytest.mark.slow
+def test_demo_leaks_no_token(demo_run):
+    """The demo ran with HF_TOKEN planted: no file under results/, the logs or .snakemake/ contains it."""
+    workdir, proc = demo_run
+    assert PLANTED_TOKEN not in proc.stdout + proc.stderr
+    scanned = 0
+    for top in ("results", ".snakemake"):
+        for path in (workdir / top).rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                assert PLANTED_TOKEN.encode() not in path.read_bytes(), path
+                scanned += 1
+    assert scanned > 50
