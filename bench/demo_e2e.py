@@ -43,10 +43,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = copy_workflow(Path(tmp))
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "2"], cwd=workdir,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        peak = tree_rss_peak(proc)
-        stderr = proc.stderr.read()
+        log = Path(tmp) / "snakemake.log"  # a file, not a pipe: a full pipe would stall the run
+        with open(log, "w") as sink:
+            proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "2"], cwd=workdir,
+                                    stdout=sink, stderr=subprocess.STDOUT)
+            peak = tree_rss_peak(proc)
+        stderr = log.read_text()
         elapsed = time.perf_counter() - start
         if proc.returncode != 0:
             print(stderr[-3000:])
