@@ -264,3 +264,17 @@ def test_shard_with_four_gpus_runs_four_replicas(tmp_path, fake_trtllm, monkeypa
         assert engine.generate(prompts, 1024) == single.generate(prompts, 1024)
     finally:
         engine.close()
+
+
+def test_real_config_engine_settings_and_gpu_table():
+    cfg = yaml.safe_load((ROOT / "config/llama2-70b-gb300.yaml").read_text())
+    s = trt.resolve_settings(cfg["engines"]["tensorrt-llm"])
+    _check_fields(trt.llm_api_options(s), SPEC["llm_args"]["fields"], "llm_args")
+    assert (s["tensor_parallel_size"], s["pipeline_parallel_size"], s["max_batch_size"]) == (1, 1, 2048)
+    gpus = cfg["gpu_types"]
+    assert set(gpus) == {"H100", "H200", "B200", "GB200", "GB300"}
+    for name, g in gpus.items():
+        assert g["runs_nvfp4"] == name.startswith(("B", "GB")), name
+        assert (g["peak_dense_flops"]["fp4"] is None) == (not g["runs_nvfp4"]), name
+        assert g["peak_dense_flops"]["source"] and g["published"]["source"]
+        assert g["slurm"]["gpu_model"] == name.lower()
