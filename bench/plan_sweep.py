@@ -23,9 +23,11 @@ def sweep_config(tmp: Path) -> Path:
     config = yaml.safe_load((ROOT / "config" / "llama2-70b-gb300.yaml").read_text())
     for name, dataset in config["datasets"].items():  # stand-ins for the MLPerf data
         for part in ("samples", "calibration"):
-            stand_in = tmp / f"{name}-{part}.pkl"
-            stand_in.write_bytes(b"stand-in")
-            dataset[part]["path"] = str(stand_in)
+            for key in ("path", "sha256_file"):
+                if key in dataset[part]:
+                    stand_in = tmp / f"{name}-{part}-{key}"
+                    stand_in.write_bytes(b"stand-in")
+                    dataset[part][key] = str(stand_in)
     config["benchmarks"].update(
         gpu_types=["B200", "GB200", "GB300"],
         batch_sizes=[256, 512, 1024, 2048],

@@ -164,6 +164,13 @@ def engine_container(wildcards):
     return None
 
 
+def placement(wildcards, count):
+    """Where a job runs, for its dry-run message: GPU request and container."""
+    spec = GPU_TYPES[wildcards.gpu]
+    where = f"{count} x {spec['slurm']['gpu_model']} GPU(s)" if spec["kind"] == "gpu" else "CPU"
+    return f"{where}, container {engine_container(wildcards) or 'none (conda env)'}"
+
+
 def shard_mode(wildcards):
     # Accuracy runs always split, so every sample is scored exactly once.
     return "split" if wildcards.mode == "accuracy" else RUN.get("performance_shard_mode", "split")

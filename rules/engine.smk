@@ -11,6 +11,10 @@ rule build_engine:
     params:
         gpu_spec=lambda wc: as_json(GPU_TYPES[wc.gpu]),
         settings=lambda wc: as_json(config["engines"][wc.backend]),
+        placement=lambda wc: placement(wc, engine_gpus(wc)),
+    message:
+        "build_engine {wildcards.backend} engine of {wildcards.model}/{wildcards.recipe} for {wildcards.gpu}:"
+        " {params.placement}"
     log:
         "results/logs/build_engine/{model}-{recipe}-{backend}-{gpu}.log",
     resources:

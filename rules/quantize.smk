@@ -23,6 +23,8 @@ rule quantize:
         **job_resources(lambda wc: QUANT_GPU, lambda wc: QUANT.get("gpus", 1)),
     conda:
         RUN_ENV
+    container:
+        QUANT.get("container")
     shell:
         "python -m rackbench.quantize --model-dir {input.model} --calibration {input.calibration}"
         " --recipe {wildcards.recipe} --out {output} --calib-samples {params.samples}"

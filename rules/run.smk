@@ -19,7 +19,11 @@ rule run_shard:
         progress_s=RUN.get("progress_interval_s", 30),
         gpu_types=lambda wc: as_json({wc.gpu: GPU_TYPES[wc.gpu]}),
         settings=lambda wc: as_json(config["engines"][wc.backend]),
+        placement=lambda wc: placement(wc, shard_gpus(wc)),
         meta=lambda wc: as_json({k: wc[k] for k in ("model", "recipe", "backend", "gpu", "bs", "layout")}),
+    message:
+        "run_shard {wildcards.mode} shard {wildcards.shard} of {wildcards.model}/{wildcards.recipe} on"
+        " {wildcards.backend}/{wildcards.gpu} (layout {wildcards.layout}, batch {wildcards.bs}): {params.placement}"
     log:
         "results/logs/run_shard/{model}-{recipe}-{backend}-{gpu}-bs{bs}-{layout}-{mode}-shard{shard}.log",
     threads: shard_threads

@@ -13,6 +13,10 @@ from rackbench.config import ConfigError, check_config, configurations
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = yaml.safe_load((ROOT / "config.yaml").read_text())
+REAL = yaml.safe_load((ROOT / "config" / "llama2-70b-gb300.yaml").read_text())
+for _dataset in REAL["datasets"].values():  # stand-ins: the MLPerf data is not on build machines
+    for _part in ("samples", "calibration"):
+        _dataset[_part].update({k: str(ROOT / "README.md") for k in ("path", "sha256_file") if k in _dataset[_part]})
 CORPUS = yaml.safe_load((ROOT / "tests" / "configs" / "bad_configs.yaml").read_text())
 
 
@@ -25,7 +29,7 @@ def _walk(config, dotted):
 
 
 def apply_patch(config, case):
-    config = copy.deepcopy(config)
+    config = copy.deepcopy(REAL if case.get("base") == "real" else config)
     for dotted, value in (case.get("set") or {}).items():
         node, key = _walk(config, dotted)
         node[key] = value
@@ -38,6 +42,11 @@ def apply_patch(config, case):
 def test_corpus_is_large_enough():
     assert len(CORPUS) >= 30
     assert len({case["name"] for case in CORPUS}) == len(CORPUS)
+
+
+def test_real_config_is_valid():
+    check_config(copy.deepcopy(REAL))
+    assert [c.key for c in configurations(REAL)] == ["llama2-70b/nvfp4/tensorrt-llm/GB300/bs2048/18x4"]
 
 
 def test_demo_config_is_valid():

@@ -24,9 +24,11 @@ def real_config_with_local_data(tmp_path, **overrides):
     config = yaml.safe_load(REAL_CONFIG.read_text())
     for name, dataset in config["datasets"].items():
         for part in ("samples", "calibration"):
-            stand_in = tmp_path / f"{name}-{Path(dataset[part]['path']).name}"
-            stand_in.write_bytes(b"stand-in for a dry run")
-            dataset[part]["path"] = str(stand_in)
+            for key in ("path", "sha256_file"):
+                if key in dataset[part]:
+                    stand_in = tmp_path / f"{name}-{Path(dataset[part][key]).name}"
+                    stand_in.write_bytes(b"stand-in for a dry run")
+                    dataset[part][key] = str(stand_in)
     for dotted, value in overrides.items():
         node = config
         *parents, last = dotted.split(".")
@@ -53,6 +55,15 @@ def test_real_config_plans_the_whole_rack(tmp_path):
         assert counts[rule] == 1, rule
     assert "demo_model" not in counts
     assert "results/runs/llama2-70b/nvfp4/tensorrt-llm/GB300/bs2048/18x4/performance/shard17" in proc.stdout
+    # the TensorRT-LLM jobs show their GPU request and container
+    shard_jobs = [line for line in proc.stdout.splitlines() if ": run_shard " in line]
+    assert len(shard_jobs) == 36
+    assert all(line.endswith("on tensorrt-llm/GB300 (layout 18x4, batch 2048): 4 x gb300 GPU(s), "
+                             "container envs/trtllm.sif") for line in shard_jobs), shard_jobs[:2]
+    assert re.search(r"build_engine tensorrt-llm engine of llama2-70b/nvfp4 for GB300: 1 x gb300 GPU\(s\), "
+                     r"container envs/trtllm.sif", proc.stdout)
+    # quantize calibrates on one GB300 node
+    assert re.search(r"rule quantize:(.|\n)*?resources: .*gpu=1, gpu_model=gb300, cpus_per_gpu=18", proc.stdout)
 
 
 def test_real_config_one_gpu_shards(tmp_path):

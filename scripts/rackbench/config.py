@@ -151,11 +151,39 @@ def _semantic_checks(config: dict) -> None:
             if limit is not None and bs > limit:
                 raise ConfigError(f"benchmarks.batch_sizes: {bs} is larger than engines.{backend}.max_batch_size ({limit})")
 
+    if "tensorrt-llm" in bench["backends"]:
+        _check_trtllm(engines["tensorrt-llm"], config)
+
     max_new = config["run"].get("max_new_tokens", 1024)
     demo = config.get("demo", {})
     if demo.get("enabled") and demo.get("reference_max_new_tokens") and demo["reference_max_new_tokens"] < max_new:
         raise ConfigError(f"run.max_new_tokens: {max_new} exceeds demo.reference_max_new_tokens "
                           f"({demo['reference_max_new_tokens']}): the references would be cut shorter than the outputs")
+
+
+def _check_trtllm(settings: dict, config: dict) -> None:
+    """Backend options that contradict each other or the run."""
+    from rackbench.engines.tensorrt_llm import replica_size, resolve_settings
+
+    try:
+        resolved = resolve_settings(settings)
+    except ValueError as err:
+        raise ConfigError(f"engines.tensorrt-llm: {err}") from None
+    replica = replica_size(resolved)
+    for gps in config["benchmarks"]["gpus_per_shard"]:
+        if gps % replica:
+            raise ConfigError(f"engines.tensorrt-llm: a replica needs tensor_parallel_size x pipeline_parallel_size = "
+                              f"{replica} GPUs, which does not divide benchmarks.gpus_per_shard {gps}")
+    max_new = config["run"].get("max_new_tokens", 1024)
+    if resolved["max_input_len"] + max_new > resolved["max_seq_len"]:
+        raise ConfigError(f"engines.tensorrt-llm.max_seq_len: {resolved['max_seq_len']} is shorter than "
+                          f"max_input_len {resolved['max_input_len']} + run.max_new_tokens {max_new}")
+    if not resolved["enable_chunked_prefill"] and resolved["max_num_tokens"] < resolved["max_input_len"]:
+        raise ConfigError(f"engines.tensorrt-llm.max_num_tokens: {resolved['max_num_tokens']} is below max_input_len "
+                          f"{resolved['max_input_len']} with enable_chunked_prefill off: long prompts cannot be scheduled")
+    if resolved["mode"] == "pytorch" and resolved["trtllm_build_extra_flags"]:
+        raise ConfigError("engines.tensorrt-llm.trtllm_build_extra_flags: trtllm-build flags given, but mode is "
+                          "pytorch (no engine build); use mode: tensorrt or remove them")
 
 
 def check_config(config: dict) -> None:
