@@ -256,3 +256,37 @@ def test_parse_summary_published_log():
 def test_shard_gpu_ids():
     assert shard_gpu_ids(4, {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}) == [0, 1, 2, 3]
     assert shard_gpu_ids(1, {"CUDA_VISIBLE_DEVICES": ""}) == []
+
+
+def test_cli_opens_engine_and_runs(tmp_path, dataset, monkeypatch):
+    import types
+
+    from rackbench import harness
+
+    ds, prompts = dataset
+    calls = {}
+    engine = FakeEngine()
+
+    def open_engine(engine_dir, *, gpu_ids, settings, gpu_types):
+        calls.update(engine_dir=engine_dir, gpu_ids=gpu_ids, settings=settings, gpu_types=gpu_types)
+        return engine
+
+    monkeypatch.setitem(sys.modules, "rackbench.build_engine", types.SimpleNamespace(open_engine=open_engine))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    out = tmp_path / "cli" / "shard0"
+    rc = harness.main([
+        "--engine-dir", str(tmp_path / "engine"), "--dataset", str(ds), "--out", str(out),
+        "--mode", "performance", "--shard-index", "0", "--num-shards", "1", "--shard-mode", "replicate",
+        "--gpus-per-shard", "2", "--batch-size", "4", "--max-new-tokens", str(MAX_NEW),
+        "--min-duration-ms", "0", "--min-query-count", "1", "--offline-expected-qps", "10",
+        "--progress-interval-s", "0", "--gpu-types-json", '{"cpu": {"kind": "cpu"}}',
+        "--engine-settings-json", '{"torch_threads": 1}',
+        "--meta-json", '{"model": "fake", "recipe": "none", "backend": "fake", "gpu_type": "cpu"}'])
+    assert rc == 0 and engine.closed
+    assert calls == {"engine_dir": str(tmp_path / "engine"), "gpu_ids": [0, 1], "settings": {"torch_threads": 1},
+                     "gpu_types": {"cpu": {"kind": "cpu"}}}
+    record = json.loads((out / "shard.json").read_text())
+    assert record["layout"] == "1x2" and record["gpus_per_shard"] == 2
+    assert record["cuda_visible_devices"] == "2,3" and record["slurm_job_id"] == "4242"
+    assert record["num_samples"] == len(prompts) and record["loadgen"]["result"] == "VALID"

@@ -36,7 +36,7 @@ import socket
 import sys
 import threading
 import time
-from itertools import chain
+from array import array
 from pathlib import Path
 from typing import Callable
 
@@ -52,6 +52,9 @@ from rackbench.shards import SHARD_MODES, layout_name, shard_sample_indices
 MODES = ("performance", "accuracy")
 RESPONSE_DTYPE = np.int32          # evaluate-accuracy.py --dtype int32
 DEFAULT_LOADGEN_MODEL = "llama2-70b"
+_ARRAY_CODE = "i"
+_ITEMSIZE = array(_ARRAY_CODE).itemsize
+assert _ITEMSIZE == np.dtype(RESPONSE_DTYPE).itemsize, "array('i') is not 32-bit here"
 
 
 class HarnessError(RuntimeError):
@@ -85,10 +88,26 @@ class ShardSamples:
         self.sample_indices = np.asarray(indices, dtype=np.int64)
         self.contiguous = contiguous
 
+        self._loaded: list[list[int] | None] = [None] * len(indices)
+
     def __len__(self) -> int:
         return len(self.sample_indices)
 
+    # LoadGen QSL callbacks: LoadGen loads the performance sample set before the
+    # timed run, so turning prompts into Python lists here keeps that cost out of it.
+    def load_samples(self, qsl_indices) -> None:
+        values, offsets, loaded = self.values, self.offsets, self._loaded
+        for j in qsl_indices:
+            loaded[j] = values[offsets[j]:offsets[j + 1]].tolist()
+
+    def unload_samples(self, qsl_indices) -> None:
+        for j in qsl_indices:
+            self._loaded[j] = None
+
     def prompt(self, qsl_index: int) -> list[int]:
+        cached = self._loaded[qsl_index]
+        if cached is not None:
+            return cached
         return self.values[self.offsets[qsl_index]:self.offsets[qsl_index + 1]].tolist()
 
 
@@ -119,7 +138,7 @@ class OfflineSUT:
         self._rec_qsl: list[np.ndarray] = []
         self._rec_out_len: list[np.ndarray] = []
         self._rec_time: list[tuple[float, int]] = []
-        self._rec_ids: list[np.ndarray] = []
+        self._rec_ids: list = []
         self._worker = threading.Thread(target=self._run, name="rackbench-sut", daemon=True)
         self._worker.start()
 
@@ -169,33 +188,32 @@ class OfflineSUT:
 
     def _run_batch(self, ids: list[int], qsl: np.ndarray) -> None:
         lg = self.lg
-        samples = self.samples
-        values, offsets = samples.values, samples.offsets
-        prompts = [values[offsets[j]:offsets[j + 1]].tolist() for j in qsl.tolist()]
+        prompt = self.samples.prompt
+        prompts = [prompt(j) for j in qsl.tolist()]
         outputs = self.engine.generate(prompts, self.max_new_tokens)
         n = len(ids)
         if len(outputs) != n:
             raise HarnessError(f"engine returned {len(outputs)} outputs for {n} prompts")
-        lengths = np.fromiter(map(len, outputs), dtype=np.int64, count=n)
-        total = int(lengths.sum())
+        # one int32 buffer per output (array('i') is 4-byte int32 on every platform LoadGen runs on)
+        arrays = [array(_ARRAY_CODE, out) for out in outputs]
+        response = lg.QuerySampleResponse
+        responses = []
+        lengths = []
+        for i, a in zip(ids, arrays):
+            k = len(a)
+            lengths.append(k)
+            responses.append(response(i, a.buffer_info()[0], k * _ITEMSIZE, k))
+        lengths = np.asarray(lengths, dtype=np.int64)
         if n and int(lengths.max()) > self.max_new_tokens:
             raise HarnessError(f"engine returned {int(lengths.max())} tokens; max_new_tokens is {self.max_new_tokens}")
-        flat = np.fromiter(chain.from_iterable(outputs), dtype=RESPONSE_DTYPE, count=total)
-        base = flat.ctypes.data
-        itemsize = flat.itemsize
-        starts = np.zeros(n, dtype=np.int64)
-        if n > 1:
-            np.cumsum(lengths[:-1], out=starts[1:])
-        response = lg.QuerySampleResponse
-        responses = [response(i, base + itemsize * s, itemsize * k, k)
-                     for i, s, k in zip(ids, starts.tolist(), lengths.tolist())]
         lg.QuerySamplesComplete(responses)   # LoadGen copies the data (accuracy mode) before returning
         now = time.time()
+        total = int(lengths.sum())
         self._rec_qsl.append(qsl)
         self._rec_out_len.append(lengths)
         self._rec_time.append((now, n))
         if self.keep_outputs:
-            self._rec_ids.append(flat)
+            self._rec_ids.extend(arrays)
         self.output_tokens += total
         self.completed += n
         short = lengths < 2
@@ -217,7 +235,7 @@ class OfflineSUT:
             "completed_at": pa.array(completed_at, pa.float64()),
         }
         if self.keep_outputs:
-            flat = np.concatenate(self._rec_ids) if self._rec_ids else np.zeros(0, RESPONSE_DTYPE)
+            flat = np.frombuffer(b"".join(a.tobytes() for a in self._rec_ids), dtype=RESPONSE_DTYPE)
             offsets = np.zeros(len(out_len) + 1, dtype=np.int32)
             np.cumsum(out_len, out=offsets[1:])
             columns["output_ids"] = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()),
@@ -380,7 +398,7 @@ def run_shard(engine, *, samples_parquet, out_dir, mode: str, shard_index: int, 
         sut_impl = OfflineSUT(engine, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
                               keep_outputs=(mode == "accuracy"), lg_module=lg)
         sut = lg.ConstructSUT(sut_impl.issue_query, sut_impl.flush_queries)
-        qsl = lg.ConstructQSL(n, n, lambda s: None, lambda s: None)
+        qsl = lg.ConstructQSL(n, n, samples.load_samples, samples.unload_samples)
         progress = _Progress(sut_impl, progress_interval_s, label, log)
         log(f"{label}: {n} samples of {n_dataset} ({shard_mode}), batch size {batch_size}, "
             f"max_new_tokens {max_new_tokens}, LoadGen settings {effective}")
@@ -424,6 +442,9 @@ def run_shard(engine, *, samples_parquet, out_dir, mode: str, shard_index: int, 
             "sample_indices": [indices[0], indices[-1] + 1] if samples.contiguous else None,
             "started_at": started_at,
             "finished_at": finished_at,
+            # LoadGen's timed part: first IssueQuery .. last sample completed (QSL load is before it)
+            "first_issue_at": sut_impl.first_issue_at,
+            "last_complete_at": sut_impl._rec_time[-1][0] if sut_impl._rec_time else None,
             "output_tokens": int(sut_impl.output_tokens),
             "input_tokens": sut_impl.input_tokens(),
             "completed_samples": int(sut_impl.completed),
