@@ -1,0 +1,425 @@
+"""The reference backend: plain PyTorch + transformers, on CPU or one CUDA device.
+
+``build`` makes the engine directory self-contained (hardlinks, or copies, of the
+checkpoint's config, tokenizer and safetensors files) and reports what it found.
+``load`` builds the model from ``config.json`` *without* its ``quantization_config``
+and fills it with the checkpoint's weights, NVFP4 / FP8 weights dequantized to
+``settings["dtype"]`` (``rackbench.engines.nvfp4``). So NVFP4 is emulated: the weights
+carry exactly the values the NVFP4 checkpoint encodes; the GEMMs run in ``dtype``.
+
+Emulation switches (``settings``):
+
+``emulate_fp8_kv_cache`` (default true): with ``kv_cache_quant_algo: FP8`` and
+    exported ``k_scale`` / ``v_scale``, every K and V entering the KV cache is rounded
+    to FP8 E4M3 with that scale (what an FP8 KV cache stores).
+``emulate_activation_quant`` (default false): round each quantized Linear's input as
+    the real kernel would (NVFP4: per-block-of-16 E4M3 scales under the exported
+    ``input_scale`` global scale; FP8: per-tensor ``input_scale``). Costs speed.
+
+Other settings: ``dtype`` (float32 | bfloat16 | float16; default float32),
+``max_batch_size`` (default 64), ``torch_threads``.
+
+``Engine.generate`` decodes greedily in batches of at most ``max_batch_size``
+(prompts sorted by length, left padding + attention mask, KV cache, finished
+sequences dropped from the batch), and gives the same tokens as decoding each
+prompt alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from rackbench.engines import nvfp4
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+# Files the engine needs from a checkpoint (everything else, e.g. provenance, stays behind).
+_ENGINE_FILE_PATTERNS = (
+    r"config\.json", r"generation_config\.json", r"hf_quant_config\.json",
+    r".*\.safetensors", r".*\.safetensors\.index\.json",
+    r"tokenizer.*", r"special_tokens_map\.json", r"added_tokens\.json", r"chat_template\..*",
+    r".*\.model", r"vocab\..*", r"merges\.txt",
+)
+_QUANT_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "k_scale", "v_scale", "pre_quant_scale")
+
+RECIPES = {"NVFP4": "nvfp4", "FP8": "fp8", None: "none"}
+
+
+# --------------------------------------------------------------------------- build
+
+def _link_or_copy(src: Path, dst: Path) -> str:
+    if dst.exists() or dst.is_symlink():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+        return "hardlink"
+    except OSError:
+        shutil.copy2(src, dst)
+        return "copy"
+
+
+def read_quant_config(model_dir) -> dict:
+    """The checkpoint's quantization description: quant_algo, kv_cache_quant_algo, group_size, exclude_modules.
+
+    From ``hf_quant_config.json`` (ModelOpt), else ``config.json``'s ``quantization_config``;
+    ``quant_algo`` None for an unquantized checkpoint.
+    """
+    model_dir = Path(model_dir)
+    hf_quant = model_dir / "hf_quant_config.json"
+    if hf_quant.exists():
+        q = json.loads(hf_quant.read_text()).get("quantization", {})
+        source = "hf_quant_config.json"
+    else:
+        q = json.loads((model_dir / "config.json").read_text()).get("quantization_config") or {}
+        source = "config.json" if q else None
+    algo = q.get("quant_algo")
+    kv = q.get("kv_cache_quant_algo")
+    if kv is None and isinstance(q.get("kv_cache_scheme"), dict):
+        scheme = q["kv_cache_scheme"]
+        kv = "FP8" if scheme.get("type") == "float" and scheme.get("num_bits") == 8 else None
+    if algo is not None and algo not in RECIPES:
+        raise ValueError(f"{model_dir}: quant_algo {algo!r} is not supported by the reference backend "
+                         f"(supported: NVFP4, FP8, unquantized)")
+    return {"quant_algo": algo, "kv_cache_quant_algo": kv, "group_size": q.get("group_size"),
+            "exclude_modules": q.get("exclude_modules") or q.get("ignore"), "source": source,
+            "recipe": RECIPES[algo]}
+
+
+def _safetensors_files(model_dir: Path) -> list[Path]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors files")
+    return files
+
+
+def _scan_tensors(model_dir: Path) -> dict:
+    """Count quantized layers by format, without loading the tensors."""
+    from safetensors import safe_open
+    counts = {"nvfp4_linear": 0, "fp8_linear": 0, "kv_scales": 0, "tensors": 0, "parameters": 0}
+    for path in _safetensors_files(model_dir):
+        with safe_open(path, "pt") as f:
+            keys = set(f.keys())
+            counts["tensors"] += len(keys)
+            for key in keys:
+                sl = f.get_slice(key)
+                dtype, shape = sl.get_dtype(), sl.get_shape()
+                if key.endswith(".weight") and f"{key}_scale" in keys:
+                    if dtype == "U8":
+                        counts["nvfp4_linear"] += 1
+                    elif dtype.startswith("F8"):
+                        counts["fp8_linear"] += 1
+                if key.endswith((".k_scale", ".v_scale")):
+                    counts["kv_scales"] += 1
+                if not key.endswith(_QUANT_SUFFIXES):
+                    n = 1
+                    for s in shape:
+                        n *= s
+                    counts["parameters"] += n * (2 if dtype == "U8" else 1)
+    return counts
+
+
+def build(checkpoint_dir, engine_dir, *, gpu_type, gpu_spec, settings) -> dict:
+    """Make ``engine_dir`` a self-contained copy of the checkpoint's model files; return facts."""
+    checkpoint_dir, engine_dir = Path(checkpoint_dir), Path(engine_dir)
+    if not (checkpoint_dir / "config.json").exists():
+        raise FileNotFoundError(f"{checkpoint_dir}: no config.json (not a Hugging Face checkpoint)")
+    settings = settings or {}
+    dtype = settings.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise ValueError(f"engines.reference.dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    engine_dir.mkdir(parents=True, exist_ok=True)
+    patterns = [re.compile(p) for p in _ENGINE_FILE_PATTERNS]
+    files, methods = [], set()
+    for src in sorted(checkpoint_dir.iterdir()):
+        if src.is_file() and any(p.fullmatch(src.name) for p in patterns):
+            methods.add(_link_or_copy(src, engine_dir / src.name))
+            files.append({"name": src.name, "bytes": src.stat().st_size})
+    if (checkpoint_dir / "provenance.json").exists():  # keep what made the checkpoint
+        shutil.copy2(checkpoint_dir / "provenance.json", engine_dir / "checkpoint_provenance.json")
+    quant = read_quant_config(engine_dir)
+    config = json.loads((engine_dir / "config.json").read_text())
+    counts = _scan_tensors(engine_dir)
+    if quant["quant_algo"] == "NVFP4" and counts["nvfp4_linear"] == 0:
+        raise ValueError(f"{checkpoint_dir}: quant_algo NVFP4 but no packed NVFP4 weights found")
+    if quant["quant_algo"] == "FP8" and counts["fp8_linear"] == 0:
+        raise ValueError(f"{checkpoint_dir}: quant_algo FP8 but no FP8 weights found")
+    return {
+        "recipe_detected": quant["recipe"],
+        "quant_algo": quant["quant_algo"],
+        "kv_cache_quant_algo": quant["kv_cache_quant_algo"],
+        "group_size": quant["group_size"],
+        "exclude_modules": quant["exclude_modules"],
+        "quant_config_source": quant["source"],
+        "quantized_layers": counts["nvfp4_linear"] + counts["fp8_linear"],
+        "nvfp4_layers": counts["nvfp4_linear"],
+        "fp8_layers": counts["fp8_linear"],
+        "kv_cache_scales": counts["kv_scales"],
+        "parameters": counts["parameters"],
+        "architectures": config.get("architectures"),
+        "model_type": config.get("model_type"),
+        "checkpoint_dtype": config.get("dtype", config.get("torch_dtype")),
+        "compute_dtype": dtype,
+        "nvfp4_emulation": "dequantized weights" if quant["quant_algo"] == "NVFP4" else None,
+        "files": files,
+        "file_transfer": sorted(methods),
+        "checkpoint_dir": str(checkpoint_dir),
+    }
+
+
+# --------------------------------------------------------------------------- load
+
+def load_state_dict(model_dir, dtype=torch.float32) -> tuple[dict, dict]:
+    """The checkpoint's tensors with quantized weights dequantized to ``dtype``.
+
+    Returns ``(state_dict, extras)``: ``extras`` maps module name -> {input_scale, k_scale,
+    v_scale, format} for the emulation switches. Raises on tensors it does not understand.
+    """
+    from safetensors import safe_open
+    raw = {}
+    for path in _safetensors_files(Path(model_dir)):
+        with safe_open(path, "pt") as f:
+            for key in f.keys():
+                raw[key] = f.get_tensor(key)
+    state, extras = {}, {}
+    for key in sorted(raw):
+        tensor = raw[key]
+        module, _, leaf = key.rpartition(".")
+        if leaf == "weight" and f"{key}_scale" in raw:
+            scale = raw[f"{key}_scale"]
+            if tensor.dtype == torch.uint8:
+                if f"{key}_scale_2" not in raw:
+                    raise ValueError(f"{key}: NVFP4 weight without weight_scale_2")
+                w = nvfp4.dequantize_nvfp4(tensor, scale, raw[f"{key}_scale_2"], torch.float32)
+                fmt = "nvfp4"
+            elif tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                w = nvfp4.dequantize_fp8(tensor, scale, torch.float32)
+                fmt = "fp8"
+            else:
+                raise ValueError(f"{key}: weight_scale next to a {tensor.dtype} weight")
+            pqs = raw.get(f"{module}.pre_quant_scale")
+            if pqs is not None:  # AWQ/SmoothQuant: y = W (x * s)  ->  fold s into W's columns
+                w = w * pqs.to(torch.float32)
+            state[key] = w.to(dtype)
+            extras.setdefault(module, {})["format"] = fmt
+        elif leaf in ("weight_scale", "weight_scale_2", "pre_quant_scale"):
+            if f"{module}.weight" not in raw:
+                raise ValueError(f"{key}: scale without a weight")
+        elif leaf in ("input_scale", "k_scale", "v_scale"):
+            extras.setdefault(module, {})[leaf] = tensor.float()
+        elif tensor.dtype in (torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2):
+            raise ValueError(f"{key}: {tensor.dtype} tensor without scales")
+        else:
+            state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    return state, extras
+
+
+def _model_config(model_dir: Path):
+    from transformers import AutoConfig
+    data = json.loads((model_dir / "config.json").read_text())
+    data.pop("quantization_config", None)
+    model_type = data.pop("model_type")
+    return AutoConfig.for_model(model_type, **data)
+
+
+def _eos_ids(model_dir: Path, config) -> list[int]:
+    eos = None
+    gen = model_dir / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+    if eos is None:
+        eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def _kv_cache_class():
+    from transformers import DynamicCache
+
+    class FP8KVCache(DynamicCache):
+        """A DynamicCache that stores K and V rounded to FP8 E4M3 with per-layer scales."""
+
+        def __init__(self, *, config, k_scales, v_scales):
+            super().__init__(config=config)
+            self._k_scales, self._v_scales = k_scales, v_scales
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            key_states = nvfp4.fake_quantize_fp8(key_states, self._k_scales[layer_idx])
+            value_states = nvfp4.fake_quantize_fp8(value_states, self._v_scales[layer_idx])
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    return FP8KVCache
+
+
+class ReferenceEngine:
+    """Greedy batched decoding of a transformers causal LM (see the module docstring)."""
+
+    def __init__(self, model, *, device, eos_ids, pad_id, max_batch_size, kv_scales=None, facts=None):
+        self.model = model
+        self.device = device
+        self.eos_ids = list(eos_ids)
+        self.pad_id = pad_id
+        self.max_batch_size = int(max_batch_size)
+        self._kv_scales = kv_scales  # (k_scales, v_scales) per layer, or None
+        self._cache_cls = _kv_cache_class() if kv_scales else None
+        self.facts = facts or {}
+        self._eos = torch.tensor(self.eos_ids or [-1], device=device)
+
+    def _new_cache(self):
+        from transformers import DynamicCache
+        if self._kv_scales:
+            return self._cache_cls(config=self.model.config, k_scales=self._kv_scales[0],
+                                   v_scales=self._kv_scales[1])
+        return DynamicCache(config=self.model.config)
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        prompts = [list(map(int, p)) for p in prompts]
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+        out: list[list[int] | None] = [None] * len(prompts)
+        if max_new_tokens <= 0:
+            return [[] for _ in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        for start in range(0, len(order), self.max_batch_size):
+            chunk = order[start:start + self.max_batch_size]
+            for i, ids in zip(chunk, self._generate_batch([prompts[i] for i in chunk], max_new_tokens)):
+                out[i] = ids
+        return out
+
+    @torch.inference_mode()
+    def _generate_batch(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        n, width = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = self._new_cache()
+        alive = torch.arange(n, device=self.device)  # original rows still decoding
+        generated = [[] for _ in range(n)]
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                            past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        next_pos = positions[:, -1:] + 1
+        for step in range(max_new_tokens):
+            tokens = logits[:, -1, :].argmax(-1)
+            done = torch.isin(tokens, self._eos)
+            tokens_list = tokens.tolist()
+            for row, tok, d in zip(alive.tolist(), tokens_list, done.tolist()):
+                if not d:
+                    generated[row].append(tok)
+            if step == max_new_tokens - 1:
+                break
+            if bool(done.any()):
+                keep = (~done).nonzero().squeeze(-1)
+                if keep.numel() == 0:
+                    break
+                cache.batch_select_indices(keep)
+                alive, tokens, mask, next_pos = alive[keep], tokens[keep], mask[keep], next_pos[keep]
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+            logits = self.model(input_ids=tokens.unsqueeze(-1), attention_mask=mask, position_ids=next_pos,
+                                past_key_values=cache, use_cache=True).logits
+            next_pos = next_pos + 1
+        return generated
+
+    @torch.inference_mode()
+    def logits(self, prompt: Sequence[int]) -> torch.Tensor:
+        """Full-sequence logits of one prompt (float32, CPU): for accuracy checks."""
+        ids = torch.tensor([list(prompt)], device=self.device)
+        cache = self._new_cache() if self._kv_scales else None
+        return self.model(input_ids=ids, past_key_values=cache, use_cache=cache is not None).logits[0].float().cpu()
+
+    def close(self) -> None:
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _add_activation_quant(model, extras) -> int:
+    """Round quantized Linears' inputs as the NVFP4/FP8 GEMM would; returns the number of hooks."""
+    hooks = 0
+    for name, module in model.named_modules():
+        info = extras.get(name)
+        if not info or "input_scale" not in info or not isinstance(module, torch.nn.Linear):
+            continue
+        scale = info["input_scale"].to(module.weight.device)
+        if info.get("format") == "nvfp4":
+            def hook(mod, args, scale=scale):
+                return (nvfp4.fake_quantize_nvfp4(args[0], scale),) + args[1:]
+        else:
+            def hook(mod, args, scale=scale):
+                return (nvfp4.fake_quantize_fp8(args[0], scale),) + args[1:]
+        module.register_forward_pre_hook(hook)
+        hooks += 1
+    return hooks
+
+
+def _kv_scales(model, extras, num_layers):
+    """Per-layer (k_scales, v_scales) from ``...layers.N.self_attn[.k_proj].k_scale``."""
+    k, v = [None] * num_layers, [None] * num_layers
+    for name, info in extras.items():
+        m = re.search(r"layers\.(\d+)\.", name)
+        if not m:
+            continue
+        layer = int(m.group(1))
+        if "k_scale" in info:
+            k[layer] = info["k_scale"]
+        if "v_scale" in info:
+            v[layer] = info["v_scale"]
+    if all(s is None for s in k + v):
+        return None
+    missing = [i for i in range(num_layers) if k[i] is None or v[i] is None]
+    if missing:
+        raise ValueError(f"k_scale/v_scale missing for layers {missing}")
+    return k, v
+
+
+def load(engine_dir, *, record, gpu_ids, settings) -> ReferenceEngine:
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    engine_dir = Path(engine_dir)
+    settings = dict(settings or {})
+    if settings.get("torch_threads"):
+        torch.set_num_threads(int(settings["torch_threads"]))
+    dtype = DTYPES[settings.get("dtype", "float32")]
+    if gpu_ids and torch.cuda.is_available():
+        device = torch.device("cuda", int(gpu_ids[0]))
+    else:
+        device = torch.device("cpu")
+    config = _model_config(engine_dir)
+    quant = read_quant_config(engine_dir)
+    state, extras = load_state_dict(engine_dir, dtype)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        missing = [k for k in missing if k != "lm_head.weight"]
+        model.tie_weights()
+    if missing or unexpected:
+        raise ValueError(f"{engine_dir}: checkpoint does not fit {type(model).__name__}: "
+                         f"missing {missing}, unexpected {unexpected}")
+    model.to(device).eval()
+    kv = None
+    if settings.get("emulate_fp8_kv_cache", True) and quant["kv_cache_quant_algo"] == "FP8":
+        kv = _kv_scales(model, extras, config.num_hidden_layers)
+        if kv is not None:
+            kv = ([s.to(device) for s in kv[0]], [s.to(device) for s in kv[1]])
+    hooks = _add_activation_quant(model, extras) if settings.get("emulate_activation_quant", False) else 0
+    eos = _eos_ids(engine_dir, config)
+    pad = getattr(config, "pad_token_id", None)
+    pad = pad if pad is not None else (eos[0] if eos else 0)
+    facts = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "recipe": quant["recipe"],
+             "fp8_kv_cache_emulated": kv is not None, "activation_quant_hooks": hooks, "eos_token_ids": eos}
+    return ReferenceEngine(model, device=device, eos_ids=eos, pad_id=pad,
+                           max_batch_size=settings.get("max_batch_size", 64), kv_scales=kv, facts=facts)
