@@ -8,7 +8,12 @@ rule accuracy:
         dataset=lambda wc: f"results/datasets/{dataset_of(wc.model)}/samples.parquet",
         tokenizer=lambda wc: snapshot_dir(wc.model),
     output:
-        json="results/accuracy/{model}/{recipe}/{backend}/{gpu}/bs{bs}/{layout}/accuracy.json",
+        json=report(
+            "results/accuracy/{model}/{recipe}/{backend}/{gpu}/bs{bs}/{layout}/accuracy.json",
+            caption="../report/accuracy.rst",
+            category="accuracy",
+            subcategory="{model}/{recipe}/{backend}/{gpu}/bs{bs}/{layout}",
+        ),
         txt="results/accuracy/{model}/{recipe}/{backend}/{gpu}/bs{bs}/{layout}/accuracy.txt",
     params:
         reference=lambda wc: as_json(MODELS[wc.model]["accuracy"]["reference"]),
