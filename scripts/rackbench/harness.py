@@ -372,8 +372,18 @@ def run_shard(engine, *, samples_parquet, out_dir, mode: str, shard_index: int, 
         raise HarnessError(f"batch size {batch_size} exceeds the engine's max_batch_size {engine_max}: "
                            f"lower the batch size or rebuild the engine with a larger max_batch_size")
     metadata = dict(metadata or {})
-    requested_shard_mode = shard_mode
     label = f"shard {shard_index}/{num_shards} {mode}"
+    # the workflow passes its wildcards ({model, recipe, backend, gpu, bs, layout}): name them as shard.json does
+    if "gpu" in metadata and "gpu_type" not in metadata:
+        metadata["gpu_type"] = metadata.pop("gpu")
+    if "bs" in metadata:
+        bs = metadata.pop("bs")
+        if str(bs) != str(batch_size):
+            raise HarnessError(f"metadata says batch size {bs!r} but the run uses {batch_size}")
+    gps = metadata.get("gpus_per_shard")
+    if metadata.get("layout") and gps is not None and metadata["layout"] != layout_name(num_shards, gps):
+        raise HarnessError(f"layout {metadata['layout']!r} does not match {num_shards} shards of {gps} GPU(s)")
+    requested_shard_mode = shard_mode
     if mode == "accuracy" and shard_mode != "split":
         log(f"{label}: accuracy runs always split the dataset; ignoring shard_mode={shard_mode!r}")
         shard_mode = "split"
