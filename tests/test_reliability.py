@@ -1,0 +1,155 @@
+"""Reliability through Snakemake: killed steps, retried shards, partial reruns,
+broken quantization, concurrent invocations. Each test works on a private copy
+of one finished demo run (see conftest.demo_run)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import snakemake
+
+pytestmark = pytest.mark.slow
+
+CONFIG_KEY = "tiny-llama/nvfp4/reference/cpu/bs16/2x1"
+
+# One output of each kind of step, and the rule that makes it.
+STEP_OUTPUTS = {
+    "demo_model": "results/demo/source/model",
+    "demo_dataset": "results/demo/source/dataset/SHA256SUMS",
+    "download_model": "results/models/tiny-llama/snapshot",
+    "prepare_dataset": "results/datasets/demo-orca/samples.parquet",
+    "quantize": "results/quantized/tiny-llama/nvfp4/checkpoint",
+    "build_engine": "results/engines/tiny-llama/nvfp4/reference/cpu/engine",
+    "run_shard": f"results/runs/{CONFIG_KEY}/performance/shard0",
+    "accuracy": f"results/accuracy/{CONFIG_KEY}/accuracy.json",
+    "report": "results/report/report.md",
+}
+
+
+def _start(workdir, *args):
+    return subprocess.Popen([sys.executable, "-m", "snakemake", *args], cwd=workdir, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _temp_siblings(path: Path):
+    return list(path.parent.glob(f".{path.name}.tmp-*")) if path.parent.exists() else []
+
+
+def _kill_tree(proc):
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _shard_jsons(workdir, mode="performance"):
+    runs = workdir / "results" / "runs" / CONFIG_KEY / mode
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(runs.glob("shard*/shard.json"))}
+
+
+def _timing_free(report_csv):
+    frame = pd.read_csv(report_csv)
+    timing = [c for c in frame.columns if any(k in c for k in ("per_s", "tokens_s", "_at", "duration", "throughput",
+                                                                "concurrent", "overlap", "cv", "slowest", "time"))]
+    return frame.drop(columns=timing)
+
+
+@pytest.mark.parametrize("rule", list(STEP_OUTPUTS))
+def test_sigkill_mid_step_leaves_nothing_taken_as_done(demo_copy, rule):
+    """SIGKILL Snakemake and the job together while the step is writing; the output
+    must not exist afterwards, and a rerun (after --unlock) completes the workflow."""
+    output = demo_copy / STEP_OUTPUTS[rule]
+    proc = _start(demo_copy, "--cores", "2", "--forcerun", rule, "--until", rule)
+    deadline = time.time() + 300
+    while not _temp_siblings(output):  # the step is mid-way once its temporary output exists
+        assert proc.poll() is None, f"{rule} finished before it could be killed:\n{proc.stdout.read()}"
+        assert time.time() < deadline, f"{rule} never started writing"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    _kill_tree(proc)
+    assert not output.exists(), f"a killed {rule} left {output}"
+
+    snakemake(demo_copy, "--unlock")
+    proc = snakemake(demo_copy, "--cores", "2")
+    assert output.exists()
+    assert json.loads((demo_copy / "results" / "accuracy" / CONFIG_KEY / "accuracy.json").read_text())["valid"]
+
+
+def test_killed_shard_is_retried(demo_copy):
+    """The shard's own process dies (as a node failure would kill it); Snakemake retries it."""
+    proc = _start(demo_copy, "--cores", "2", "--retries", "1", "--forcerun", "run_shard", "--until", "run_shard")
+    output = demo_copy / STEP_OUTPUTS["run_shard"]
+    deadline = time.time() + 300
+    while not _temp_siblings(output):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    harness = subprocess.run(["pgrep", "-f", f"rackbench.harness .*--out {STEP_OUTPUTS['run_shard']}( |$)"],
+                             capture_output=True, text=True).stdout.split()
+    assert harness, "no harness process found for shard0"
+    for pid in harness:
+        os.kill(int(pid), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert "Trying to restart job" in out or "attempt: 2" in out or "retry" in out.lower(), out[-3000:]
+    assert json.loads((output / "shard.json").read_text())["loadgen"]["result"] == "VALID"
+
+
+def test_rerun_redoes_only_missing_shards(demo_copy):
+    before = _shard_jsons(demo_copy)
+    report_before = _timing_free(demo_copy / "results" / "report" / "shards.csv")
+    import shutil
+
+    shutil.rmtree(demo_copy / STEP_OUTPUTS["run_shard"])
+    dry = snakemake(demo_copy, "-n", "--cores", "2").stdout
+    assert "run_shard performance shard 0 " in dry
+    assert "shard 1 " not in dry  # the surviving shard is not rerun
+    assert "quantize" not in dry.split("Job stats:")[1]
+    snakemake(demo_copy, "--cores", "2")
+    after = _shard_jsons(demo_copy)
+    assert after["shard1"] == before["shard1"]  # untouched
+    assert after["shard0"]["output_tokens"] == before["shard0"]["output_tokens"]
+    pd.testing.assert_frame_equal(_timing_free(demo_copy / "results" / "report" / "shards.csv"), report_before)
+
+
+def test_broken_quantization_is_caught_by_the_accuracy_gate(demo_copy):
+    """Corrupt the NVFP4 block scales of the checkpoint; the run must be INVALID and the
+    report must not claim its throughput."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = demo_copy / STEP_OUTPUTS["quantize"]
+    generator = torch.Generator().manual_seed(0)
+    for shard in checkpoint.glob("*.safetensors"):
+        tensors = load_file(shard)
+        for name, tensor in tensors.items():
+            if name.endswith("weight_scale") and tensor.dtype == torch.float8_e4m3fn:
+                noise = torch.rand(tensor.shape, generator=generator) * 8 + 0.05
+                tensors[name] = (tensor.float() * noise).clamp(-448, 448).to(torch.float8_e4m3fn)
+        save_file(tensors, shard, metadata={"format": "pt"})
+    snakemake(demo_copy, "--cores", "2", "--forcerun", "build_engine")
+    accuracy = json.loads((demo_copy / STEP_OUTPUTS["accuracy"]).read_text())
+    assert accuracy["valid"] is False and accuracy["failures"]
+    throughput = pd.read_csv(demo_copy / "results" / "report" / "throughput.csv")
+    assert throughput["status"].tolist() == ["INVALID"]
+    markdown = (demo_copy / "results" / "report" / "report.md").read_text()
+    assert "INVALID" in markdown
+
+
+def test_second_invocation_is_refused_by_the_lock(demo_copy):
+    first = _start(demo_copy, "--cores", "2", "--forcerun", "run_shard")
+    output = demo_copy / STEP_OUTPUTS["run_shard"]
+    deadline = time.time() + 300
+    while not _temp_siblings(output):
+        assert first.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    second = snakemake(demo_copy, "--cores", "2", "--forcerun", "report", check=False)
+    assert second.returncode != 0
+    assert "LockException" in second.stdout + second.stderr or "cannot be locked" in second.stdout + second.stderr
+    out, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, out[-3000:]
+    assert json.loads((demo_copy / STEP_OUTPUTS["accuracy"]).read_text())["valid"]
