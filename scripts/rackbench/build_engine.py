@@ -145,7 +145,7 @@ def mismatches(record: dict, runtime: dict) -> list[str]:
     if record.get("gpu_type") != runtime.get("gpu_type") or \
             format_cc(record.get("compute_capability")) != format_cc(runtime.get("compute_capability")):
         problems.append(
-            f"built for GPU type {_describe(record.get('gpu_type'), format_cc(record.get('compute_capability')))}"
+            f"built for GPU type {_describe(record.get('gpu_type'), 'compute capability ' + str(format_cc(record.get('compute_capability'))))}"
             f" but this node is {_describe(runtime.get('gpu_type'), format_cc(runtime.get('compute_capability')), runtime.get('device_name'))}")
     built, running = record.get("software") or {}, runtime.get("software") or {}
     for name in SOFTWARE:
@@ -164,9 +164,13 @@ def check_compatible(record: dict, runtime: dict, *, engine_dir=None) -> None:
     if problems:
         where = f"engine {engine_dir}" if engine_dir is not None else \
             f"engine {record.get('model')}/{record.get('recipe')}/{record.get('backend')}/{record.get('gpu_type')}"
+        gpu_problem = problems[0].startswith("built for GPU type")
+        advice = (f"run it on a {record.get('gpu_type')} node, or use an engine built for "
+                  f"{runtime.get('gpu_type') or runtime.get('device_name')}; " if gpu_problem else "")
         raise EngineMismatch(
-            f"{where} was " + "; ".join(problems)
-            + ": rebuild it with `snakemake -R build_engine ...` on a node of the right GPU type"
+            f"{where} was " + "; ".join(problems) + ": " + advice
+            + "rebuild it with `snakemake -R build_engine ...`"
+            + (" on such a node" if gpu_problem else " in this software environment")
             + (f" (or delete {engine_dir})" if engine_dir is not None else ""))
 
 
