@@ -1,0 +1,188 @@
+"""Post-training quantization with NVIDIA ModelOpt -> unified HF checkpoint.
+
+``python -m rackbench.quantize --model-dir DIR --calibration PARQUET --recipe {nvfp4,fp8,none}
+--out DIR [--calib-samples N --calib-batch-size B --calib-max-seq-len L --device auto|cpu|cuda]``
+
+Recipes (the configs ``examples/llm_ptq/hf_ptq.py`` builds in NVIDIA/Model-Optimizer,
+``quantize_main`` -> ``mtq.update_quant_cfg_with_kv_cache_quant(quant_cfg,
+getattr(mtq, KV_QUANT_CFG_CHOICES[kv_cache_qformat])["quant_cfg"])``; for a Llama
+``example_utils.build_quant_cfg`` adds nothing, and ``--kv_cache_qformat fp8``
+(not ``fp8_cast``) keeps the data-calibrated KV amax rather than a constant one):
+
+* ``nvfp4``: ``hf_ptq.py --qformat nvfp4 --kv_cache_qformat fp8``
+  = ``NVFP4_DEFAULT_CFG`` + ``FP8_KV_CFG["quant_cfg"]``, algorithm ``max``.
+* ``fp8``:   ``hf_ptq.py --qformat fp8 --kv_cache_qformat fp8``
+  = ``FP8_DEFAULT_CFG`` + ``FP8_KV_CFG["quant_cfg"]``.
+* ``none``:  the model saved as is (same layout, no ``quantization_config``).
+
+The output directory (``export_hf_checkpoint``: ``config.json`` with
+``quantization_config``, ``hf_quant_config.json``, safetensors; plus the tokenizer
+files and ``provenance.json``) appears atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from rackbench.atomic import atomic_path
+from rackbench.provenance import write_provenance
+
+RECIPES = ("nvfp4", "fp8", "none")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+
+
+class QuantizeError(Exception):
+    """Bad input: reported as one line, exit status 2."""
+
+
+def quant_config(recipe: str) -> dict:
+    """The ModelOpt config ``hf_ptq.py --qformat <recipe> --kv_cache_qformat fp8`` uses."""
+    import modelopt.torch.quantization as mtq
+
+    base = {"nvfp4": mtq.NVFP4_DEFAULT_CFG, "fp8": mtq.FP8_DEFAULT_CFG}[recipe]
+    # Returns a deep copy: the library's presets stay untouched.
+    return mtq.update_quant_cfg_with_kv_cache_quant(base, mtq.FP8_KV_CFG["quant_cfg"])
+
+
+def read_calibration(path: Path, num_samples: int, max_seq_len: int) -> list[list[int]]:
+    import pandas as pd
+
+    if not path.is_file():
+        raise QuantizeError(f"calibration set {path} not found")
+    df = pd.read_parquet(path, columns=["tok_input"])
+    ids = [[int(t) for t in row][:max_seq_len] for row in df["tok_input"].head(num_samples)]
+    ids = [row for row in ids if row]
+    if not ids:
+        raise QuantizeError(f"calibration set {path} has no non-empty tok_input rows")
+    return ids
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise QuantizeError("--device cuda but no CUDA device is visible")
+    return device
+
+
+def batches(samples: list[list[int]], batch_size: int, pad_id: int):
+    """Left-padded (input_ids, attention_mask) batches, as hf_ptq's calibration uses."""
+    import torch
+
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i: i + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, seq in enumerate(chunk):
+            ids[row, width - len(seq):] = torch.tensor(seq)
+            mask[row, width - len(seq):] = 1
+        yield ids, mask
+
+
+def quantize_model(model, recipe: str, samples: list[list[int]], batch_size: int, device: str):
+    """Calibrate ``model`` in place with the recipe's ModelOpt config; returns the config."""
+    import modelopt.torch.quantization as mtq
+    import torch
+
+    cfg = quant_config(recipe)
+    pad_id = model.config.pad_token_id
+    pad_id = pad_id if pad_id is not None else (model.config.eos_token_id or 0)
+    if isinstance(pad_id, list):
+        pad_id = pad_id[0]
+
+    def forward_loop(m):
+        with torch.no_grad():
+            for ids, mask in batches(samples, batch_size, pad_id):
+                m(input_ids=ids.to(device), attention_mask=mask.to(device))
+
+    mtq.quantize(model, cfg, forward_loop=forward_loop)
+    return cfg
+
+
+def copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def run(args) -> dict:
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise QuantizeError(f"model dir {model_dir} has no config.json")
+    if args.recipe not in RECIPES:
+        raise QuantizeError(f"unknown recipe {args.recipe!r}; known: {', '.join(RECIPES)}")
+    if args.calib_samples < 1 or args.calib_batch_size < 1 or args.calib_max_seq_len < 1:
+        raise QuantizeError("--calib-samples, --calib-batch-size and --calib-max-seq-len must be >= 1")
+    device = resolve_device(args.device)
+    samples = read_calibration(Path(args.calibration), args.calib_samples, args.calib_max_seq_len) \
+        if args.recipe != "none" else []
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    started = time.time()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device).eval()
+    fragment = {
+        "recipe": args.recipe,
+        "device": device,
+        "model_dir": str(model_dir),
+        "calibration": str(args.calibration),
+        "calib_samples": len(samples),
+        "calib_batch_size": args.calib_batch_size,
+        "calib_max_seq_len": args.calib_max_seq_len,
+        "kv_cache_qformat": "fp8" if args.recipe != "none" else None,
+        "hf_ptq_equivalent": (f"hf_ptq.py --qformat {args.recipe} --kv_cache_qformat fp8"
+                              if args.recipe != "none" else None),
+    }
+    with atomic_path(args.out, directory=True) as tmp:
+        if args.recipe == "none":
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            from modelopt.torch.export import export_hf_checkpoint
+
+            cfg = quantize_model(model, args.recipe, samples, args.calib_batch_size, device)
+            fragment["quant_cfg"] = json.loads(json.dumps(cfg, default=str))
+            with torch.inference_mode():
+                export_hf_checkpoint(model, export_dir=tmp)
+        fragment["tokenizer_files"] = copy_tokenizer(model_dir, tmp)
+        write_provenance(tmp / "provenance.json", step="quantize", config_fragment=fragment)
+    summary = {"recipe": args.recipe, "device": device, "calib_samples": len(samples),
+               "seconds": round(time.time() - started, 2), "out": str(args.out)}
+    print("quantize: " + json.dumps(summary))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rackbench.quantize",
+                                     description="ModelOpt PTQ (nvfp4 / fp8 + FP8 KV cache) -> HF checkpoint")
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--calibration", required=True, help="calibration.parquet (tok_input column)")
+    parser.add_argument("--recipe", required=True, help="nvfp4, fp8 or none")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--calib-samples", type=int, default=512)
+    parser.add_argument("--calib-batch-size", type=int, default=4)
+    parser.add_argument("--calib-max-seq-len", type=int, default=512)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except QuantizeError as exc:
+        print(f"quantize: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
