@@ -224,7 +224,7 @@ def compile_model(args, successors: dict[int, int]):
         intermediate_size=args.intermediate_size, num_hidden_layers=args.num_layers,
         num_attention_heads=args.num_heads, num_key_value_heads=args.num_kv_heads,
         max_position_embeddings=2048, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS,
-        tie_word_embeddings=False, torch_dtype="float32",
+        tie_word_embeddings=False, dtype="float32",
     )
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
