@@ -20,9 +20,10 @@ Other settings: ``dtype`` (float32 | bfloat16 | float16; default float32),
 ``max_batch_size`` (default 64), ``torch_threads``.
 
 ``Engine.generate`` decodes greedily in batches of at most ``max_batch_size``
-(prompts sorted by length, left padding + attention mask, KV cache, finished
-sequences dropped from the batch), and gives the same tokens as decoding each
-prompt alone.
+(prompts sorted by length and prefilled in groups of similar length, left padding +
+attention mask, a preallocated KV cache, finished sequences dropped from the batch,
+and on CPU a matmul attention for the one-token decode steps), and gives the same
+tokens as decoding each prompt alone with transformers' ``generate``.
 """
 
 from __future__ import annotations
