@@ -15,6 +15,7 @@ import pytest
 
 from slurm.fixtures import slurm_cluster  # noqa: F401  (the session fixture)
 from slurm.helpers import (
+    REPO,
     comment_of,
     copy_tiny,
     run_snakemake,
@@ -161,3 +162,66 @@ def test_sacct_reports_scancel_as_cancelled_by_uid(slurm_cluster, tmp_path):  # 
     via_squeue, _ = asyncio.run(query_job_status(query_job_status_squeue(name), log))
     assert via_squeue[jobid] == "CANCELLED"
     assert via_sacct[jobid].startswith("CANCELLED by "), via_sacct
+
+
+# ---------------------------------------------------------------- the demo workflow
+
+DEMO_TIMEOUT = 1500
+DEMO_ARGS = ["-s", str(REPO / "Snakefile"), "--configfile", str(REPO / "config.yaml"),
+             str(REPO / "tests" / "slurm" / "demo-gb300.yaml")]
+CFG = "tiny-llama/nvfp4/reference/gb300/bs16/4x1"
+GPU_RULES = {"build_engine", "run_shard"}
+
+
+@pytest.fixture(scope="module")
+def demo_run(slurm_cluster, tmp_path_factory):  # noqa: F811
+    wd = tmp_path_factory.mktemp("slurm-demo")
+    p = run_snakemake(DEMO_ARGS, cwd=wd, timeout=DEMO_TIMEOUT)
+    assert p.returncode == 0, tail(p)
+    return wd, p
+
+
+def test_demo_gpu_jobs_are_slurm_jobs_with_their_gpu_requests(demo_run):
+    wd, p = demo_run
+    calls = sbatch_calls(p)
+    by_rule = {}
+    for c in calls:
+        rule = comment_of(c)[len("rule_"):].split("_wildcards_")[0]
+        by_rule.setdefault(rule, []).append(c)
+    assert "download_model" not in by_rule and "report" not in by_rule  # localrules
+    assert len(by_rule["run_shard"]) == 8  # 4 performance + 4 accuracy shards
+    assert len(by_rule["build_engine"]) == 1
+    for rule, cs in by_rule.items():
+        for c in cs:
+            if rule == "run_shard":
+                assert "--gpus=gb300:1" in c and "--cpus-per-gpu=1" in c and "--mem 2000" in c, c
+                assert "-t 20" in c, c
+            elif rule in GPU_RULES:
+                assert "--gpus=gb300:" in c and "--cpus-per-gpu=" in c, c
+            else:
+                assert "--gpus" not in c and "--cpus-per-gpu" not in c, c
+            assert "--ntasks-per-gpu" not in c, c
+    jobs = sacct(slurm_run_id(p))
+    assert len(jobs) == len(calls)
+    assert all(j["State"] == "COMPLETED" for j in jobs), jobs
+    for j in jobs:
+        if j["Comment"].startswith("rule_run_shard_"):
+            assert "gres/gpu:gb300=1" in j["AllocTRES"], j
+    # each shard's record names its own Slurm job, whose kept log is there
+    shard_jobs = {j["JobIDRaw"] for j in jobs if j["Comment"].startswith("rule_run_shard_")}
+    recs = [json.loads(f.read_text()) for f in wd.glob(f"results/runs/{CFG}/*/shard*/shard.json")]
+    assert len(recs) == 8
+    assert {str(r["slurm_job_id"]) for r in recs} == shard_jobs
+    logs = {f.stem for f in (wd / ".snakemake" / "slurm_logs" / "rule_run_shard").rglob("*.log")}
+    assert shard_jobs <= logs
+
+
+def test_demo_shards_ran_at_once_each_with_its_own_gpu(demo_run):
+    wd, _ = demo_run
+    for mode in ("performance", "accuracy"):
+        recs = [json.loads(f.read_text())
+                for f in sorted(wd.glob(f"results/runs/{CFG}/{mode}/shard*/shard.json"))]
+        assert len(recs) == 4
+        assert_concurrent([(r["started_at"], r["finished_at"]) for r in recs])
+        assert sorted(r["cuda_visible_devices"] for r in recs) == ["0", "1", "2", "3"]
+        assert all(r["gpu_type"] == "gb300" for r in recs)
