@@ -4,6 +4,7 @@ of one finished demo run (see conftest.demo_run)."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,22 +62,31 @@ def _timing_free(report_csv):
 
 @pytest.mark.parametrize("rule", list(STEP_OUTPUTS))
 def test_sigkill_mid_step_leaves_nothing_taken_as_done(demo_copy, rule):
-    """SIGKILL Snakemake and the job together while the step is writing; the output
-    must not exist afterwards, and a rerun (after --unlock) completes the workflow."""
+    """SIGKILL Snakemake and the job together while the step is writing its output.
+
+    Outputs are renamed into place only when complete, so the output is either
+    absent or whole; if the kill came after the rename but before Snakemake's
+    bookkeeping, Snakemake's own metadata still marks it incomplete. Either way
+    the next run must redo the step, never take it as done."""
     output = demo_copy / STEP_OUTPUTS[rule]
-    proc = _start(demo_copy, "--cores", "2", "--forcerun", rule, "--until", rule)
+    shutil.rmtree(output) if output.is_dir() else output.unlink()  # the step must make it afresh
+    proc = _start(demo_copy, "--cores", "2", "--until", rule)
     deadline = time.time() + 300
     while not _temp_siblings(output):  # the step is mid-way once its temporary output exists
         assert proc.poll() is None, f"{rule} finished before it could be killed:\n{proc.stdout.read()}"
         assert time.time() < deadline, f"{rule} never started writing"
-        time.sleep(0.05)
-    time.sleep(0.3)
+        time.sleep(0.02)
     _kill_tree(proc)
-    assert not output.exists(), f"a killed {rule} left {output}"
 
     snakemake(demo_copy, "--unlock")
-    proc = snakemake(demo_copy, "--cores", "2")
-    assert output.exists()
+    plan = snakemake(demo_copy, "-n", "--cores", "2", STEP_OUTPUTS[rule], check=False)
+    planned_again = plan.returncode == 0 and f"rule {rule}:" in plan.stdout or f": {rule} " in plan.stdout
+    flagged_incomplete = "IncompleteFilesException" in plan.stdout + plan.stderr and STEP_OUTPUTS[rule] in plan.stdout + plan.stderr
+    assert planned_again or flagged_incomplete, plan.stdout[-3000:] + plan.stderr[-3000:]
+
+    snakemake(demo_copy, "--cores", "2", "--rerun-incomplete", STEP_OUTPUTS[rule])
+    assert output.exists() and not _temp_siblings(output)
+    snakemake(demo_copy, "--cores", "2")  # and everything downstream of the redone step
     assert json.loads((demo_copy / "results" / "accuracy" / CONFIG_KEY / "accuracy.json").read_text())["valid"]
 
 
@@ -102,8 +112,6 @@ def test_killed_shard_is_retried(demo_copy):
 def test_rerun_redoes_only_missing_shards(demo_copy):
     before = _shard_jsons(demo_copy)
     report_before = _timing_free(demo_copy / "results" / "report" / "shards.csv")
-    import shutil
-
     shutil.rmtree(demo_copy / STEP_OUTPUTS["run_shard"])
     dry = snakemake(demo_copy, "-n", "--cores", "2").stdout
     assert "run_shard performance shard 0 " in dry

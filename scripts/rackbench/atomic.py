@@ -27,8 +27,19 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def _remove_stale_temporaries(final: Path) -> None:
+    """Leftovers of an earlier attempt that was killed before its rename.
+
+    Only one job writes a given output at a time (Snakemake's lock and DAG
+    ensure that), so any temporary sibling found now is dead.
+    """
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
 def _tmp_sibling(final: Path, kind: str) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(final)
     if kind == "dir":
         return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
