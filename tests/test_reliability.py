@@ -32,15 +32,40 @@ STEP_OUTPUTS = {
     "accuracy": f"results/accuracy/{CONFIG_KEY}/accuracy.json",
     "report": "results/report/report.md",
 }
+# The module each step's job runs.
+STEP_MODULE = {"demo_model": "rackbench.demo model", "demo_dataset": "rackbench.demo dataset",
+               "download_model": "rackbench.download", "prepare_dataset": "rackbench.dataset",
+               "quantize": "rackbench.quantize", "build_engine": "rackbench.build_engine",
+               "run_shard": "rackbench.harness", "accuracy": "rackbench.accuracy", "report": "rackbench.report"}
+# Fault injection (rackbench.atomic): every finished output waits this long
+# before its rename, so a kill can land in the last moment of a step.
+FAULT_PAUSE = {"RACKBENCH_FAULT_PAUSE_BEFORE_RENAME_S": "30"}
+# Where a step writes atomically, when that is not its declared output itself
+# (the demo dataset step writes its whole folder at once; the report writes its
+# figures first and report.md last).
+WRITTEN_AT = {"demo_dataset": "results/demo/source/dataset", "report": "results/report/shard_throughput.pdf"}
 
 
-def _start(workdir, *args):
+def _start(workdir, *args, env=None):
     return subprocess.Popen([sys.executable, "-m", "snakemake", *args], cwd=workdir, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, **(env or {})})
 
 
 def _temp_siblings(path: Path):
     return list(path.parent.glob(f".{path.name}.tmp-*")) if path.parent.exists() else []
+
+
+def _job_pids(module, workdir):
+    """PIDs of a step's job process (``python -m <module> ...``) running in ``workdir``."""
+    found = []
+    for pid in subprocess.run(["pgrep", "-f", f"python.* -m {module}"], capture_output=True, text=True).stdout.split():
+        try:
+            if os.readlink(f"/proc/{pid}/cwd") == str(workdir):
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
 
 
 def _kill_tree(proc):
@@ -53,30 +78,36 @@ def _shard_jsons(workdir, mode="performance"):
     return {p.parent.name: json.loads(p.read_text()) for p in sorted(runs.glob("shard*/shard.json"))}
 
 
+TIMING_COLUMNS = ["loadgen_tokens_per_second", "loadgen_samples_per_second", "loadgen_duration_s", "tokens_per_s",
+                  "tokens_per_s_per_gpu", "measured_tokens_per_s", "started_at", "finished_at", "last_completion",
+                  "wall_s", "overlap_fraction", "overlaps_all"]
+
+
 def _timing_free(report_csv):
+    """The per-shard table without its timing columns (those legitimately differ run to run)."""
     frame = pd.read_csv(report_csv)
-    timing = [c for c in frame.columns if any(k in c for k in ("per_s", "tokens_s", "_at", "duration", "throughput",
-                                                                "concurrent", "overlap", "cv", "slowest", "time"))]
-    return frame.drop(columns=timing)
+    assert set(TIMING_COLUMNS) <= set(frame.columns)
+    return frame.drop(columns=TIMING_COLUMNS)
 
 
 @pytest.mark.parametrize("rule", list(STEP_OUTPUTS))
 def test_sigkill_mid_step_leaves_nothing_taken_as_done(demo_copy, rule):
-    """SIGKILL Snakemake and the job together while the step is writing its output.
-
-    Outputs are renamed into place only when complete, so the output is either
-    absent or whole; if the kill came after the rename but before Snakemake's
-    bookkeeping, Snakemake's own metadata still marks it incomplete. Either way
-    the next run must redo the step, never take it as done."""
-    output = demo_copy / STEP_OUTPUTS[rule]
-    shutil.rmtree(output) if output.is_dir() else output.unlink()  # the step must make it afresh
-    proc = _start(demo_copy, "--cores", "2", "--until", rule)
+    """SIGKILL Snakemake and the job together in the last moment of a step: its
+    output fully written to the temporary path, not yet renamed. Nothing may be at
+    the output path, and the next run must redo the step, never take it as done."""
+    output = demo_copy / WRITTEN_AT.get(rule, STEP_OUTPUTS[rule])
+    for path in {output, demo_copy / STEP_OUTPUTS[rule]}:  # the step must make them afresh
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    proc = _start(demo_copy, "--cores", "2", STEP_OUTPUTS[rule], env=FAULT_PAUSE)
     deadline = time.time() + 300
-    while not _temp_siblings(output):  # the step is mid-way once its temporary output exists
+    while not _temp_siblings(output) or not _job_pids(STEP_MODULE[rule], demo_copy):
         assert proc.poll() is None, f"{rule} finished before it could be killed:\n{proc.stdout.read()}"
         assert time.time() < deadline, f"{rule} never started writing"
-        time.sleep(0.02)
+        time.sleep(0.05)
+    time.sleep(1.0)  # into the writing phase; the injected pause holds the rename back
+    assert _job_pids(STEP_MODULE[rule], demo_copy), f"{rule}'s job was no longer running when killed"
     _kill_tree(proc)
+    assert not (demo_copy / STEP_OUTPUTS[rule]).exists(), f"a killed {rule} left its output"
 
     snakemake(demo_copy, "--unlock")
     plan = snakemake(demo_copy, "-n", "--cores", "2", STEP_OUTPUTS[rule], check=False)
@@ -110,9 +141,11 @@ def test_killed_shard_is_retried(demo_copy):
 
 
 def test_rerun_redoes_only_missing_shards(demo_copy):
+    """As after a run whose shard 0 failed: that shard and the report are missing."""
     before = _shard_jsons(demo_copy)
     report_before = _timing_free(demo_copy / "results" / "report" / "shards.csv")
     shutil.rmtree(demo_copy / STEP_OUTPUTS["run_shard"])
+    shutil.rmtree(demo_copy / "results" / "report")
     dry = snakemake(demo_copy, "-n", "--cores", "2").stdout
     assert "run_shard performance shard 0 " in dry
     assert "shard 1 " not in dry  # the surviving shard is not rerun
@@ -148,16 +181,21 @@ def test_broken_quantization_is_caught_by_the_accuracy_gate(demo_copy):
     assert "INVALID" in markdown
 
 
-def test_second_invocation_is_refused_by_the_lock(demo_copy):
+def test_second_invocation_is_refused(demo_copy):
     first = _start(demo_copy, "--cores", "2", "--forcerun", "run_shard")
     output = demo_copy / STEP_OUTPUTS["run_shard"]
     deadline = time.time() + 300
     while not _temp_siblings(output):
         assert first.poll() is None and time.time() < deadline
         time.sleep(0.05)
-    second = snakemake(demo_copy, "--cores", "2", "--forcerun", "report", check=False)
+    # the same command again: the first run's shards in flight are incomplete, so it refuses
+    second = snakemake(demo_copy, "--cores", "2", "--forcerun", "run_shard", check=False)
     assert second.returncode != 0
-    assert "LockException" in second.stdout + second.stderr or "cannot be locked" in second.stdout + second.stderr
+    assert "IncompleteFilesException" in second.stdout + second.stderr
+    # and with --rerun-incomplete, as that message suggests, Snakemake's lock refuses it
+    third = snakemake(demo_copy, "--cores", "2", "--forcerun", "run_shard", "--rerun-incomplete", check=False)
+    assert third.returncode != 0
+    assert "LockException" in third.stdout + third.stderr
     out, _ = first.communicate(timeout=600)
     assert first.returncode == 0, out[-3000:]
     assert json.loads((demo_copy / STEP_OUTPUTS["accuracy"]).read_text())["valid"]

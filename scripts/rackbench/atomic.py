@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -61,6 +62,7 @@ def atomic_path(final: str | os.PathLike, *, directory: bool = False) -> Iterato
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         raise
+    _fault_injection_pause()
     if directory:
         os.chmod(tmp, 0o755)
         if final.exists():
@@ -73,6 +75,14 @@ def atomic_path(final: str | os.PathLike, *, directory: bool = False) -> Iterato
     else:
         os.chmod(tmp, 0o644)
         os.replace(tmp, final)
+
+
+def _fault_injection_pause() -> None:
+    # Fault injection for the reliability tests: hold a finished output just
+    # before its rename, the last moment a kill can strike. Unset in real runs.
+    pause = os.environ.get("RACKBENCH_FAULT_PAUSE_BEFORE_RENAME_S")
+    if pause:
+        time.sleep(float(pause))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
