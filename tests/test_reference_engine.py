@@ -239,3 +239,20 @@ def test_generate_edge_cases(tiny_checkpoints):
     with pytest.raises(ValueError, match="empty"):
         engine.generate([[1], []], 3)
     engine.close()
+
+
+def test_shard_with_several_gpus_runs_one_replica_per_gpu(tiny_checkpoints):
+    """A 2-GPU shard gets a pool of two reference replicas (CPU here; one GPU each on
+    CUDA nodes) whose outputs equal a single engine's, in order."""
+    from rackbench.engines.replicas import ReplicaPool
+
+    settings = {"max_batch_size": 4, "torch_threads": 1}
+    ps = prompts(10, seed=5)
+    single = reference.load(tiny_checkpoints["engine-nvfp4"], record={}, gpu_ids=[], settings=settings)
+    pool = reference.load(tiny_checkpoints["engine-nvfp4"], record={}, gpu_ids=[0, 1], settings=settings)
+    try:
+        assert isinstance(pool, ReplicaPool) and pool.num_replicas == 2
+        assert pool.max_batch_size == 8
+        assert pool.generate(ps, 12) == single.generate(ps, 12)
+    finally:
+        pool.close()

@@ -522,6 +522,13 @@ def _kv_scales(model, extras, num_layers):
 
 
 def load(engine_dir, *, record, gpu_ids, settings) -> ReferenceEngine:
+    """One engine per GPU: a shard with several GPUs runs one replica on each,
+    behind its one LoadGen (rackbench.engines.replicas)."""
+    if gpu_ids is not None and len(gpu_ids) > 1:
+        from rackbench.engines.replicas import ReplicaPool
+
+        return ReplicaPool(__name__, engine_dir, record=record, settings=settings, gpu_ids=gpu_ids,
+                           gpus_per_replica=1)
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
