@@ -102,10 +102,18 @@ def test_snakemake_report_renders_figures_in_chromium(tmp_path):
 
     targets = [f"results/report/{f}.{e}" for f in ("shard_throughput", "shard_timeline", "records", "efficiency")
                for e in ("png", "svg")]
+    assert_figures_render(tmp_path / "results" / "report.html", targets, tmp_path)
+
+
+def assert_figures_render(html_file: Path, targets: list[str], workdir: Path) -> None:
+    """Open a Snakemake HTML report in headless Chromium, show each target figure
+    and check that exactly one image rendered for it (PNGs at their file's size)."""
+    html = html_file.read_text()
     i = html.rfind("</body>")
-    probe = tmp_path / "probe.html"
+    probe = workdir / "probe.html"
     probe.write_text(html[:i] + PROBE.replace("TARGETS", json.dumps(targets)) + html[i + len("</body>"):])
     proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                           "--disable-background-networking", "--disable-component-update", "--no-first-run",
                            "--virtual-time-budget=60000", "--dump-dom", probe.as_uri()],
                           capture_output=True, text=True, timeout=300)
     match = re.search(r'<pre id="rb-result">([^<]*)</pre>', proc.stdout)
@@ -118,4 +126,4 @@ def test_snakemake_report_renders_figures_in_chromium(tmp_path):
         images = [m for m in entry["media"] if m["complete"] and m["w"] > 0 and m["h"] > 0]
         assert len(images) == 1, (name, entry)
         if name.endswith(".png"):          # Chromium decoded the very PNG we wrote
-            assert (images[0]["w"], images[0]["h"]) == Image.open(tmp_path / name).size
+            assert (images[0]["w"], images[0]["h"]) == Image.open(workdir / name).size
