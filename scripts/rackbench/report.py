@@ -609,11 +609,15 @@ def build_report(shard_dirs, accuracy_files, gpu_types: dict, models: dict, out_
     return {"configs": configs, "shards": shards, "provenance": prov}
 
 
+def _is_json_file(value: str | None) -> bool:
+    """A JSON argument names a file (inline JSON can be longer than a path may be)."""
+    return bool(value) and not value.lstrip().startswith(("{", "[")) and Path(value).is_file()
+
+
 def _load_json_arg(value: str | None) -> dict:
     if not value:
         return {}
-    path = Path(value)
-    return json.loads(path.read_text()) if path.exists() else json.loads(value)
+    return json.loads(Path(value).read_text()) if _is_json_file(value) else json.loads(value)
 
 
 def main(argv=None) -> int:
@@ -626,7 +630,7 @@ def main(argv=None) -> int:
     parser.add_argument("--min-overlap", type=float, default=0.9,
                         help="fraction of a shard's run time all others must share (default 0.9)")
     args = parser.parse_args(argv)
-    sources = tuple(v if v and Path(v).exists() else f"{flag} (inline)"
+    sources = tuple(v if _is_json_file(v) else f"{flag} (inline)"
                     for v, flag in ((args.gpu_types_json, "--gpu-types-json"), (args.models_json, "--models-json")))
     result = build_report(args.shard_dirs, args.accuracy, _load_json_arg(args.gpu_types_json),
                           _load_json_arg(args.models_json), args.out, min_overlap=args.min_overlap,
