@@ -199,7 +199,7 @@ def test_fake_gpu_build_and_open(checkpoint, tmp_path, monkeypatch):
     record = build(checkpoint, out, gpu_type="GB300", gpu_spec=GPU_TYPES["GB300"])
     assert record["gpu_type"] == "GB300" and record["compute_capability"] == "10.3" and record["fake_gpu"] is True
     assert record["built_on"]["gpu_type"] == "GB300"
-    engine = be.open_engine(out, gpu_ids=[0, 1], settings={"torch_threads": 1}, gpu_types=GPU_TYPES)
+    engine = be.open_engine(out, gpu_ids=[0], settings={"torch_threads": 1}, gpu_types=GPU_TYPES)
     assert engine.facts["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
     assert len(engine.generate([[1, 2, 3]], 2)) == 1
     monkeypatch.delenv(be.FAKE_GPU_ENV)
