@@ -377,6 +377,12 @@ class ReferenceEngine:
         self._layers = model.config.num_hidden_layers
         self.facts = facts or {}
         self._eos = torch.tensor(self.eos_ids or [-1], device=device)
+        self._llama = type(model).__name__ == "LlamaForCausalLM"  # the hand-written decode loop below
+        self._kv_buf = None
+        if self._llama:
+            attn = model.model.layers[0].self_attn
+            self._heads = (model.config.num_attention_heads, model.config.num_key_value_heads,
+                           attn.head_dim, attn.scaling)
 
     def _new_cache(self, reserve: int = 0):
         from transformers.cache_utils import Cache
@@ -393,9 +399,10 @@ class ReferenceEngine:
         if max_new_tokens <= 0:
             return [[] for _ in prompts]
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        batch_fn = self._generate_batch_llama if self._llama else self._generate_batch
         for start in range(0, len(order), self.max_batch_size):
             chunk = order[start:start + self.max_batch_size]
-            for i, ids in zip(chunk, self._generate_batch([prompts[i] for i in chunk], max_new_tokens)):
+            for i, ids in zip(chunk, batch_fn([prompts[i] for i in chunk], max_new_tokens)):
                 out[i] = ids
         return out
 
@@ -470,6 +477,150 @@ class ReferenceEngine:
             next_pos = next_pos + 1
         return generated
 
+    # ---- the Llama path: the model's own modules called directly, one ragged batch
+
+    def _kv_buffers(self, rows: int, capacity: int) -> tuple[list, list]:
+        """Per-layer K and V storage [rows, kv heads, capacity, head dim], kept between
+        calls (a fresh multi-MB tensor per batch costs page faults on CPU). Zeroed when
+        allocated, afterwards only ever holding K/V values this engine computed, so the
+        masked positions a decode step reads are finite."""
+        hq, hkv, d, _ = self._heads
+        body = self.model.model
+        dtype = body.embed_tokens.weight.dtype
+        buf = self._kv_buf
+        if buf is None or buf[0][0].shape[0] < rows or buf[0][0].shape[2] < capacity:
+            size = (rows, capacity) if buf is None else \
+                (max(rows, buf[0][0].shape[0]), max(capacity, buf[0][0].shape[2]))
+            self._kv_buf = buf = None  # free the old storage before the new is allocated
+            buf = tuple([torch.zeros((size[0], hkv, size[1], d), dtype=dtype, device=self.device)
+                         for _ in body.layers] for _ in range(2))
+            self._kv_buf = buf
+        return [k[:rows, :, :capacity] for k in buf[0]], [v[:rows, :, :capacity] for v in buf[1]]
+
+    def _prefill_llama(self, prompts: list[list[int]], K: list, V: list, row0: int) -> torch.Tensor:
+        """Right-padded prefill of prompts of similar length (longest first) into cache rows
+        ``row0..``, positions ``0..len-1`` (what lies beyond a prompt's length is never
+        attended to). The last layer runs its query, attention output and MLP for each
+        prompt's last token only: only its K and V are needed for the other tokens.
+        Returns the last tokens' logits."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+        body, dev = self.model.model, self.device
+        g, width = len(prompts), len(prompts[0])
+        hq, hkv, d, scale = self._heads
+        ids = torch.full((g, width), self.pad_id, dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, :len(p)] = torch.tensor(p)
+        ids = ids.to(dev)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
+        rows = torch.arange(g, device=dev)
+        pos = torch.arange(width, device=dev).unsqueeze(0).expand(g, width)
+        h = body.embed_tokens(ids)
+        cos, sin = body.rotary_emb(h, pos)  # [g, width, d]
+        ks, vs = self._kv_scales or (None, None)
+        n_layers = len(body.layers)
+        for li, layer in enumerate(body.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            k = attn.k_proj(x).view(g, width, hkv, d).transpose(1, 2)
+            v = attn.v_proj(x).view(g, width, hkv, d).transpose(1, 2)
+            if li < n_layers - 1:
+                q = attn.q_proj(x).view(g, width, hq, d).transpose(1, 2)
+                q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            else:
+                q = attn.q_proj(x[rows, last]).view(g, hq, 1, d)
+                q, _ = apply_rotary_pos_emb(q, q, cos[rows, last].unsqueeze(1), sin[rows, last].unsqueeze(1))
+                k, _ = apply_rotary_pos_emb(k, k, cos, sin)
+            if ks is not None:
+                k, v = nvfp4.fake_quantize_fp8(k, ks[li]), nvfp4.fake_quantize_fp8(v, vs[li])
+            K[li][row0:row0 + g, :, :width] = k
+            V[li][row0:row0 + g, :, :width] = v
+            if li < n_layers - 1:
+                o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                                     enable_gqa=hq != hkv)
+                h = h + attn.o_proj(o.transpose(1, 2).reshape(g, width, hq * d))
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
+            else:
+                mask = (torch.arange(width, device=dev).unsqueeze(0) <= last.unsqueeze(1))[:, None, None, :]
+                o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                                     enable_gqa=hq != hkv)
+                h = h[rows, last] + attn.o_proj(o.reshape(g, hq * d))
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.model.lm_head(body.norm(h))
+
+    @torch.inference_mode()
+    def _generate_batch_llama(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy decoding of one batch (prompts longest first) with a ragged KV cache: row i
+        holds its own positions 0..len_i+step, so no left padding; decode attention is two
+        matmuls and a softmax under a per-row length mask. Finished rows are dropped from
+        the cache only once a quarter of them are done (each drop copies the cache)."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+        body, dev = self.model.model, self.device
+        hq, hkv, d, scale = self._heads
+        n, lengths = len(prompts), [len(p) for p in prompts]
+        capacity = lengths[0] + max_new_tokens
+        K, V = self._kv_buffers(n, capacity)
+        groups = self._prefill_groups(lengths)
+        logits = [self._prefill_llama(prompts[grp[0]:grp[-1] + 1], K, V, grp[0]) for grp in groups]
+        logits = torch.cat(logits) if len(logits) > 1 else logits[0]
+        ks, vs = self._kv_scales or (None, None)
+        eos = set(self.eos_ids)
+        orig = list(range(n))            # cache row -> prompt
+        live = [True] * n
+        pos = torch.tensor(lengths, device=dev)  # where each row's next token goes
+        longest = lengths[0]
+        positions = torch.arange(capacity, device=dev)
+        generated = [[] for _ in range(n)]
+        for step in range(max_new_tokens):
+            tokens = logits.argmax(-1)
+            for row, tok in enumerate(tokens.tolist()):
+                if live[row]:
+                    if tok in eos:
+                        live[row] = False
+                    else:
+                        generated[orig[row]].append(tok)
+            if step == max_new_tokens - 1:
+                break
+            alive = sum(live)
+            if alive == 0:
+                break
+            if alive <= len(live) * 3 // 4:
+                keep = [r for r, a in enumerate(live) if a]
+                idx, b, used = torch.tensor(keep, device=dev), len(keep), longest + 1
+                for buf in K + V:  # in place: the kept rows move to the front
+                    buf[:b, :, :used] = buf[idx, :, :used]
+                K, V = [k[:b] for k in K], [v[:b] for v in V]
+                tokens, pos = tokens[idx], pos[idx]
+                orig, live = [orig[r] for r in keep], [True] * len(keep)
+                longest = max(lengths[r] for r in orig) + step
+            b, span = len(live), longest + 1
+            rows = torch.arange(b, device=dev)
+            bias = torch.zeros((b, span), dtype=torch.float32, device=dev)
+            bias.masked_fill_(positions[:span].unsqueeze(0) > pos.unsqueeze(1), float("-inf"))
+            bias = bias[:, None, None, :]
+            h = body.embed_tokens(tokens)
+            cos, sin = body.rotary_emb(h, pos.unsqueeze(1))  # [b, 1, d]
+            for li, layer in enumerate(body.layers):
+                attn = layer.self_attn
+                x = layer.input_layernorm(h)
+                q = attn.q_proj(x).view(b, hkv, hq // hkv, d)
+                k = attn.k_proj(x).view(b, hkv, 1, d)
+                v = attn.v_proj(x).view(b, hkv, d)
+                q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+                k = k.squeeze(2)
+                if ks is not None:
+                    k, v = nvfp4.fake_quantize_fp8(k, ks[li]), nvfp4.fake_quantize_fp8(v, vs[li])
+                K[li][rows, :, pos] = k
+                V[li][rows, :, pos] = v
+                scores = torch.matmul(q, K[li][:, :, :span].transpose(-1, -2)) * scale + bias
+                probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+                o = torch.matmul(probs, V[li][:, :, :span]).reshape(b, hq * d)
+                h = h + attn.o_proj(o)
+                h = h + layer.mlp(layer.post_attention_layernorm(h))
+            logits = self.model.lm_head(body.norm(h))
+            pos = pos + 1
+            longest += 1  # the longest row's position (dead rows included)
+        return generated
+
     @torch.inference_mode()
     def logits(self, prompt: Sequence[int]) -> torch.Tensor:
         """Full-sequence logits of one prompt (float32, CPU): for accuracy checks."""
@@ -478,6 +629,7 @@ class ReferenceEngine:
 
     def close(self) -> None:
         self.model = None
+        self._kv_buf = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
