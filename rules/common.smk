@@ -164,6 +164,19 @@ def engine_container(wildcards):
     return None
 
 
+def engine_base_model(wildcards):
+    """TensorRT-LLM's engine-build mode re-exports from the base model (with the
+    saved ModelOpt state), so its builds read the downloaded snapshot too."""
+    return [snapshot_dir(wildcards.model)] if wildcards.backend == "tensorrt-llm" else []
+
+
+def engine_settings(wildcards, input):
+    settings = dict(config["engines"][wildcards.backend])
+    if input.base_model:
+        settings["base_model_dir"] = input.base_model[0]
+    return settings
+
+
 def placement(wildcards, count):
     """Where a job runs, for its dry-run message: GPU request and container."""
     spec = GPU_TYPES[wildcards.gpu]

@@ -6,11 +6,12 @@
 rule build_engine:
     input:
         checkpoint="results/quantized/{model}/{recipe}/checkpoint",
+        base_model=engine_base_model,
     output:
         directory("results/engines/{model}/{recipe}/{backend}/{gpu}/engine"),
     params:
         gpu_spec=lambda wc: as_json(GPU_TYPES[wc.gpu]),
-        settings=lambda wc: as_json(config["engines"][wc.backend]),
+        settings=lambda wc, input: as_json(engine_settings(wc, input)),
         placement=lambda wc: placement(wc, engine_gpus(wc)),
     message:
         "build_engine {wildcards.backend} engine of {wildcards.model}/{wildcards.recipe} for {wildcards.gpu}:"

@@ -213,3 +213,29 @@ def test_nvfp4_fake_quant_on_cpu_keeps_accuracy(assets, reference, checkpoints):
     exported = dequantize(tensors(checkpoints["nvfp4"]))["model.layers.0.mlp.down_proj.weight"]
     # (equal up to float rounding: the product of the two scales is formed in another order)
     torch.testing.assert_close(fq, exported, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("recipe", ["nvfp4", "fp8"])
+def test_modelopt_state_restores_the_calibrated_quantizers(assets, checkpoints, recipe):
+    """The TensorRT-engine path rebuilds the quantized module from the base model and
+    modelopt_state.pth (export_tensorrt_llm_checkpoint needs the module, not HF files)."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+    from transformers import LlamaForCausalLM
+
+    state = checkpoints[recipe] / quantize.MODELOPT_STATE
+    assert state.is_file()
+    assert state.stat().st_size < 1_000_000  # quantizer state only, no weights
+    restored = quantize.restore_modelopt_state(LlamaForCausalLM.from_pretrained(assets["model"]), state)
+    calibrated = LlamaForCausalLM.from_pretrained(assets["model"])
+    calib = pq.read_table(assets["calibration"]).column("tok_input").to_pylist()
+    quantize.quantize_model(calibrated, recipe, calib, 4, "cpu")
+
+    def amaxes(model):
+        return {name: m.amax.clone() for name, m in model.named_modules()
+                if isinstance(m, TensorQuantizer) and getattr(m, "amax", None) is not None}
+
+    want, got = amaxes(calibrated), amaxes(restored)
+    assert want and sorted(got) == sorted(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], msg=name)
+    assert quantize.MODELOPT_STATE not in [p.name for p in checkpoints["none"].iterdir()]

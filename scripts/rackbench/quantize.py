@@ -108,6 +108,35 @@ def quantize_model(model, recipe: str, samples: list[list[int]], batch_size: int
     return cfg
 
 
+MODELOPT_STATE = "modelopt_state.pth"
+
+
+def save_modelopt_state(model, path: Path) -> None:
+    """The calibrated quantizers without the weights: ModelOpt's state plus the
+    quantizers' own state dict (amax and friends). TensorRT-LLM's engine-build mode
+    (``export_tensorrt_llm_checkpoint``) needs the quantized torch module; it is
+    rebuilt from the base model with ``restore_modelopt_state``. Small even for 70B.
+    """
+    import modelopt.torch.opt as mto
+    import torch
+    from modelopt.torch.quantization.utils.core_utils import get_quantizer_state_dict
+
+    torch.save({"modelopt_state": mto.modelopt_state(model),
+                "quantizer_state_dict": get_quantizer_state_dict(model)}, path)
+
+
+def restore_modelopt_state(model, path: Path):
+    """Make ``model`` (the unquantized base) the calibrated quantized model again."""
+    import modelopt.torch.opt as mto
+    import torch
+    from modelopt.torch.quantization.utils.core_utils import set_quantizer_state_dict
+
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    model = mto.restore_from_modelopt_state(model, saved["modelopt_state"])
+    set_quantizer_state_dict(model, saved["quantizer_state_dict"])
+    return model
+
+
 def copy_tokenizer(src: Path, dst: Path) -> list[str]:
     copied = []
     for name in TOKENIZER_FILES:
@@ -154,6 +183,7 @@ def run(args) -> dict:
 
             cfg = quantize_model(model, args.recipe, samples, args.calib_batch_size, device)
             fragment["quant_cfg"] = json.loads(json.dumps(cfg, default=str))
+            save_modelopt_state(model, tmp / MODELOPT_STATE)  # before export, which may repack weights
             with torch.inference_mode():
                 export_hf_checkpoint(model, export_dir=tmp)
         fragment["tokenizer_files"] = copy_tokenizer(model_dir, tmp)

@@ -203,13 +203,14 @@ def export_trtllm_checkpoint(checkpoint_dir, out_dir, settings: dict) -> None:  
     ``export_tensorrt_llm_checkpoint`` needs the ModelOpt-quantized torch
     module, not the exported HF files: the base model is loaded from
     ``settings["base_model_dir"]`` and its quantizer state restored from
-    ``<checkpoint_dir>/modelopt_state.pth`` (written by the quantize step with
-    ``modelopt.torch.opt.save``).
+    ``<checkpoint_dir>/modelopt_state.pth`` (written by the quantize step:
+    ``rackbench.quantize.save_modelopt_state``).
     """
     import torch
-    import modelopt.torch.opt as mto
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
     from transformers import AutoModelForCausalLM
+
+    from rackbench.quantize import restore_modelopt_state
 
     s = resolve_settings(settings)
     base = s.get("base_model_dir")
@@ -219,7 +220,7 @@ def export_trtllm_checkpoint(checkpoint_dir, out_dir, settings: dict) -> None:  
             "tensorrt mode needs settings['base_model_dir'] and "
             f"{state} (ModelOpt state saved by the quantize step)")
     model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float16, device_map="cuda")
-    mto.restore(model, str(state))
+    model = restore_modelopt_state(model, state)
     with torch.inference_mode():
         export_tensorrt_llm_checkpoint(
             model, decoder_type="llama", dtype=torch.float16, export_dir=str(out_dir),
