@@ -175,7 +175,7 @@ def test_accuracy_txt_format_and_cli(tmp_path, tokenizer_dir):
     assert list(printed) == ["rouge1", "rouge2", "rougeL", "rougeLsum", "gen_len", "gen_num", "gen_tok_len",
                              "tokens_per_sample"]
     assert printed["gen_num"] == 2 and printed["tokens_per_sample"] == 3.0
-    assert sorted(p.name for p in out_json.parent.iterdir()) == ["accuracy.json", "accuracy.txt"]
+    assert sorted(p.name for p in out_json.parent.iterdir()) == ["accuracy.json", "accuracy.txt", "provenance.json"]
 
 
 class CopyEngine:

@@ -141,3 +141,16 @@ def test_hub_rerun_fetches_only_damaged_file(fake_hub, tmp_path):
     assert _run_cli(url, out).returncode == 0
     assert hub.downloaded() == ["model-00002-of-00002.safetensors"]
     verify_manifest(out)
+
+
+def test_provenance_is_recorded_beside_the_files_not_in_the_manifest(source, tmp_path):
+    out = tmp_path / "snapshot"
+    manifest = download_model({"local": str(source)}, out)
+    record = json.loads((out / "provenance.json").read_text())
+    from rackbench.provenance import config_hash
+
+    assert record["step"] == "download_model"
+    assert record["config_sha256"] == config_hash({"local": str(source)})
+    assert record["packages"]["torch"]  # versions of what the workflow runs with
+    assert "provenance.json" not in manifest["files"]
+    verify_manifest(out)

@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from rackbench.atomic import sha256_file, write_json_atomic, write_text_atomic
+from rackbench.provenance import write_provenance
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 GATED_ROUGE = ("rouge1", "rouge2", "rougeL")
@@ -280,10 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    reference = _json_arg(args.reference_json)
     result = evaluate(dataset=args.dataset, tokenizer=args.tokenizer, shard_dirs=args.shard_dirs,
-                      reference=_json_arg(args.reference_json), target_fraction=args.target_fraction,
+                      reference=reference, target_fraction=args.target_fraction,
                       tokens_tolerance=args.tokens_tolerance)
     write_outputs(result, args.out_json, args.out_txt)
+    write_provenance(Path(args.out_json).parent / "provenance.json", step="accuracy",
+                     config_fragment={"reference": reference, "target_fraction": args.target_fraction,
+                                      "tokens_tolerance": args.tokens_tolerance})
     print(accuracy_txt(result), end="")
     status = "VALID" if result["valid"] else "INVALID: " + "; ".join(result["failures"])
     print(f"accuracy gate: {status}", file=sys.stderr)

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rackbench.atomic import atomic_path, sha256_file
+from rackbench.provenance import write_provenance
 
 REQUIRED_COLUMNS = ("input", "tok_input", "output")
 log = logging.getLogger("rackbench.dataset")
@@ -117,6 +118,8 @@ def main(argv=None) -> int:
                 Path(dst).unlink()
                 raise DatasetError(f"{src}: {rows} samples, but the config declares num_samples {rows_expected}")
             log.info("%s -> %s: %d samples, checksum verified", src, dst, rows)
+        write_provenance(Path(args.out[0]).parent / "provenance.json", step="prepare_dataset",
+                         config_fragment={"pickles": args.pickle, "checksums": args.checksum})
     except DatasetError as err:
         log.error("%s", err)
         return 1

@@ -20,8 +20,10 @@ import sys
 from pathlib import Path
 
 from rackbench.atomic import atomic_path, sha256_file, write_json_atomic
+from rackbench.provenance import write_provenance
 
 MANIFEST = "manifest.json"
+PROVENANCE = "provenance.json"  # written beside the files, not part of the model
 log = logging.getLogger("rackbench.download")
 
 
@@ -31,7 +33,7 @@ class ManifestError(RuntimeError):
 
 def build_manifest(root: Path, *, source: dict) -> dict:
     files = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name not in (MANIFEST, PROVENANCE)):
         rel = path.relative_to(root).as_posix()
         if rel.startswith(".cache/"):  # huggingface_hub's own bookkeeping
             continue
@@ -92,7 +94,7 @@ def fetch_local(source_dir: Path, staging: Path, keep: dict[str, dict], previous
         raise FileNotFoundError(f"model source directory {source_dir} does not exist")
     for path in sorted(p for p in source_dir.rglob("*") if p.is_file()):
         rel = path.relative_to(source_dir).as_posix()
-        if rel == MANIFEST or rel.startswith(".cache/"):
+        if rel in (MANIFEST, PROVENANCE) or rel.startswith(".cache/"):
             continue
         if rel in keep and previous is not None:
             _link_or_copy(previous / rel, staging / rel)
@@ -147,6 +149,7 @@ def download_model(source: dict, out_dir: str | os.PathLike) -> dict:
                     raise ManifestError(f"{rel}: sha256 does not match the pin in the config")
         write_json_atomic(staging / MANIFEST, manifest)
         verify_manifest(staging)
+        write_provenance(staging / PROVENANCE, step="download_model", config_fragment=public_source)
     return manifest
 
 
