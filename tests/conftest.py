@@ -51,3 +51,27 @@ def demo_copy(demo_run, tmp_path):
     dest = tmp_path / "demo"
     shutil.copytree(src, dest, symlinks=True)
     return dest
+
+
+def ensure_debian_package(binary: str, package: str) -> str | None:
+    """Path of ``binary``, apt-installing Debian's ``package`` first where it is
+    missing and we may (root, apt-get present); None where it cannot be had."""
+    found = shutil.which(binary)
+    if found or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return found
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    lock = ["-o", "DPkg::Lock::Timeout=900"]
+    for cmd in (["apt-get", *lock, "update", "-q"],
+                ["apt-get", *lock, "install", "-y", "-q", "--no-install-recommends", package]):
+        if subprocess.run(cmd, capture_output=True, env=env, timeout=1500).returncode != 0:
+            return None
+    return shutil.which(binary)
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's headless Chromium, installed if missing (the HTML report tests)."""
+    path = ensure_debian_package("chromium", "chromium")
+    if path is None:
+        pytest.skip("Debian chromium is not installed and cannot be installed here")
+    return path

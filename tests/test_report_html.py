@@ -14,9 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed"),
               pytest.mark.skipif(shutil.which("snakemake") is None, reason="snakemake not on PATH")]
 
 SNAKEFILE = '''
@@ -75,7 +73,7 @@ window.addEventListener('load',()=>{setTimeout(()=>{clickText('a,button','throug
 </script></body>'''
 
 
-def test_snakemake_report_renders_figures_in_chromium(tmp_path):
+def test_snakemake_report_renders_figures_in_chromium(tmp_path, chromium):
     spec = importlib.util.spec_from_file_location("aggregate_rack", REPO / "bench" / "aggregate_rack.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -102,17 +100,17 @@ def test_snakemake_report_renders_figures_in_chromium(tmp_path):
 
     targets = [f"results/report/{f}.{e}" for f in ("shard_throughput", "shard_timeline", "records", "efficiency")
                for e in ("png", "svg")]
-    assert_figures_render(tmp_path / "results" / "report.html", targets, tmp_path)
+    assert_figures_render(chromium, tmp_path / "results" / "report.html", targets, tmp_path)
 
 
-def assert_figures_render(html_file: Path, targets: list[str], workdir: Path) -> None:
+def assert_figures_render(chromium: str, html_file: Path, targets: list[str], workdir: Path) -> None:
     """Open a Snakemake HTML report in headless Chromium, show each target figure
     and check that exactly one image rendered for it (PNGs at their file's size)."""
     html = html_file.read_text()
     i = html.rfind("</body>")
     probe = workdir / "probe.html"
     probe.write_text(html[:i] + PROBE.replace("TARGETS", json.dumps(targets)) + html[i + len("</body>"):])
-    proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+    proc = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                            "--disable-background-networking", "--disable-component-update", "--no-first-run",
                            "--virtual-time-budget=60000", "--dump-dom", probe.as_uri()],
                           capture_output=True, text=True, timeout=300)

@@ -132,16 +132,14 @@ def test_demo_leaks_no_token(demo_run):
 
 
 @pytest.mark.slow
-def test_demo_html_report_renders_in_chromium(demo_copy):
+def test_demo_html_report_renders_in_chromium(demo_copy, chromium):
     """`snakemake --report` on the real workflow's demo results; Chromium shows every figure."""
-    from test_report_html import CHROMIUM, assert_figures_render
+    from test_report_html import assert_figures_render
 
-    if CHROMIUM is None:
-        pytest.skip("Debian chromium is not installed")
     snakemake(demo_copy, "--report", "results/report.html")
     html = (demo_copy / "results" / "report.html").read_text()
     for category in ("throughput", "accuracy", "provenance"):
         assert category in html
     targets = [f"results/report/{f}.{e}" for f in ("shard_throughput", "shard_timeline", "records", "efficiency")
                for e in ("png", "svg")]
-    assert_figures_render(demo_copy / "results" / "report.html", targets, demo_copy)
+    assert_figures_render(chromium, demo_copy / "results" / "report.html", targets, demo_copy)
