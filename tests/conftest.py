@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 # A planted token: the demo runs with it set and nothing may ever contain it.
@@ -33,6 +34,29 @@ def snakemake(workdir: Path, *args, timeout=900, env=None, check=True):
         raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def real_config_with_local_data(tmp_path: Path, **overrides) -> Path:
+    """The real config (config/llama2-70b-gb300.yaml) with its dataset paths pointed
+    at stand-in files, so the existence checks pass on a machine without the MLPerf
+    data (dry runs, planning benchmarks). ``overrides``: dotted key -> value."""
+    config = yaml.safe_load((ROOT / "config" / "llama2-70b-gb300.yaml").read_text())
+    for name, dataset in config["datasets"].items():
+        for part in ("samples", "calibration"):
+            for key in ("path", "sha256_file"):
+                if key in dataset[part]:
+                    stand_in = tmp_path / f"{name}-{Path(dataset[part][key]).name}"
+                    stand_in.write_bytes(b"stand-in for a dry run")
+                    dataset[part][key] = str(stand_in)
+    for dotted, value in overrides.items():
+        node = config
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    path = tmp_path / "real.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 @pytest.fixture(scope="session")

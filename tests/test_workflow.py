@@ -8,36 +8,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import PLANTED_TOKEN, ROOT, snakemake
+from conftest import PLANTED_TOKEN, ROOT, real_config_with_local_data, snakemake
 
-REAL_CONFIG = ROOT / "config" / "llama2-70b-gb300.yaml"
 
 
 def test_lint_reports_nothing():
     proc = snakemake(ROOT, "--lint", timeout=300)
     assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
-
-
-def real_config_with_local_data(tmp_path, **overrides):
-    """The real config, with its dataset paths pointed at stand-in files so the
-    existence checks pass on a machine without the MLPerf data."""
-    config = yaml.safe_load(REAL_CONFIG.read_text())
-    for name, dataset in config["datasets"].items():
-        for part in ("samples", "calibration"):
-            for key in ("path", "sha256_file"):
-                if key in dataset[part]:
-                    stand_in = tmp_path / f"{name}-{Path(dataset[part][key]).name}"
-                    stand_in.write_bytes(b"stand-in for a dry run")
-                    dataset[part][key] = str(stand_in)
-    for dotted, value in overrides.items():
-        node = config
-        *parents, last = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[last] = value
-    path = tmp_path / "real.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def job_counts(dry_run_stdout):
