@@ -593,6 +593,9 @@ class ReferenceEngine:
                 orig, live = [orig[r] for r in keep], [True] * len(keep)
                 longest = max(lengths[r] for r in orig) + step
             b, span = len(live), longest + 1
+            # rows stay longest first: attend in up to 4 bands of rows, each over its own longest
+            chunk = max(8, -(-b // 4))
+            bands = [(r, min(r + chunk, b), lengths[orig[r]] + step + 1) for r in range(0, b, chunk)]
             rows = torch.arange(b, device=dev)
             bias = torch.zeros((b, span), dtype=torch.float32, device=dev)
             bias.masked_fill_(positions[:span].unsqueeze(0) > pos.unsqueeze(1), float("-inf"))
@@ -611,10 +614,16 @@ class ReferenceEngine:
                     k, v = nvfp4.fake_quantize_fp8(k, ks[li]), nvfp4.fake_quantize_fp8(v, vs[li])
                 K[li][rows, :, pos] = k
                 V[li][rows, :, pos] = v
-                scores = torch.matmul(q, K[li][:, :, :span].transpose(-1, -2)) * scale + bias
-                probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-                o = torch.matmul(probs, V[li][:, :, :span]).reshape(b, hq * d)
-                h = h + attn.o_proj(o)
+                o = q.new_empty(q.shape) if len(bands) > 1 else None
+                for r0, r1, width in bands:
+                    scores = torch.matmul(q[r0:r1], K[li][r0:r1, :, :width].transpose(-1, -2)) * scale \
+                        + bias[r0:r1, ..., :width]
+                    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+                    if o is None:
+                        o = torch.matmul(probs, V[li][r0:r1, :, :width])
+                    else:
+                        torch.matmul(probs, V[li][r0:r1, :, :width], out=o[r0:r1])
+                h = h + attn.o_proj(o.reshape(b, hq * d))
                 h = h + layer.mlp(layer.post_attention_layernorm(h))
             logits = self.model.lm_head(body.norm(h))
             pos = pos + 1
