@@ -46,25 +46,33 @@ UNK, BOS, EOS = 0, 1, 2
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 
 # Word classes of the synthetic language and which classes may follow which.
+# A noun phrase is a determiner (+ adjective) + noun, or a name on its own.
 WORDS = {
-    "DET": "the a this that every some my our".split(),
+    "DET": ("the a this that every some my our your their his her each another one no "
+            "any its either neither").split(),
+    "NAME": ("anna ben clara david emma felix grace henry ivy jack kate leo mia noah olive "
+             "paul rosa sam tara victor").split(),
     "ADJ": ("red quick lazy small bright quiet old young green happy tired clever "
             "brave cold warm dark gentle proud calm wild").split(),
     "NOUN": ("fox dog cat bird river tree house garden child teacher farmer city "
              "road window market letter ship mountain forest lamp bridge island "
-             "painter doctor baker storm morning winter book song").split(),
+             "painter doctor baker storm morning winter book song wolf horse owl boat "
+             "valley hill meadow castle village harbor kettle candle wagon orchard").split(),
     "VERB": ("sees finds likes follows watches builds opens carries paints visits "
-             "crosses remembers reads hears meets helps").split(),
-    "ADV": "slowly quickly often never gladly quietly again today".split(),
-    "PREP": "near under over behind beside across into along".split(),
+             "crosses remembers reads hears meets helps loves guards greets draws calls "
+             "chases feeds fixes").split(),
+    "ADV": "slowly quickly often never gladly quietly again today softly rarely always early".split(),
+    "PREP": "near under over behind beside across into along around through toward past".split(),
 }
+HEADS = ("DET", "NAME")      # every noun phrase starts with one of these
 NEXT_CLASSES = {
     "DET": ["ADJ", "NOUN"],
     "ADJ": ["NOUN"],
     "NOUN": ["VERB", "PREP", "END.", "END!"],
-    "VERB": ["DET", "ADV"],
+    "NAME": ["VERB", "PREP", "END.", "END!"],
+    "VERB": ["DET", "NAME", "ADV"],
     "ADV": ["PREP", "END."],
-    "PREP": ["DET"],
+    "PREP": ["DET", "NAME"],
 }
 P_DOMINANT = 0.8          # how often a word is followed by its own favourite successor
 
@@ -82,45 +90,55 @@ class Language:
         pool = {c: rng.sample(ws, len(ws)) for c, ws in WORDS.items()}
         self.favourite: dict[str, str] = {}
         self.after_period: dict[str, str] = {}
-        # The favourite paths form one chain of clauses through the determiners,
-        # D0 -> D1 -> ... -> D7 -> "!", so greedy decoding always reaches EOS
-        # (no cycles: every cycle would have to pass a determiner) and where a
-        # prompt joins the chain sets how long the answer is.
-        dets = pool["DET"]
-        for i, det in enumerate(dets):
-            nxt_det = dets[i + 1] if i + 1 < len(dets) else None
-            noun = pool["NOUN"].pop()
-            if rng.random() < 0.5:
-                adj = pool["ADJ"].pop()
-                self.favourite[det], self.favourite[adj] = adj, noun
+        # The favourite paths form one chain of clauses through all the noun-phrase heads
+        # (determiners and names), H0 -> H1 -> ... -> H39 -> "!", several sentences long,
+        # so greedy decoding always reaches EOS (no cycles: every cycle would have to
+        # pass a head) and where a prompt joins the chain sets how long the answer is.
+        heads = rng.sample(self.heads, len(self.heads))
+        for i, head in enumerate(heads):
+            nxt = heads[i + 1] if i + 1 < len(heads) else None
+            if self.word_class[head] == "NAME":
+                noun = head
             else:
-                self.favourite[det] = noun
-            if nxt_det is None:
+                noun = pool["NOUN"].pop()
+                if pool["ADJ"] and rng.random() < 0.75:
+                    adj = pool["ADJ"].pop()
+                    self.favourite[head], self.favourite[adj] = adj, noun
+                else:
+                    self.favourite[head] = noun
+            if nxt is None:
                 self.favourite[noun] = "END!"
                 continue
-            shape = rng.choice(["verb", "verb-adv", "prep", "period"])
+            shapes = ["period"] + (["prep"] if pool["PREP"] else []) + (["verb"] if pool["VERB"] else [])
+            if pool["VERB"] and pool["ADV"] and pool["PREP"]:
+                shapes += ["verb-adv"] * 2     # the longest clause, while its words last
+            shape = rng.choice(shapes)
             if shape == "period":
-                self.favourite[noun], self.after_period[noun] = "END.", nxt_det
+                self.favourite[noun], self.after_period[noun] = "END.", nxt
             elif shape == "prep":
                 prep = pool["PREP"].pop()
-                self.favourite[noun], self.favourite[prep] = prep, nxt_det
+                self.favourite[noun], self.favourite[prep] = prep, nxt
             else:
                 verb = pool["VERB"].pop()
                 self.favourite[noun] = verb
                 if shape == "verb":
-                    self.favourite[verb] = nxt_det
+                    self.favourite[verb] = nxt
                 else:
                     adv, prep = pool["ADV"].pop(), pool["PREP"].pop()
-                    self.favourite[verb], self.favourite[adv], self.favourite[prep] = adv, prep, nxt_det
+                    self.favourite[verb], self.favourite[adv], self.favourite[prep] = adv, prep, nxt
         # Words off the chain get any grammatical favourite; they run into the
         # chain, mostly near its start so that answers are not all short.
-        early = dets[:3]
+        early = heads[:3]
         for word, cls in self.word_class.items():
             if word not in self.favourite:
                 pick = rng.choice(self._options(cls))
-                self.favourite[word] = rng.choice(early) if pick in dets else pick
-        for word in WORDS["NOUN"] + WORDS["ADV"]:
+                self.favourite[word] = rng.choice(early) if pick in self.heads else pick
+        for word in WORDS["NOUN"] + WORDS["NAME"] + WORDS["ADV"]:
             self.after_period.setdefault(word, rng.choice(early))
+
+    @property
+    def heads(self) -> list[str]:
+        return [w for c in HEADS for w in WORDS[c]]
 
     def step(self, word: str) -> str | None:
         """The favourite next word (None: end of document)."""
@@ -131,7 +149,7 @@ class Language:
         nxt = self.favourite[word]
         return word + nxt[-1] if nxt.startswith("END") else nxt
 
-    def greedy_length(self, word: str, limit: int = 200) -> int | None:
+    def greedy_length(self, word: str, limit: int = 400) -> int | None:
         """Words the favourite path from ``word`` takes to the end (None: a cycle).
 
         A sentence end is written onto its word, so it costs no word of its own.
@@ -154,7 +172,8 @@ class Language:
 
     def document(self, rng: random.Random, max_words: int) -> list[str]:
         """Words of one document (punctuation attached); ends early on ``!``."""
-        words = [rng.choice(WORDS["DET"])]
+        heads = self.heads
+        words = [rng.choice(heads)]
         while len(words) < max_words:
             last = words[-1]
             if last.endswith("!"):
@@ -162,7 +181,7 @@ class Language:
             if rng.random() < P_DOMINANT:
                 nxt = self.step(last)
             elif last.endswith("."):
-                nxt = rng.choice(WORDS["DET"])
+                nxt = rng.choice(heads)
             else:
                 choice = rng.choice(self._options(self.word_class[last]))
                 nxt = last + choice[-1] if choice.startswith("END") else choice
@@ -389,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--out", required=True, type=Path)
     d.add_argument("--num-samples", type=int, default=48)
     d.add_argument("--num-calibration", type=int, default=16)
-    d.add_argument("--max-new-tokens", type=int, default=64)
+    d.add_argument("--max-new-tokens", type=int, default=128)
     d.add_argument("--min-prompt-tokens", type=int, default=20)
     d.add_argument("--max-prompt-tokens", type=int, default=200)
     d.add_argument("--seed", type=int, default=0)
