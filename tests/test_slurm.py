@@ -9,12 +9,16 @@ under `timeout`. Skipped, with the reason, where Slurm cannot be started.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import yaml
 
 from slurm.fixtures import slurm_cluster  # noqa: F401  (the session fixture)
 from slurm.helpers import (
+    CI_PROFILE,
     REPO,
     comment_of,
     copy_tiny,
@@ -22,8 +26,10 @@ from slurm.helpers import (
     sacct,
     sbatch_calls,
     slurm_run_id,
+    snakemake_env,
     tail,
 )
+from test_reliability import TIMING_COLUMNS  # the per-shard timing columns of shards.csv
 
 pytestmark = pytest.mark.slurm
 
@@ -130,6 +136,84 @@ def test_failed_shards_are_retried_and_a_later_run_resubmits_only_the_missing(
     assert (wd / "report.json").exists()
 
 
+def test_scancelled_shards_are_retried_and_a_later_run_resubmits_only_the_missing(
+        slurm_cluster, tmp_path):  # noqa: F811
+    """Shard jobs killed with scancel (their partial output already written), under the
+    status command profiles/slurm sets (squeue; sacct would hang, see the next test):
+    retried per the profile's `retries`; one cancelled on every attempt leaves no output
+    (its partial files are gone), the others finish (keep-going), and a later run
+    resubmits only that shard."""
+    site = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    assert site["slurm-status-command"] == "squeue"
+    retries = yaml.safe_load((CI_PROFILE / "config.yaml").read_text())["retries"]
+    wd = copy_tiny(tmp_path / "wf")
+    ctl = wd / "control"
+    (ctl / "cancel-once-1").touch()     # partial output, then scancel of its own job, once
+    (ctl / "cancel-always-2").touch()   # the same on every attempt
+    squeue = ["--slurm-status-command", "squeue"]
+    p = run_snakemake(["--keep-going", *squeue], cwd=wd, timeout=TINY_TIMEOUT)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0, "shard 2 cannot succeed"
+    assert "SLURM status is: 'CANCELLED'" in out, tail(p)
+    states = {}
+    for j in sorted(sacct(slurm_run_id(p)), key=lambda j: int(j["JobIDRaw"])):
+        states.setdefault(j["Comment"], []).append(j["State"].split()[0])
+    assert states["rule_shard_wildcards_1"] == ["CANCELLED", "COMPLETED"], states
+    assert states["rule_shard_wildcards_2"] == ["CANCELLED"] * (1 + retries), states
+    assert states["rule_shard_wildcards_0"] == states["rule_shard_wildcards_3"] == ["COMPLETED"], states
+    # no partial output counts: the retried shard holds only its complete record, the
+    # cancelled one nothing at all, and there is no report
+    kept = sorted(x.name for x in (wd / "shards" / "shard1").iterdir() if x.name != ".snakemake_timestamp")
+    assert kept == ["shard.json"], kept
+    assert not (wd / "shards" / "shard2").exists()
+    assert not list((wd / "shards").glob("*.tmp-*"))
+    assert not (wd / "report.json").exists()
+    before = {i: r["slurm_job_id"] for i, r in shard_records(wd).items()}
+    assert sorted(before) == [0, 1, 3]
+
+    (ctl / "cancel-always-2").unlink()
+    p2 = run_snakemake(squeue, cwd=wd, timeout=TINY_TIMEOUT)
+    assert p2.returncode == 0, tail(p2)
+    assert [comment_of(c) for c in sbatch_calls(p2)] == ["rule_shard_wildcards_2"]
+    assert [j["Comment"] for j in sacct(slurm_run_id(p2))] == ["rule_shard_wildcards_2"]
+    after = {i: r["slurm_job_id"] for i, r in shard_records(wd).items()}
+    assert {i: after[i] for i in before} == before  # shards 0, 1, 3 untouched
+    assert sorted(after) == [0, 1, 2, 3]
+    assert (wd / "report.json").exists()
+
+
+def test_site_profile_runs_container_jobs_under_apptainer_with_nv(slurm_cluster, tmp_path):  # noqa: F811
+    """profiles/slurm runs container jobs (TensorRT-LLM's) under apptainer with --nv.
+    The test cluster has no apptainer: a stand-in (tests/slurm/bin/apptainer) records
+    each call and runs the wrapped command on the host. Each GPU job must have called
+    `apptainer exec ... --nv <image>` inside its own Slurm job, on its own GPU."""
+    site = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    assert site["software-deployment-method"] == "apptainer" and site["apptainer-args"] == "--nv"
+    wd = copy_tiny(tmp_path / "wf")
+    (wd / "trtllm.sif").touch()
+    log = wd / "apptainer-calls.log"
+    env = snakemake_env(PATH=f"{REPO / 'tests' / 'slurm' / 'bin'}:{os.environ['PATH']}",
+                        FAKE_APPTAINER_LOG=str(log))
+    p = run_snakemake(["--software-deployment-method", site["software-deployment-method"],
+                       f"--apptainer-args={site['apptainer-args']}",  # "=": a bare "--nv" reads as an option
+                       "--config", "container=trtllm.sif", "sleep=3"], cwd=wd, timeout=TINY_TIMEOUT, env=env)
+    assert p.returncode == 0, tail(p)
+    calls = {}
+    for line in log.read_text().splitlines():
+        jobid, cvd, argv = line.split("\t")
+        calls.setdefault(jobid, []).append((cvd, argv.split()))
+    recs = shard_records(wd)
+    assert sorted(recs) == [0, 1, 2, 3]
+    # only the four shard jobs (the CPU rule names no container), one call each
+    assert sorted(calls) == sorted(r["slurm_job_id"] for r in recs.values()), calls
+    for rec in recs.values():
+        [(cvd, argv)] = calls[rec["slurm_job_id"]]
+        assert argv[0] == "exec" and "--nv" in argv, argv
+        image = [i for i, a in enumerate(argv) if a.strip("'").endswith("trtllm.sif")]
+        assert len(image) == 1 and argv.index("--nv") < image[0], argv  # --nv, then the image
+        assert cvd == rec["cuda_visible_devices"] != "none"
+
+
 def test_sacct_reports_scancel_as_cancelled_by_uid(slurm_cluster, tmp_path):  # noqa: F811
     """Why profiles/slurm sets slurm-status-command: squeue.
 
@@ -166,19 +250,47 @@ def test_sacct_reports_scancel_as_cancelled_by_uid(slurm_cluster, tmp_path):  # 
 
 # ---------------------------------------------------------------- the demo workflow
 
-DEMO_TIMEOUT = 1500
+DEMO_TIMEOUT = 720  # about 3.5 min on 2 shared cores
 DEMO_ARGS = ["-s", str(REPO / "Snakefile"), "--configfile", str(REPO / "config.yaml"),
              str(REPO / "tests" / "slurm" / "demo-gb300.yaml")]
-CFG = "tiny-llama/nvfp4/reference/gb300/bs16/4x1"
+CFG = "tiny-llama/nvfp4/reference/gb300/bs16/2x1"
 GPU_RULES = {"build_engine", "run_shard"}
+# Columns that legitimately differ between two runs of the same configuration:
+# timings (and what follows from them) and where the jobs ran.
+SHARD_VARYING = [*TIMING_COLUMNS, "hostname", "slurm_job_id"]
+THROUGHPUT_VARYING = ["concurrent", "non_overlapping_shards", "a_sum_tokens_per_s", "b_concurrent_tokens_per_s",
+                      "window_s", "c_per_gpu_mean", "c_per_gpu_min", "c_per_gpu_max", "c_cv", "slowest_shard",
+                      "slowest_shard_dir", "a_per_gpu", "b_per_gpu", "efficiency_a", "efficiency_b"]
+
+
+def logs_of(folder: Path) -> dict[str, Path]:
+    """The plugin's kept job logs under a rule's folder, by Slurm job id."""
+    return {f.stem: f for f in folder.rglob("*.log")}
+
+
+def rule_of(call: str) -> str:
+    return comment_of(call)[len("rule_"):].split("_wildcards_")[0]
 
 
 @pytest.fixture(scope="module")
 def demo_run(slurm_cluster, tmp_path_factory):  # noqa: F811
+    """The demo as a one-node GB300 rack through Slurm, run once for this module:
+    RACKBENCH_FAKE_GPU_TYPE=gb300 snakemake --executor slurm --workflow-profile profiles/ci-slurm
+        --configfile config.yaml tests/slurm/demo-gb300.yaml"""
     wd = tmp_path_factory.mktemp("slurm-demo")
     p = run_snakemake(DEMO_ARGS, cwd=wd, timeout=DEMO_TIMEOUT)
     assert p.returncode == 0, tail(p)
     return wd, p
+
+
+@pytest.fixture(scope="module")
+def demo_local(demo_run, tmp_path_factory):
+    """The same config run locally (`--cores 2`, RACKBENCH_FAKE_GPU_TYPE=gb300 too), in
+    another directory, after the Slurm run (so the two do not share the 2 cores)."""
+    wd = tmp_path_factory.mktemp("local-demo")
+    p = run_snakemake(["--cores", "2", *DEMO_ARGS], cwd=wd, timeout=DEMO_TIMEOUT, slurm=False)
+    assert p.returncode == 0, tail(p)
+    return wd
 
 
 def test_demo_gpu_jobs_are_slurm_jobs_with_their_gpu_requests(demo_run):
@@ -186,42 +298,103 @@ def test_demo_gpu_jobs_are_slurm_jobs_with_their_gpu_requests(demo_run):
     calls = sbatch_calls(p)
     by_rule = {}
     for c in calls:
-        rule = comment_of(c)[len("rule_"):].split("_wildcards_")[0]
-        by_rule.setdefault(rule, []).append(c)
+        by_rule.setdefault(rule_of(c), []).append(c)
     assert "download_model" not in by_rule and "report" not in by_rule  # localrules
-    assert len(by_rule["run_shard"]) == 8  # 4 performance + 4 accuracy shards
+    assert set(by_rule) == {"demo_model", "demo_dataset", "prepare_dataset", "quantize", "build_engine",
+                            "run_shard", "accuracy"}, sorted(by_rule)
+    assert len(by_rule["run_shard"]) == 4  # 2 performance + 2 accuracy shards
     assert len(by_rule["build_engine"]) == 1
+    assert all(len(cs) == 1 for rule, cs in by_rule.items() if rule != "run_shard")
     for rule, cs in by_rule.items():
         for c in cs:
-            if rule == "run_shard":
+            if rule in GPU_RULES:
+                # one GPU per shard (layout 2x1); the reference engine builds on one GPU
                 assert "--gpus=gb300:1" in c and "--cpus-per-gpu=1" in c and "--mem 2000" in c, c
-                assert "-t 20" in c, c
-            elif rule in GPU_RULES:
-                assert "--gpus=gb300:" in c and "--cpus-per-gpu=" in c, c
+                assert "-t 20" in c and "--cpus-per-task" not in c, c
             else:
                 assert "--gpus" not in c and "--cpus-per-gpu" not in c, c
             assert "--ntasks-per-gpu" not in c, c
+
     jobs = sacct(slurm_run_id(p))
     assert len(jobs) == len(calls)
     assert all(j["State"] == "COMPLETED" for j in jobs), jobs
+    by_comment = {}
     for j in jobs:
-        if j["Comment"].startswith("rule_run_shard_"):
-            assert "gres/gpu:gb300=1" in j["AllocTRES"], j
+        by_comment.setdefault(rule_of(f"--comment {j['Comment']}"), []).append(j)
+    assert {r: len(js) for r, js in by_comment.items()} == {r: len(cs) for r, cs in by_rule.items()}
+    for rule, js in by_comment.items():
+        for j in js:
+            if rule in GPU_RULES:
+                assert "gres/gpu:gb300=1" in j["AllocTRES"], j
+            else:
+                assert "gres/gpu" not in j["AllocTRES"], j
+
     # each shard's record names its own Slurm job, whose kept log is there
-    shard_jobs = {j["JobIDRaw"] for j in jobs if j["Comment"].startswith("rule_run_shard_")}
+    shard_jobs = {j["JobIDRaw"] for j in by_comment["run_shard"]}
     recs = [json.loads(f.read_text()) for f in wd.glob(f"results/runs/{CFG}/*/shard*/shard.json")]
-    assert len(recs) == 8
+    assert len(recs) == 4
     assert {str(r["slurm_job_id"]) for r in recs} == shard_jobs
-    logs = {f.stem for f in (wd / ".snakemake" / "slurm_logs" / "rule_run_shard").rglob("*.log")}
-    assert shard_jobs <= logs
+    kept = wd / ".snakemake" / "slurm_logs"
+    for rule in GPU_RULES:
+        logs = logs_of(kept / f"rule_{rule}")
+        jobids = {j["JobIDRaw"] for j in by_comment[rule]}
+        assert jobids <= set(logs), (rule, sorted(logs))
+        for jobid in jobids:  # the log is that job's: the allocation ran this rule's step
+            text = logs[jobid].read_text()
+            assert f"Finished jobid: 0 (Rule: {rule})" in text, text[-2000:]
+    for r in recs:
+        text = logs_of(kept / "rule_run_shard")[str(r["slurm_job_id"])].read_text()
+        assert f"run_shard {r['mode']} shard {r['shard_index']} of tiny-llama/nvfp4" in text, text[-2000:]
+
+
+def test_demo_engine_is_built_on_and_run_on_gb300(demo_run):
+    """The engine was built inside a gb300 job (RACKBENCH_FAKE_GPU_TYPE reaches it through
+    --export=ALL) and every shard ran it as gb300: the run-time check passed."""
+    wd, _ = demo_run
+    engine = json.loads((wd / "results/engines/tiny-llama/nvfp4/reference/gb300/engine/engine.json").read_text())
+    assert engine["gpu_type"] == "gb300" and engine["fake_gpu"] is True
+    assert engine["built_on"]["gpu_type"] == "gb300"
+    assert engine["compute_capability"] == "10.3"
+    for f in wd.glob(f"results/runs/{CFG}/*/shard*/shard.json"):
+        rec = json.loads(f.read_text())
+        assert rec["gpu_type"] == "gb300", f  # it ran: open_engine found the engine's GPU type here
+        if rec["mode"] == "performance":
+            assert rec["loadgen"]["result"] == "VALID", f
 
 
 def test_demo_shards_ran_at_once_each_with_its_own_gpu(demo_run):
+    """All four shard jobs (2 performance + 2 accuracy) held the node's four GPUs at
+    once, one each, and the performance shards' LoadGen runs overlapped."""
+    wd, p = demo_run
+    recs = [json.loads(f.read_text()) for f in sorted(wd.glob(f"results/runs/{CFG}/*/shard*/shard.json"))]
+    assert len(recs) == 4
+    assert sorted(r["cuda_visible_devices"] for r in recs) == ["0", "1", "2", "3"]
+    assert len({r["slurm_job_id"] for r in recs}) == 4
+    assert all(r["gpu_type"] == "gb300" for r in recs)
+    perf = [r for r in recs if r["mode"] == "performance"]
+    assert len(perf) == 2
+    assert_concurrent([(r["started_at"], r["finished_at"]) for r in perf])
+    # Slurm's view: the four allocations overlapped (sacct times, 1 s resolution)
+    jobs = [j for j in sacct(slurm_run_id(p)) if j["Comment"].startswith("rule_run_shard_")]
+    assert len(jobs) == 4
+    assert max(j["Start"] for j in jobs) < min(j["End"] for j in jobs), jobs  # ISO times sort as text
+    # the report measures it too: each performance shard shared most of its run time with
+    # the other (its `concurrent` flag needs 90%, which 2 shared cores do not promise)
+    shards = pd.read_csv(wd / "results" / "report" / "shards.csv")
+    assert len(shards) == 2 and (shards["overlap_fraction"] > 0.5).all(), shards
+
+
+def test_demo_report_through_slurm_equals_a_local_run(demo_run, demo_local):
+    """Same tables and accuracy as `snakemake --cores 2` of the same config, apart from
+    timings and where the jobs ran."""
     wd, _ = demo_run
-    for mode in ("performance", "accuracy"):
-        recs = [json.loads(f.read_text())
-                for f in sorted(wd.glob(f"results/runs/{CFG}/{mode}/shard*/shard.json"))]
-        assert len(recs) == 4
-        assert_concurrent([(r["started_at"], r["finished_at"]) for r in recs])
-        assert sorted(r["cuda_visible_devices"] for r in recs) == ["0", "1", "2", "3"]
-        assert all(r["gpu_type"] == "gb300" for r in recs)
+    for table, varying in (("shards.csv", SHARD_VARYING), ("throughput.csv", THROUGHPUT_VARYING)):
+        slurm, local = (pd.read_csv(d / "results" / "report" / table) for d in (wd, demo_local))
+        assert set(varying) <= set(slurm.columns), table
+        pd.testing.assert_frame_equal(slurm.drop(columns=varying), local.drop(columns=varying), obj=table)
+    shards = pd.read_csv(wd / "results" / "report" / "shards.csv")
+    assert shards["slurm_job_id"].notna().all()
+    assert pd.read_csv(demo_local / "results" / "report" / "shards.csv")["slurm_job_id"].isna().all()
+    assert (pd.read_csv(wd / "results" / "report" / "throughput.csv")["status"] == "VALID").all()
+    acc = f"results/accuracy/{CFG}/accuracy.json"
+    assert json.loads((wd / acc).read_text()) == json.loads((demo_local / acc).read_text())

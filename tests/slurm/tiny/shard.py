@@ -4,6 +4,7 @@ Control files in ./control/ (made by the tests):
   fail-once-N     removed, then exit 3 (a non-zero exit)
   cancel-once-N   removed, partial output written, then `scancel $SLURM_JOB_ID`
   fail-always-N   exit 4 every time
+  cancel-always-N partial output written, then `scancel $SLURM_JOB_ID`, every time
 The complete output appears atomically (a temp dir renamed into place).
 """
 import json
@@ -31,7 +32,7 @@ if os.path.exists(os.path.join(ctl, f"fail-always-{shard}")):
 if once("fail-once"):
     print("failing on request", flush=True)
     sys.exit(3)
-if once("cancel-once"):
+if once("cancel-once") or os.path.exists(os.path.join(ctl, f"cancel-always-{shard}")):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "partial.txt"), "w") as f:
         f.write("partial\n")
