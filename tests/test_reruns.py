@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
-from conftest import snakemake
+from conftest import ROOT, snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -134,7 +135,10 @@ def test_report_only_rebuild_gives_identical_figures(demo_copy):
 def test_max_new_tokens_change_reruns_only_the_shards_accuracy_and_report(demo_copy):
     """(d) run.max_new_tokens is a param of run_shard only: a change within the demo's
     reference length reruns the shards (params trigger), then accuracy and report."""
-    args = override(demo_copy, "run:\n  max_new_tokens: 32\n")
+    demo = yaml.safe_load((ROOT / "config.yaml").read_text())
+    limit = demo["demo"]["reference_max_new_tokens"]
+    shorter = demo["run"]["max_new_tokens"] // 2
+    args = override(demo_copy, f"run:\n  max_new_tokens: {shorter}\n")
     p = snakemake(demo_copy, "-n", "--cores", "2", *args)
     assert job_stats(p.stdout + p.stderr) == RUN_ONLY
     assert "Params have changed since last execution" in p.stdout + p.stderr
@@ -145,14 +149,15 @@ def test_max_new_tokens_change_reruns_only_the_shards_accuracy_and_report(demo_c
     assert stamps(demo_copy, before) == before
     new = shard_records(demo_copy, KEY)
     assert sorted(new) == sorted(old) == ["shard0", "shard1"]
-    assert {r["max_new_tokens"] for r in new.values()} == {32}
+    assert {r["max_new_tokens"] for r in new.values()} == {shorter}
     assert all(r["started_at"] > old[s]["finished_at"] for s, r in new.items())  # really rerun
     assert plan(demo_copy, *args) == {}
     # beyond the demo's reference length the config is refused before anything runs
-    bad = snakemake(demo_copy, "-n", "--cores", "2", *override(demo_copy, "run:\n  max_new_tokens: 128\n"),
-                    check=False)
+    bad = snakemake(demo_copy, "-n", "--cores", "2",
+                    *override(demo_copy, f"run:\n  max_new_tokens: {limit + 1}\n"), check=False)
     assert bad.returncode != 0
-    assert "invalid config: run.max_new_tokens: 128 exceeds demo.reference_max_new_tokens" in bad.stdout + bad.stderr
+    assert (f"invalid config: run.max_new_tokens: {limit + 1} exceeds demo.reference_max_new_tokens ({limit})"
+            in bad.stdout + bad.stderr)
 
 
 def test_nested_config_on_the_command_line_is_refused_not_misread(demo_copy):
