@@ -29,6 +29,7 @@ tokens as decoding each prompt alone with transformers' ``generate``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -379,6 +380,8 @@ class ReferenceEngine:
         self._eos = torch.tensor(self.eos_ids or [-1], device=device)
         self._llama = type(model).__name__ == "LlamaForCausalLM"  # the hand-written decode loop below
         self._kv_buf = None
+        self._fused_weights = None  # see _fused
+        self._fp8_table = None  # see _kv_round
         if self._llama:
             attn = model.model.layers[0].self_attn
             self._heads = (model.config.num_attention_heads, model.config.num_key_value_heads,
@@ -479,6 +482,55 @@ class ReferenceEngine:
 
     # ---- the Llama path: the model's own modules called directly, one ragged batch
 
+    def _fused(self):
+        """Per layer: (q|k|v weight, gate|up weight) concatenated along the output dim, so each
+        decode step runs 2 GEMMs where the modules run 5 (each output column is the same dot
+        product, so the results are the same). None where a Linear has a bias or a forward
+        hook (activation-quant emulation): then the modules are called."""
+        if self._fused_weights is None:
+            fused = []
+            for layer in self.model.model.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                mods = (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)
+                if any(m.bias is not None or m._forward_pre_hooks or m._forward_hooks for m in mods):
+                    fused = []
+                    break
+                fused.append((torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+                              torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])))
+            self._fused_weights = fused
+        return self._fused_weights or None
+
+    def _qkv(self, li: int, layer, x: torch.Tensor):
+        """Projections of ``x`` [..., hidden]: (q|k [..., (hq + hkv) * d], v [..., hkv * d])."""
+        fused = self._fused()
+        attn = layer.self_attn
+        if fused is None:
+            return torch.cat([attn.q_proj(x), attn.k_proj(x)], dim=-1), attn.v_proj(x)
+        hq, hkv, d, _ = self._heads
+        qkv = torch.nn.functional.linear(x, fused[li][0])
+        return qkv[..., :(hq + hkv) * d], qkv[..., (hq + hkv) * d:]
+
+    def _mlp(self, li: int, layer, x: torch.Tensor) -> torch.Tensor:
+        fused = self._fused()
+        mlp = layer.mlp
+        if fused is None:
+            return mlp(x)
+        gu = torch.nn.functional.linear(x, fused[li][1])
+        inter = gu.shape[-1] // 2
+        return mlp.down_proj(mlp.act_fn(gu[..., :inter]) * gu[..., inter:])
+
+    def _kv_round(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``nvfp4.fake_quantize_fp8``, bit for bit, with the FP8 -> float32 step done by a
+        256-entry table (PyTorch's own float8 -> float32 cast is scalar code on CPU, ~3 ns
+        per element). The table holds PyTorch's own conversions of the 256 codes."""
+        if x.dtype != torch.float32:
+            return nvfp4.fake_quantize_fp8(x, scale)
+        if self._fp8_table is None or self._fp8_table.device != x.device:
+            codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+            self._fp8_table = codes.float().to(x.device)
+        q = (x / scale).clamp(-nvfp4.E4M3_MAX, nvfp4.E4M3_MAX).to(torch.float8_e4m3fn)
+        return torch.take(self._fp8_table, q.view(torch.uint8).long()) * scale
+
     def _kv_buffers(self, rows: int, capacity: int) -> tuple[list, list]:
         """Per-layer K and V storage [rows, kv heads, capacity, head dim], kept between
         calls (a fresh multi-MB tensor per batch costs page faults on CPU). Zeroed when
@@ -497,13 +549,18 @@ class ReferenceEngine:
             self._kv_buf = buf
         return [k[:rows, :, :capacity] for k in buf[0]], [v[:rows, :, :capacity] for v in buf[1]]
 
+    @staticmethod
+    def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """transformers' ``apply_rotary_pos_emb`` for one tensor: x*cos + rotate_half(x)*sin."""
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
     def _prefill_llama(self, prompts: list[list[int]], K: list, V: list, row0: int) -> torch.Tensor:
         """Right-padded prefill of prompts of similar length (longest first) into cache rows
         ``row0..``, positions ``0..len-1`` (what lies beyond a prompt's length is never
         attended to). The last layer runs its query, attention output and MLP for each
         prompt's last token only: only its K and V are needed for the other tokens.
         Returns the last tokens' logits."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
         body, dev = self.model.model, self.device
         g, width = len(prompts), len(prompts[0])
         hq, hkv, d, scale = self._heads
@@ -516,46 +573,57 @@ class ReferenceEngine:
         pos = torch.arange(width, device=dev).unsqueeze(0).expand(g, width)
         h = body.embed_tokens(ids)
         cos, sin = body.rotary_emb(h, pos)  # [g, width, d]
+        cos4, sin4 = cos.unsqueeze(2), sin.unsqueeze(2)  # [g, width, 1, d]: over heads
         ks, vs = self._kv_scales or (None, None)
         n_layers = len(body.layers)
         for li, layer in enumerate(body.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
-            k = attn.k_proj(x).view(g, width, hkv, d).transpose(1, 2)
-            v = attn.v_proj(x).view(g, width, hkv, d).transpose(1, 2)
-            if li < n_layers - 1:
-                q = attn.q_proj(x).view(g, width, hq, d).transpose(1, 2)
-                q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            final = li == n_layers - 1
+            if final:  # the query of each prompt's last token only
+                fused = self._fused()
+                if fused is None:
+                    k, v = attn.k_proj(x), attn.v_proj(x)
+                else:
+                    kv = torch.nn.functional.linear(x, fused[li][0][hq * d:])
+                    k, v = kv[..., :hkv * d], kv[..., hkv * d:]
+                q = attn.q_proj(x[rows, last]) if fused is None else \
+                    torch.nn.functional.linear(x[rows, last], fused[li][0][:hq * d])
+                q = self._rotary(q.view(g, hq, 1, d), cos[rows, last][:, None, None], sin[rows, last][:, None, None])
+                k = self._rotary(k.view(g, width, hkv, d), cos4, sin4).transpose(1, 2)
             else:
-                q = attn.q_proj(x[rows, last]).view(g, hq, 1, d)
-                q, _ = apply_rotary_pos_emb(q, q, cos[rows, last].unsqueeze(1), sin[rows, last].unsqueeze(1))
-                k, _ = apply_rotary_pos_emb(k, k, cos, sin)
+                qk, v = self._qkv(li, layer, x)
+                qk = self._rotary(qk.view(g, width, hq + hkv, d), cos4, sin4)
+                q, k = qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2)
+            v = v.reshape(g, width, hkv, d).transpose(1, 2)
             if ks is not None:
-                k, v = nvfp4.fake_quantize_fp8(k, ks[li]), nvfp4.fake_quantize_fp8(v, vs[li])
+                k, v = self._kv_round(k, ks[li]), self._kv_round(v, vs[li])
             K[li][row0:row0 + g, :, :width] = k
             V[li][row0:row0 + g, :, :width] = v
-            if li < n_layers - 1:
+            if not final:
                 o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                                      enable_gqa=hq != hkv)
                 h = h + attn.o_proj(o.transpose(1, 2).reshape(g, width, hq * d))
-                h = h + layer.mlp(layer.post_attention_layernorm(h))
+                h = h + self._mlp(li, layer, layer.post_attention_layernorm(h))
             else:
                 mask = (torch.arange(width, device=dev).unsqueeze(0) <= last.unsqueeze(1))[:, None, None, :]
                 o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                                                      enable_gqa=hq != hkv)
                 h = h[rows, last] + attn.o_proj(o.reshape(g, hq * d))
-                h = h + layer.mlp(layer.post_attention_layernorm(h))
+                h = h + self._mlp(li, layer, layer.post_attention_layernorm(h))
         return self.model.lm_head(body.norm(h))
 
     @torch.inference_mode()
     def _generate_batch_llama(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """Greedy decoding of one batch (prompts longest first) with a ragged KV cache: row i
         holds its own positions 0..len_i+step, so no left padding; decode attention is two
-        matmuls and a softmax under a per-row length mask. Finished rows are dropped from
-        the cache only once a quarter of them are done (each drop copies the cache)."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+        matmuls and a softmax under a per-row length mask, in up to 4 bands of rows, each
+        over its own longest row. A finished row leaves the batch at once: the last live
+        rows move into the finished rows' places (only their KV is copied), so no step
+        computes a finished row."""
         body, dev = self.model.model, self.device
         hq, hkv, d, scale = self._heads
+        g = hq // hkv
         n, lengths = len(prompts), [len(p) for p in prompts]
         capacity = lengths[0] + max_new_tokens
         K, V = self._kv_buffers(n, capacity)
@@ -563,71 +631,86 @@ class ReferenceEngine:
         logits = [self._prefill_llama(prompts[grp[0]:grp[-1] + 1], K, V, grp[0]) for grp in groups]
         logits = torch.cat(logits) if len(logits) > 1 else logits[0]
         ks, vs = self._kv_scales or (None, None)
+        # a power-of-two softmax scale is applied to the query (exact) instead of the scores
+        scale_q = float(scale) if scale > 0 and math.frexp(scale)[0] == 0.5 else None
         eos = set(self.eos_ids)
         orig = list(range(n))            # cache row -> prompt
-        live = [True] * n
+        size = list(lengths)             # cache row -> positions held (prompt + generated so far)
         pos = torch.tensor(lengths, device=dev)  # where each row's next token goes
-        longest = lengths[0]
         positions = torch.arange(capacity, device=dev)
         generated = [[] for _ in range(n)]
         for step in range(max_new_tokens):
             tokens = logits.argmax(-1)
+            done = []
             for row, tok in enumerate(tokens.tolist()):
-                if live[row]:
-                    if tok in eos:
-                        live[row] = False
-                    else:
-                        generated[orig[row]].append(tok)
+                if tok in eos:
+                    done.append(row)
+                else:
+                    generated[orig[row]].append(tok)
             if step == max_new_tokens - 1:
                 break
-            alive = sum(live)
-            if alive == 0:
-                break
-            if alive <= len(live) * 3 // 4:
-                keep = [r for r, a in enumerate(live) if a]
-                idx, b, used = torch.tensor(keep, device=dev), len(keep), longest + 1
-                for buf in K + V:  # in place: the kept rows move to the front
-                    buf[:b, :, :used] = buf[idx, :, :used]
+            b = len(orig)
+            if done:
+                b -= len(done)
+                if b == 0:
+                    break
+                holes = [r for r in done if r < b]
+                gone = set(done)
+                movers = [r for r in range(b, len(orig)) if r not in gone]
+                if holes:  # the last live rows fill the finished rows' places
+                    dst, src = torch.tensor(holes, device=dev), torch.tensor(movers, device=dev)
+                    used = max(size[r] for r in movers)
+                    for buf in K + V:
+                        buf[dst, :, :used] = buf[src, :, :used]
+                    for h_, m_ in zip(holes, movers):
+                        orig[h_], size[h_] = orig[m_], size[m_]
+                    perm = torch.arange(len(orig), device=dev)
+                    perm[dst] = src
+                    perm = perm[:b]
+                    tokens, pos = tokens[perm], pos[perm]
+                else:
+                    tokens, pos = tokens[:b], pos[:b]
+                del orig[b:], size[b:]
                 K, V = [k[:b] for k in K], [v[:b] for v in V]
-                tokens, pos = tokens[idx], pos[idx]
-                orig, live = [orig[r] for r in keep], [True] * len(keep)
-                longest = max(lengths[r] for r in orig) + step
-            b, span = len(live), longest + 1
-            # rows stay longest first: attend in up to 4 bands of rows, each over its own longest
+            span = max(size) + 1
+            # attend in up to 4 bands of rows (rows are mostly longest first), each band over
+            # its own longest row
             chunk = max(8, -(-b // 4))
-            bands = [(r, min(r + chunk, b), lengths[orig[r]] + step + 1) for r in range(0, b, chunk)]
+            bands = [(r, min(r + chunk, b), max(size[r:r + chunk]) + 1) for r in range(0, b, chunk)]
             rows = torch.arange(b, device=dev)
             bias = torch.zeros((b, span), dtype=torch.float32, device=dev)
             bias.masked_fill_(positions[:span].unsqueeze(0) > pos.unsqueeze(1), float("-inf"))
             bias = bias[:, None, None, :]
             h = body.embed_tokens(tokens)
-            cos, sin = body.rotary_emb(h, pos.unsqueeze(1))  # [b, 1, d]
+            cos, sin = body.rotary_emb(h, pos.unsqueeze(1))  # [b, 1, d]: over heads
             for li, layer in enumerate(body.layers):
-                attn = layer.self_attn
                 x = layer.input_layernorm(h)
-                q = attn.q_proj(x).view(b, hkv, hq // hkv, d)
-                k = attn.k_proj(x).view(b, hkv, 1, d)
-                v = attn.v_proj(x).view(b, hkv, d)
-                q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
-                k = k.squeeze(2)
+                qk, v = self._qkv(li, layer, x)
+                qk = self._rotary(qk.view(b, hq + hkv, d), cos, sin)
+                q, k, v = qk[:, :hq].view(b, hkv, g, d), qk[:, hq:], v.reshape(b, hkv, d)
                 if ks is not None:
-                    k, v = nvfp4.fake_quantize_fp8(k, ks[li]), nvfp4.fake_quantize_fp8(v, vs[li])
+                    k, v = self._kv_round(k, ks[li]), self._kv_round(v, vs[li])
                 K[li][rows, :, pos] = k
                 V[li][rows, :, pos] = v
+                if scale_q is not None:
+                    q = q * scale_q
                 o = q.new_empty(q.shape) if len(bands) > 1 else None
                 for r0, r1, width in bands:
-                    scores = torch.matmul(q[r0:r1], K[li][r0:r1, :, :width].transpose(-1, -2)) * scale \
-                        + bias[r0:r1, ..., :width]
+                    scores = torch.matmul(q[r0:r1], K[li][r0:r1, :, :width].transpose(-1, -2))
+                    if scale_q is None:
+                        scores = scores * scale
+                    mask = bias[r0:r1, ..., :width]
+                    scores = scores.add_(mask) if scores.dtype == mask.dtype else scores + mask
                     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
                     if o is None:
                         o = torch.matmul(probs, V[li][r0:r1, :, :width])
                     else:
                         torch.matmul(probs, V[li][r0:r1, :, :width], out=o[r0:r1])
-                h = h + attn.o_proj(o.reshape(b, hq * d))
-                h = h + layer.mlp(layer.post_attention_layernorm(h))
+                h = h + layer.self_attn.o_proj(o.reshape(b, hq * d))
+                h = h + self._mlp(li, layer, layer.post_attention_layernorm(h))
             logits = self.model.lm_head(body.norm(h))
             pos = pos + 1
-            longest += 1  # the longest row's position (dead rows included)
+            size = [s + 1 for s in size]
         return generated
 
     @torch.inference_mode()
