@@ -14,29 +14,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import real_config_with_local_data  # noqa: E402  (stand-ins for the MLPerf data)
 
 
 def sweep_config(tmp: Path) -> Path:
-    config = yaml.safe_load((ROOT / "config" / "llama2-70b-gb300.yaml").read_text())
-    for name, dataset in config["datasets"].items():  # stand-ins for the MLPerf data
-        for part in ("samples", "calibration"):
-            for key in ("path", "sha256_file"):
-                if key in dataset[part]:
-                    stand_in = tmp / f"{name}-{part}-{key}"
-                    stand_in.write_bytes(b"stand-in")
-                    dataset[part][key] = str(stand_in)
-    config["benchmarks"].update(
-        gpu_types=["B200", "GB200", "GB300"],
-        batch_sizes=[256, 512, 1024, 2048],
-        recipes=["nvfp4", "fp8"],
-        gpus_per_shard=[1],
-    )
-    path = tmp / "sweep.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return real_config_with_local_data(tmp, **{
+        "benchmarks.gpu_types": ["B200", "GB200", "GB300"],
+        "benchmarks.batch_sizes": [256, 512, 1024, 2048],
+        "benchmarks.recipes": ["nvfp4", "fp8"],
+        "benchmarks.gpus_per_shard": [1],
+    })
 
 
 def main() -> int:

@@ -13,6 +13,21 @@ ROOT = Path(__file__).resolve().parents[1]
 # A planted token: the demo runs with it set and nothing may ever contain it.
 PLANTED_TOKEN = "hf_" + "PlantedSecretForLeakScan9f8e7d6c5b4a"
 
+# The demo's one configuration, and one output of each kind of step in it, by the
+# rule that makes it (upstream first).
+DEMO_KEY = "tiny-llama/nvfp4/reference/cpu/bs16/2x1"
+DEMO_STEP_OUTPUTS = {
+    "demo_model": "results/demo/source/model",
+    "demo_dataset": "results/demo/source/dataset/SHA256SUMS",
+    "download_model": "results/models/tiny-llama/snapshot",
+    "prepare_dataset": "results/datasets/demo-orca/samples.parquet",
+    "quantize": "results/quantized/tiny-llama/nvfp4/checkpoint",
+    "build_engine": "results/engines/tiny-llama/nvfp4/reference/cpu/engine",
+    "run_shard": f"results/runs/{DEMO_KEY}/performance/shard0",
+    "accuracy": f"results/accuracy/{DEMO_KEY}/accuracy.json",
+    "report": "results/report/report.md",
+}
+
 
 def copy_workflow(dest: Path) -> Path:
     """The tracked (and untracked, not ignored) files of this checkout, without results/."""

@@ -14,24 +14,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import DEMO_KEY as CONFIG_KEY
+from conftest import DEMO_STEP_OUTPUTS as STEP_OUTPUTS
 from conftest import snakemake
 
 pytestmark = pytest.mark.slow
 
-CONFIG_KEY = "tiny-llama/nvfp4/reference/cpu/bs16/2x1"
-
-# One output of each kind of step, and the rule that makes it.
-STEP_OUTPUTS = {
-    "demo_model": "results/demo/source/model",
-    "demo_dataset": "results/demo/source/dataset/SHA256SUMS",
-    "download_model": "results/models/tiny-llama/snapshot",
-    "prepare_dataset": "results/datasets/demo-orca/samples.parquet",
-    "quantize": "results/quantized/tiny-llama/nvfp4/checkpoint",
-    "build_engine": "results/engines/tiny-llama/nvfp4/reference/cpu/engine",
-    "run_shard": f"results/runs/{CONFIG_KEY}/performance/shard0",
-    "accuracy": f"results/accuracy/{CONFIG_KEY}/accuracy.json",
-    "report": "results/report/report.md",
-}
 # The module each step's job runs.
 STEP_MODULE = {"demo_model": "rackbench.demo model", "demo_dataset": "rackbench.demo dataset",
                "download_model": "rackbench.download", "prepare_dataset": "rackbench.dataset",

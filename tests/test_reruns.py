@@ -18,20 +18,14 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import ROOT, snakemake
+from conftest import DEMO_KEY as KEY
+from conftest import DEMO_STEP_OUTPUTS, ROOT, snakemake
 
 pytestmark = pytest.mark.slow
 
-KEY = "tiny-llama/nvfp4/reference/cpu/bs16/2x1"
 # The demo's upstream outputs, by the rule that makes them.
-UPSTREAM = {
-    "demo_model": "results/demo/source/model",
-    "demo_dataset": "results/demo/source/dataset/SHA256SUMS",
-    "download_model": "results/models/tiny-llama/snapshot",
-    "prepare_dataset": "results/datasets/demo-orca/samples.parquet",
-    "quantize": "results/quantized/tiny-llama/nvfp4/checkpoint",
-    "build_engine": "results/engines/tiny-llama/nvfp4/reference/cpu/engine",
-}
+UPSTREAM = {rule: path for rule, path in DEMO_STEP_OUTPUTS.items()
+            if rule not in ("run_shard", "accuracy", "report")}
 RUN_ONLY = {"run_shard": 4, "accuracy": 1, "report": 1, "all": 1}  # 2 performance + 2 accuracy shards
 FIGURES = [f"{name}.{ext}" for name in ("shard_throughput", "shard_timeline", "records", "efficiency")
            for ext in ("pdf", "svg", "png")]
