@@ -167,6 +167,17 @@ def shard_timeline(configs: list[dict], shards: list[dict], out_dir, inputs: lis
                 description="Start and end of each shard (shard.json started_at/finished_at)", inputs=inputs)
 
 
+def _labelled_hbars(ax, rows: list[tuple], label) -> None:
+    """Horizontal bars, top to bottom, from (name, value, colour) rows, each bar
+    labelled with ``label(value)`` at its end."""
+    ys = list(range(len(rows)))
+    ax.barh(ys, [r[1] for r in rows], color=[r[2] for r in rows], height=0.7)
+    for yi, r in zip(ys, rows):
+        ax.text(r[1], yi, f" {label(r[1])}", va="center", fontsize=5.5)
+    ax.set_yticks(ys, [r[0] for r in rows], fontsize=5)
+    ax.invert_yaxis()
+
+
 def records(configs: list[dict], published: dict, out_dir, inputs: list[str]) -> list[Path]:
     """Our per-GPU output tokens/s (methods a and b) beside published Llama-2-70B Offline records."""
     rows = []   # (label, value, color, note)
@@ -185,12 +196,7 @@ def records(configs: list[dict], published: dict, out_dir, inputs: list[str]) ->
                 rows.append((f"{cfg['short']} {method}", v, color))
     with plt.rc_context(RC):
         fig, ax = _figure(max(1.8, 0.8 + 0.17 * len(rows) + 0.1 * len(notes)))
-        ys = list(range(len(rows)))
-        ax.barh(ys, [r[1] for r in rows], color=[r[2] for r in rows], height=0.7)
-        for yi, r in zip(ys, rows):
-            ax.text(r[1], yi, f" {_fmt(r[1])}", va="center", fontsize=5.5)
-        ax.set_yticks(ys, [r[0] for r in rows], fontsize=5)
-        ax.invert_yaxis()
+        _labelled_hbars(ax, rows, _fmt)
         ax.set_xscale("log")
         values = [r[1] for r in rows]
         ax.set_xlim(min(values) / 2, max(values) * 8)
@@ -222,12 +228,7 @@ def efficiency(configs: list[dict], out_dir, inputs: list[str]) -> list[Path]:
     with plt.rc_context(RC):
         fig, ax = _figure(max(1.6, 0.8 + 0.17 * len(rows) + 0.1 * len(notes)))
         if rows:
-            ys = list(range(len(rows)))
-            ax.barh(ys, [r[1] for r in rows], color=[r[2] for r in rows], height=0.7)
-            for yi, r in zip(ys, rows):
-                ax.text(r[1], yi, f" {r[1]:.3g}%", va="center", fontsize=5.5)
-            ax.set_yticks(ys, [r[0] for r in rows], fontsize=5)
-            ax.invert_yaxis()
+            _labelled_hbars(ax, rows, lambda v: f"{v:.3g}%")
         else:
             ax.set_yticks([])
         ax.set_xlim(0, max(r[1] for r in rows) * 1.35 if rows else 1.0)
