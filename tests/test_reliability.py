@@ -109,8 +109,10 @@ def test_sigkill_mid_step_leaves_nothing_taken_as_done(demo_copy, rule):
 
 def test_killed_shard_is_retried(demo_copy):
     """The shard's own process dies (as a node failure would kill it); Snakemake retries it."""
-    proc = _start(demo_copy, "--cores", "2", "--retries", "1", "--forcerun", "run_shard", "--until", "run_shard")
+    # the injected pause holds each shard at its rename, so the harness is still alive when killed
     output = demo_copy / STEP_OUTPUTS["run_shard"]
+    proc = _start(demo_copy, "--cores", "2", "--retries", "1", "--forcerun", "run_shard", "--until", "run_shard",
+                  env={**FAULT_PAUSE, "RACKBENCH_FAULT_PAUSE_ONLY": str(output)})
     deadline = time.time() + 300
     while not _temp_siblings(output):
         assert proc.poll() is None and time.time() < deadline
@@ -168,20 +170,22 @@ def test_broken_quantization_is_caught_by_the_accuracy_gate(demo_copy):
 
 
 def test_second_invocation_is_refused(demo_copy):
-    first = _start(demo_copy, "--cores", "2", "--forcerun", "run_shard")
+    # the injected pause keeps the first run's shards in flight while the others start, however slow the machine
     output = demo_copy / STEP_OUTPUTS["run_shard"]
+    first = _start(demo_copy, "--cores", "2", "--forcerun", "run_shard",
+                   env={**FAULT_PAUSE, "RACKBENCH_FAULT_PAUSE_ONLY": str(output)})
     deadline = time.time() + 300
     while not _temp_siblings(output):
         assert first.poll() is None and time.time() < deadline
         time.sleep(0.05)
-    # the same command again: the first run's shards in flight are incomplete, so it refuses
-    second = snakemake(demo_copy, "--cores", "2", "--forcerun", "run_shard", check=False)
-    assert second.returncode != 0
-    assert "IncompleteFilesException" in second.stdout + second.stderr
-    # and with --rerun-incomplete, as that message suggests, Snakemake's lock refuses it
-    third = snakemake(demo_copy, "--cores", "2", "--forcerun", "run_shard", "--rerun-incomplete", check=False)
-    assert third.returncode != 0
-    assert "LockException" in third.stdout + third.stderr
+    # The same command again is refused by Snakemake's lock on the working directory (the
+    # in-flight shards are forced, so they are planned to run, not flagged as incomplete),
+    # and --rerun-incomplete does not get past the lock either.
+    for extra in ([], ["--rerun-incomplete"]):
+        again = snakemake(demo_copy, "--cores", "2", "--forcerun", "run_shard", *extra, check=False)
+        assert again.returncode != 0
+        assert "LockException" in again.stdout + again.stderr
+        assert first.poll() is None, "the first run ended before the second was refused; the check proved nothing"
     out, _ = first.communicate(timeout=600)
     assert first.returncode == 0, out[-3000:]
     assert json.loads((demo_copy / STEP_OUTPUTS["accuracy"]).read_text())["valid"]

@@ -62,7 +62,7 @@ def atomic_path(final: str | os.PathLike, *, directory: bool = False) -> Iterato
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         raise
-    _fault_injection_pause()
+    _fault_injection_pause(final)
     if directory:
         os.chmod(tmp, 0o755)
         if final.exists():
@@ -77,11 +77,13 @@ def atomic_path(final: str | os.PathLike, *, directory: bool = False) -> Iterato
         os.replace(tmp, final)
 
 
-def _fault_injection_pause() -> None:
+def _fault_injection_pause(final: Path) -> None:
     # Fault injection for the reliability tests: hold a finished output just
     # before its rename, the last moment a kill can strike. Unset in real runs.
+    # RACKBENCH_FAULT_PAUSE_ONLY names one output path to hold (others go on).
     pause = os.environ.get("RACKBENCH_FAULT_PAUSE_BEFORE_RENAME_S")
-    if pause:
+    only = os.environ.get("RACKBENCH_FAULT_PAUSE_ONLY")
+    if pause and (not only or final.resolve() == Path(only).resolve()):
         time.sleep(float(pause))
 
 
