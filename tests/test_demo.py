@@ -10,7 +10,7 @@ import pytest
 from rackbench import demo
 
 MODEL_ARGS = ["--hidden-size", "256", "--intermediate-size", "688", "--num-layers", "2",
-              "--num-heads", "4", "--num-kv-heads", "4", "--vocab-size", "1024"]
+              "--num-heads", "8", "--num-kv-heads", "1", "--vocab-size", "1024"]
 COLUMNS = ["id", "system_prompt", "question", "input", "output", "tok_input", "tok_output"]
 
 
@@ -56,7 +56,7 @@ def test_model_loads_with_llama_layout(model_dir):
     model = LlamaForCausalLM.from_pretrained(model_dir)
     cfg = model.config
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_attention_heads,
-            cfg.num_key_value_heads, cfg.vocab_size) == (256, 688, 2, 4, 4, 1024)
+            cfg.num_key_value_heads, cfg.vocab_size) == (256, 688, 2, 8, 1, 1024)
     assert len(tok) <= cfg.vocab_size
 
 
