@@ -28,6 +28,11 @@ DEMO_STEP_OUTPUTS = {
     "report": "results/report/report.md",
 }
 
+# Environment for Snakemake runs that do not use Slurm: Slurm's clients talk to no
+# controller, so the Slurm executor plugin's start-up probe fails at once instead of
+# waiting out its timeout (see tests/slurm/no-controller.conf).
+LOCAL_SNAKEMAKE_ENV = {"SLURM_CONF": str(ROOT / "tests" / "slurm" / "no-controller.conf")}
+
 
 def copy_workflow(dest: Path) -> Path:
     """The tracked (and untracked, not ignored) files of this checkout, without results/."""
@@ -44,7 +49,7 @@ def copy_workflow(dest: Path) -> Path:
 def snakemake(workdir: Path, *args, timeout=900, env=None, check=True):
     """Run Snakemake in ``workdir``; returns the CompletedProcess (output captured)."""
     proc = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+                          text=True, timeout=timeout, env={**os.environ, **LOCAL_SNAKEMAKE_ENV, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")

@@ -2,6 +2,7 @@
 message naming the key, before any job is planned."""
 
 import copy
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import LOCAL_SNAKEMAKE_ENV
 from rackbench.config import ConfigError, check_config, configurations
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +72,7 @@ def test_snakemake_rejects_bad_config_before_planning(case, tmp_path):
     bad.write_text(yaml.safe_dump(apply_patch(DEMO, case)))
     proc = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "--configfile", str(bad), "--directory", str(ROOT)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, **LOCAL_SNAKEMAKE_ENV},
     )
     assert proc.returncode != 0
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]

@@ -5,6 +5,7 @@ the figures. Independent of the demo run."""
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import LOCAL_SNAKEMAKE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow,
@@ -86,7 +88,8 @@ def test_snakemake_report_renders_figures_in_chromium(tmp_path, chromium):
     (tmp_path / "Snakefile").write_text(SNAKEFILE)
 
     def smk(*args):
-        proc = subprocess.run(["snakemake", *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(["snakemake", *args], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, **LOCAL_SNAKEMAKE_ENV})
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     smk("-c1", "report")                     # the target rule
     smk("-c1", "results/accuracy_shown.json")
