@@ -115,3 +115,21 @@ def test_exported_fp8_checkpoint(tmp_path):
         with torch.no_grad():
             modelopt_fq = quantizer(original[name].float())
         assert torch.allclose(got, modelopt_fq, rtol=1e-6, atol=0)  # ModelOpt scales by 448/amax
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fake_quantize_fp8_equals_pytorchs_own_cast(dtype):
+    """The table-based FP8 -> float32 step gives PyTorch's own conversion, bit for bit:
+    every E4M3 code (as x = code * scale), values between codes, both zeros, infinities,
+    NaN and subnormals."""
+    scale = torch.tensor(0.37)
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    noise = torch.randn(100_000, generator=torch.Generator().manual_seed(0)) * 200
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -3e-3, 448.0, 1e6])
+    x = torch.cat([codes * scale, noise, special]).to(dtype)
+    want = ((x.float() / scale).clamp(-nvfp4.E4M3_MAX, nvfp4.E4M3_MAX).to(torch.float8_e4m3fn).float()
+            * scale).to(dtype)
+    got = nvfp4.fake_quantize_fp8(x, scale)
+    assert got.dtype == dtype
+    assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))

@@ -381,7 +381,6 @@ class ReferenceEngine:
         self._llama = type(model).__name__ == "LlamaForCausalLM"  # the hand-written decode loop below
         self._kv_buf = None
         self._fused_weights = None  # see _fused
-        self._fp8_table = None  # see _kv_round
         if self._llama:
             attn = model.model.layers[0].self_attn
             self._heads = (model.config.num_attention_heads, model.config.num_key_value_heads,
@@ -519,18 +518,6 @@ class ReferenceEngine:
         inter = gu.shape[-1] // 2
         return mlp.down_proj(mlp.act_fn(gu[..., :inter]) * gu[..., inter:])
 
-    def _kv_round(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """``nvfp4.fake_quantize_fp8``, bit for bit, with the FP8 -> float32 step done by a
-        256-entry table (PyTorch's own float8 -> float32 cast is scalar code on CPU, ~3 ns
-        per element). The table holds PyTorch's own conversions of the 256 codes."""
-        if x.dtype != torch.float32:
-            return nvfp4.fake_quantize_fp8(x, scale)
-        if self._fp8_table is None or self._fp8_table.device != x.device:
-            codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
-            self._fp8_table = codes.float().to(x.device)
-        q = (x / scale).clamp(-nvfp4.E4M3_MAX, nvfp4.E4M3_MAX).to(torch.float8_e4m3fn)
-        return torch.take(self._fp8_table, q.view(torch.uint8).long()) * scale
-
     def _kv_buffers(self, rows: int, capacity: int) -> tuple[list, list]:
         """Per-layer K and V storage [rows, kv heads, capacity, head dim], kept between
         calls (a fresh multi-MB tensor per batch costs page faults on CPU). Zeroed when
@@ -597,7 +584,7 @@ class ReferenceEngine:
                 q, k = qk[:, :, :hq].transpose(1, 2), qk[:, :, hq:].transpose(1, 2)
             v = v.reshape(g, width, hkv, d).transpose(1, 2)
             if ks is not None:
-                k, v = self._kv_round(k, ks[li]), self._kv_round(v, vs[li])
+                k, v = nvfp4.fake_quantize_fp8(k, ks[li]), nvfp4.fake_quantize_fp8(v, vs[li])
             K[li][row0:row0 + g, :, :width] = k
             V[li][row0:row0 + g, :, :width] = v
             if not final:
@@ -689,7 +676,7 @@ class ReferenceEngine:
                 qk = self._rotary(qk.view(b, hq + hkv, d), cos, sin)
                 q, k, v = qk[:, :hq].view(b, hkv, g, d), qk[:, hq:], v.reshape(b, hkv, d)
                 if ks is not None:
-                    k, v = self._kv_round(k, ks[li]), self._kv_round(v, vs[li])
+                    k, v = nvfp4.fake_quantize_fp8(k, ks[li]), nvfp4.fake_quantize_fp8(v, vs[li])
                 K[li][rows, :, pos] = k
                 V[li][rows, :, pos] = v
                 if scale_q is not None:
