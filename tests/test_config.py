@@ -2,15 +2,12 @@
 message naming the key, before any job is planned."""
 
 import copy
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import LOCAL_SNAKEMAKE_ENV
+from conftest import snakemake
 from rackbench.config import ConfigError, check_config, configurations
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,10 +67,7 @@ def test_snakemake_rejects_bad_config_before_planning(case, tmp_path):
     """Through Snakemake itself: one line, no traceback, nothing planned or written."""
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(apply_patch(DEMO, case)))
-    proc = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--configfile", str(bad), "--directory", str(ROOT)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, **LOCAL_SNAKEMAKE_ENV},
-    )
+    proc = snakemake(ROOT, "-n", "--configfile", str(bad), "--directory", str(ROOT), timeout=120, check=False)
     assert proc.returncode != 0
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     assert lines == [lines[0]] and lines[0].startswith("invalid config: "), lines

@@ -5,7 +5,6 @@ the figures. Independent of the demo run."""
 
 import importlib.util
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -13,11 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import LOCAL_SNAKEMAKE_ENV
+from conftest import snakemake
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(shutil.which("snakemake") is None, reason="snakemake not on PATH")]
+pytestmark = pytest.mark.slow
 
 SNAKEFILE = '''
 SHARDS = expand("results/runs/llama2-70b/nvfp4/tensorrt-llm/GB300/bs16/2x4/performance/shard{i}", i=range(2))
@@ -88,9 +86,7 @@ def test_snakemake_report_renders_figures_in_chromium(tmp_path, chromium):
     (tmp_path / "Snakefile").write_text(SNAKEFILE)
 
     def smk(*args):
-        proc = subprocess.run(["snakemake", *args], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, **LOCAL_SNAKEMAKE_ENV})
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        snakemake(tmp_path, *args, timeout=600)
     smk("-c1", "report")                     # the target rule
     smk("-c1", "results/accuracy_shown.json")
     smk("--report", "results/report.html")
