@@ -60,10 +60,7 @@ def write_settings(settings_of):
 
 
 def fields_of(wildcards):
-    return {
-        k: (int(wildcards[k]) if k == "batch_size" else wildcards[k])
-        for k in plan.CONFIG_FIELDS
-    }
+    return {k: (int(wildcards[k]) if k == "batch_size" else wildcards[k]) for k in plan.CONFIG_FIELDS}
 
 
 def configuration_of(wildcards):

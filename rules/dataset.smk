@@ -9,15 +9,15 @@ rule prepare_dataset:
     output:
         samples=paths.pattern(paths.DATASET_PATTERN, part="samples"),
         calibration=paths.pattern(paths.DATASET_PATTERN, part="calibration"),
+    log:
+        paths.log_file("prepare_dataset"),
+    conda:
+        RUN_ENV
     params:
         samples_checksum=lambda wc: dataset_checksum_arg(wc, "samples"),
         calibration_checksum=lambda wc: dataset_checksum_arg(wc, "calibration"),
         expect_rows=expected_rows,
         settings=write_settings(lambda wc: plan.dataset_settings(config, wc.dataset)),
-    log:
-        paths.log_file("prepare_dataset"),
-    conda:
-        RUN_ENV
     shell:
         "{params.settings} > {log} 2>&1 && python -m rackbench.dataset"
         " --pickle {input.samples} --out {output.samples} --checksum {params.samples_checksum}"

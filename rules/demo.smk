@@ -5,6 +5,11 @@
 rule demo_model:
     output:
         directory(paths.DEMO_MODEL_PATTERN),
+    log:
+        paths.log_file("demo_model"),
+    conda:
+        RUN_ENV
+    threads: 2
     params:
         seed=DEMO["seed"],
         hidden_size=DEMO["model"]["hidden_size"],
@@ -13,11 +18,6 @@ rule demo_model:
         num_heads=DEMO["model"]["num_attention_heads"],
         num_kv_heads=DEMO["model"]["num_key_value_heads"],
         vocab_size=DEMO["model"]["vocab_size"],
-    log:
-        paths.log_file("demo_model"),
-    threads: 2
-    conda:
-        RUN_ENV
     shell:
         "python -m rackbench.demo model --out {output} --seed {params.seed}"
         " --hidden-size {params.hidden_size} --intermediate-size {params.intermediate_size}"
@@ -32,6 +32,11 @@ rule demo_dataset:
         samples=f"{paths.DEMO_DATASET_DIR}/open_orca_gpt4_tokenized_llama.sampled_24576.pkl",
         calibration=f"{paths.DEMO_DATASET_DIR}/open_orca_gpt4_tokenized_llama.calibration_1000.pkl",
         checksums=f"{paths.DEMO_DATASET_DIR}/SHA256SUMS",
+    log:
+        paths.log_file("demo_dataset"),
+    conda:
+        RUN_ENV
+    threads: 2
     params:
         out_dir=paths.DEMO_DATASET_DIR,
         seed=DEMO["seed"],
@@ -40,11 +45,6 @@ rule demo_dataset:
         max_new_tokens=DEMO["reference_max_new_tokens"],
         min_prompt_tokens=DEMO["min_prompt_tokens"],
         max_prompt_tokens=DEMO["max_prompt_tokens"],
-    log:
-        paths.log_file("demo_dataset"),
-    threads: 2
-    conda:
-        RUN_ENV
     shell:
         "python -m rackbench.demo dataset --model {input.model} --out {params.out_dir} --seed {params.seed}"
         " --num-samples {params.samples} --num-calibration {params.calibration}"

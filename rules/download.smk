@@ -8,14 +8,13 @@ rule download_model:
         model_source_input,
     output:
         directory(paths.SNAPSHOT_PATTERN),
-    params:
-        source=model_source_args,
-        settings=write_settings(lambda wc: plan.snapshot_settings(config, wc.model)),
     log:
         paths.log_file("download_model"),
     localrule: True
     conda:
         RUN_ENV
+    params:
+        source=model_source_args,
+        settings=write_settings(lambda wc: plan.snapshot_settings(config, wc.model)),
     shell:
-        "{params.settings} > {log} 2>&1"
-        " && python -m rackbench.download {params.source} --out {output} >> {log} 2>&1"
+        "{params.settings} > {log} 2>&1" " && python -m rackbench.download {params.source} --out {output} >> {log} 2>&1"

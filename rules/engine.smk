@@ -9,24 +9,22 @@ rule build_engine:
         base_model=engine_base_model,
     output:
         directory(paths.ENGINE_PATTERN),
-    params:
-        gpu_spec=lambda wc: as_json(GPU_TYPES[wc.gpu_type]),
-        build_settings=lambda wc, input: as_json(engine_build_settings(wc, input)),
-        placement=lambda wc: placement(wc, engine_gpus(wc)),
-        settings=write_settings(
-            lambda wc: plan.engine_settings(config, wc.model, wc.recipe, wc.backend, wc.gpu_type)
-        ),
-    message:
-        "build_engine {wildcards.backend} engine of {wildcards.model}/{wildcards.recipe} for"
-        " {wildcards.gpu_type}: {params.placement}"
     log:
         paths.log_file("build_engine"),
-    resources:
-        **job_resources(lambda wc: wc.gpu_type, engine_gpus),
     conda:
         RUN_ENV
     container:
         engine_container
+    resources:
+        **job_resources(lambda wc: wc.gpu_type, engine_gpus),
+    params:
+        gpu_spec=lambda wc: as_json(GPU_TYPES[wc.gpu_type]),
+        build_settings=lambda wc, input: as_json(engine_build_settings(wc, input)),
+        placement=lambda wc: placement(wc, engine_gpus(wc)),
+        settings=write_settings(lambda wc: plan.engine_settings(config, wc.model, wc.recipe, wc.backend, wc.gpu_type)),
+    message:
+        "build_engine {wildcards.backend} engine of {wildcards.model}/{wildcards.recipe} for"
+        " {wildcards.gpu_type}: {params.placement}"
     shell:
         "{params.settings} > {log} 2>&1 && python -m rackbench.build_engine --checkpoint {input.checkpoint}"
         " --out {output} --backend {wildcards.backend} --model {wildcards.model} --recipe {wildcards.recipe}"

@@ -9,21 +9,21 @@ rule quantize:
         calibration=lambda wc: dataset_file_of(wc.model, "calibration"),
     output:
         directory(paths.CHECKPOINT_PATTERN),
+    log:
+        paths.log_file("quantize"),
+    conda:
+        RUN_ENV
+    container:
+        QUANT["container"]
+    threads: 2
+    resources:
+        **job_resources(lambda wc: QUANT_GPU, lambda wc: QUANT["gpus"]),
     params:
         samples=QUANT["calibration_samples"],
         batch_size=QUANT["calibration_batch_size"],
         max_seq_len=QUANT["calibration_max_seq_len"],
         device=QUANT["device"],
         settings=write_settings(lambda wc: plan.checkpoint_settings(config, wc.model, wc.recipe)),
-    log:
-        paths.log_file("quantize"),
-    threads: 2
-    resources:
-        **job_resources(lambda wc: QUANT_GPU, lambda wc: QUANT["gpus"]),
-    conda:
-        RUN_ENV
-    container:
-        QUANT["container"]
     shell:
         "{params.settings} > {log} 2>&1 && python -m rackbench.quantize --model-dir {input.model}"
         " --calibration {input.calibration} --recipe {wildcards.recipe} --out {output}"

@@ -34,17 +34,17 @@ rule report:
             caption="../report/efficiency.rst",
             category="throughput",
         ),
+    log:
+        paths.log_file("report"),
+    localrule: True
+    conda:
+        RUN_ENV
     params:
         configurations=as_json([cfg.report_entry() for cfg in CONFIGURATIONS]),
         gpu_types=as_json(GPU_TYPES),
         models=as_json(MODELS),
         out_dir=paths.REPORT_DIR,
         results=paths.RESULTS,
-    log:
-        paths.log_file("report"),
-    localrule: True
-    conda:
-        RUN_ENV
     shell:
         "python -m rackbench.report --configurations-json {params.configurations} --results {params.results}"
         " --gpu-types-json {params.gpu_types} --models-json {params.models} --out {params.out_dir} > {log} 2>&1"

@@ -8,6 +8,15 @@ rule run_shard:
         dataset=lambda wc: configuration_of(wc).dataset_file("samples"),
     output:
         directory(paths.SHARD_PATTERN),
+    log:
+        paths.log_file("run_shard"),
+    conda:
+        RUN_ENV
+    container:
+        engine_container
+    threads: shard_threads
+    resources:
+        **job_resources(lambda wc: wc.gpu_type, shard_gpus),
     params:
         num_shards=lambda wc: parse_layout(wc.layout)[0],
         gpus_per_shard=shard_gpus,
@@ -26,15 +35,6 @@ rule run_shard:
         "run_shard {wildcards.mode} shard {wildcards.shard} of {wildcards.model}/{wildcards.recipe} on"
         " {wildcards.backend}/{wildcards.gpu_type} (layout {wildcards.layout}, batch {wildcards.batch_size}):"
         " {params.placement}"
-    log:
-        paths.log_file("run_shard"),
-    threads: shard_threads
-    resources:
-        **job_resources(lambda wc: wc.gpu_type, shard_gpus),
-    conda:
-        RUN_ENV
-    container:
-        engine_container
     shell:
         "{params.settings} > {log} 2>&1 && python -m rackbench.harness --engine-dir {input.engine}"
         " --dataset {input.dataset} --out {output}"

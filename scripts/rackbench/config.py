@@ -153,8 +153,9 @@ def _semantic_checks(config: dict) -> None:
             raise ConfigError(f"benchmarks.models: unknown model {name!r}; defined: {sorted(config['models'])}")
     for name, model in config["models"].items():
         if model["dataset"] not in config["datasets"]:
-            raise ConfigError(f"models.{name}.dataset: unknown dataset {model['dataset']!r}; "
-                              f"defined: {sorted(config['datasets'])}")
+            raise ConfigError(
+                f"models.{name}.dataset: unknown dataset {model['dataset']!r}; defined: {sorted(config['datasets'])}"
+            )
         local = model["source"].get("local")
         if local and not Path(local).is_dir() and not _is_produced_by_workflow(local, config):
             raise ConfigError(f"models.{name}.source.local: directory {local} does not exist")
@@ -172,8 +173,9 @@ def _semantic_checks(config: dict) -> None:
             raise ConfigError(f"benchmarks.gpu_types: unknown GPU type {gpu!r}; known: {sorted(gpu_types)}")
         spec = gpu_types[gpu]
         if "nvfp4" in bench["recipes"] and spec["kind"] == "gpu" and not spec["runs_nvfp4"]:
-            raise ConfigError(f"benchmarks.recipes: nvfp4 cannot run on GPU type {gpu} (NVFP4 needs Blackwell); "
-                              "use recipe fp8 for it")
+            raise ConfigError(
+                f"benchmarks.recipes: nvfp4 cannot run on GPU type {gpu} (NVFP4 needs Blackwell); use recipe fp8 for it"
+            )
         if spec["kind"] == "gpu" and not spec["slurm"].get("gpu_model"):
             raise ConfigError(f"gpu_types.{gpu}.slurm.gpu_model: required for a GPU type")
         if spec["kind"] == "cpu" and "tensorrt-llm" in bench["backends"]:
@@ -186,16 +188,20 @@ def _semantic_checks(config: dict) -> None:
     rack_gpus = config["rack"]["nodes"] * config["rack"]["gpus_per_node"]
     for gps in bench["gpus_per_shard"]:
         if gps > config["rack"]["gpus_per_node"]:
-            raise ConfigError(f"benchmarks.gpus_per_shard: {gps} is more than rack.gpus_per_node "
-                              f"({config['rack']['gpus_per_node']}); a shard runs on one node")
+            raise ConfigError(
+                f"benchmarks.gpus_per_shard: {gps} is more than rack.gpus_per_node "
+                f"({config['rack']['gpus_per_node']}); a shard runs on one node"
+            )
         if rack_gpus % gps:
             raise ConfigError(f"benchmarks.gpus_per_shard: {gps} does not divide the rack's {rack_gpus} GPUs")
         shards = rack_gpus // gps
         for name in bench["models"]:
             size = dataset_size(config, config["models"][name]["dataset"])
             if size is not None and shards > size:
-                raise ConfigError(f"benchmarks.gpus_per_shard: {gps} GPUs per shard makes {shards} shards, "
-                                  f"more than the {size} samples of dataset {config['models'][name]['dataset']}")
+                raise ConfigError(
+                    f"benchmarks.gpus_per_shard: {gps} GPUs per shard makes {shards} shards, "
+                    f"more than the {size} samples of dataset {config['models'][name]['dataset']}"
+                )
 
     engines = config.get("engines", {})
     for backend in bench["backends"]:
@@ -204,7 +210,9 @@ def _semantic_checks(config: dict) -> None:
         limit = engines[backend].get("max_batch_size")
         for bs in bench["batch_sizes"]:
             if limit is not None and bs > limit:
-                raise ConfigError(f"benchmarks.batch_sizes: {bs} is larger than engines.{backend}.max_batch_size ({limit})")
+                raise ConfigError(
+                    f"benchmarks.batch_sizes: {bs} is larger than engines.{backend}.max_batch_size ({limit})"
+                )
 
     if "tensorrt-llm" in bench["backends"]:
         _check_trtllm(engines["tensorrt-llm"], config)
@@ -212,8 +220,10 @@ def _semantic_checks(config: dict) -> None:
     max_new = config["run"]["max_new_tokens"]
     demo = config["demo"]
     if demo["enabled"] and demo["reference_max_new_tokens"] < max_new:
-        raise ConfigError(f"run.max_new_tokens: {max_new} exceeds demo.reference_max_new_tokens "
-                          f"({demo['reference_max_new_tokens']}): the references would be cut shorter than the outputs")
+        raise ConfigError(
+            f"run.max_new_tokens: {max_new} exceeds demo.reference_max_new_tokens "
+            f"({demo['reference_max_new_tokens']}): the references would be cut shorter than the outputs"
+        )
 
 
 def _check_trtllm(settings: dict, config: dict) -> None:
@@ -227,18 +237,26 @@ def _check_trtllm(settings: dict, config: dict) -> None:
     replica = replica_size(resolved)
     for gps in config["benchmarks"]["gpus_per_shard"]:
         if gps % replica:
-            raise ConfigError(f"engines.tensorrt-llm: a replica needs tensor_parallel_size x pipeline_parallel_size = "
-                              f"{replica} GPUs, which does not divide benchmarks.gpus_per_shard {gps}")
+            raise ConfigError(
+                f"engines.tensorrt-llm: a replica needs tensor_parallel_size x pipeline_parallel_size = "
+                f"{replica} GPUs, which does not divide benchmarks.gpus_per_shard {gps}"
+            )
     max_new = config["run"]["max_new_tokens"]
     if resolved["max_input_len"] + max_new > resolved["max_seq_len"]:
-        raise ConfigError(f"engines.tensorrt-llm.max_seq_len: {resolved['max_seq_len']} is shorter than "
-                          f"max_input_len {resolved['max_input_len']} + run.max_new_tokens {max_new}")
+        raise ConfigError(
+            f"engines.tensorrt-llm.max_seq_len: {resolved['max_seq_len']} is shorter than "
+            f"max_input_len {resolved['max_input_len']} + run.max_new_tokens {max_new}"
+        )
     if not resolved["enable_chunked_prefill"] and resolved["max_num_tokens"] < resolved["max_input_len"]:
-        raise ConfigError(f"engines.tensorrt-llm.max_num_tokens: {resolved['max_num_tokens']} is below max_input_len "
-                          f"{resolved['max_input_len']} with enable_chunked_prefill off: long prompts cannot be scheduled")
+        raise ConfigError(
+            f"engines.tensorrt-llm.max_num_tokens: {resolved['max_num_tokens']} is below max_input_len "
+            f"{resolved['max_input_len']} with enable_chunked_prefill off: long prompts cannot be scheduled"
+        )
     if resolved["mode"] == "pytorch" and resolved["trtllm_build_extra_flags"]:
-        raise ConfigError("engines.tensorrt-llm.trtllm_build_extra_flags: trtllm-build flags given, but mode is "
-                          "pytorch (no engine build); use mode: tensorrt or remove them")
+        raise ConfigError(
+            "engines.tensorrt-llm.trtllm_build_extra_flags: trtllm-build flags given, but mode is "
+            "pytorch (no engine build); use mode: tensorrt or remove them"
+        )
 
 
 def check_config(config: dict) -> None:
@@ -248,8 +266,10 @@ def check_config(config: dict) -> None:
     # Secrets first: a token under an unknown key must be reported as a token.
     secrets = list(_find_secrets(config))
     if secrets:
-        raise ConfigError(f"{secrets[0]}: looks like a secret token written in the config; "
-                          "put the Hugging Face token in the HF_TOKEN environment variable instead")
+        raise ConfigError(
+            f"{secrets[0]}: looks like a secret token written in the config; "
+            "put the Hugging Face token in the HF_TOKEN environment variable instead"
+        )
     _validate_schema(config)
     _semantic_checks(config)
 
@@ -268,31 +288,43 @@ def _demo_settings(config: dict, path: str) -> dict:
 
 def snapshot_settings(config: dict, model: str) -> dict:
     source = config["models"][model]["source"]
-    return {"step": "download_model", "model": model, "source": source,
-            **_demo_settings(config, source.get("local", ""))}
+    return {
+        "step": "download_model",
+        "model": model,
+        "source": source,
+        **_demo_settings(config, source.get("local", "")),
+    }
 
 
 def dataset_settings(config: dict, dataset: str) -> dict:
     entry = config["datasets"][dataset]
-    return {"step": "prepare_dataset", "dataset": dataset, **entry,
-            **_demo_settings(config, entry["samples"]["path"])}
+    return {"step": "prepare_dataset", "dataset": dataset, **entry, **_demo_settings(config, entry["samples"]["path"])}
 
 
 def checkpoint_settings(config: dict, model: str, recipe: str) -> dict:
     dataset = config["models"][model]["dataset"]
-    return {"step": "quantize", "model": model, "recipe": recipe,
-            "snapshot_variant": paths.variant_id(snapshot_settings(config, model)),
-            "dataset_variant": paths.variant_id(dataset_settings(config, dataset)),
-            "quantization": config["quantization"]}
+    return {
+        "step": "quantize",
+        "model": model,
+        "recipe": recipe,
+        "snapshot_variant": paths.variant_id(snapshot_settings(config, model)),
+        "dataset_variant": paths.variant_id(dataset_settings(config, dataset)),
+        "quantization": config["quantization"],
+    }
 
 
 def engine_settings(config: dict, model: str, recipe: str, backend: str, gpu_type: str) -> dict:
     spec = config["gpu_types"][gpu_type]
-    settings = {"step": "build_engine", "model": model, "recipe": recipe, "backend": backend,
-                "gpu_type": gpu_type,
-                "gpu_spec": {k: v for k, v in spec.items() if k not in GPU_TYPE_SCHEDULING_KEYS},
-                "checkpoint_variant": paths.variant_id(checkpoint_settings(config, model, recipe)),
-                "engine": config["engines"][backend]}
+    settings = {
+        "step": "build_engine",
+        "model": model,
+        "recipe": recipe,
+        "backend": backend,
+        "gpu_type": gpu_type,
+        "gpu_spec": {k: v for k, v in spec.items() if k not in GPU_TYPE_SCHEDULING_KEYS},
+        "checkpoint_variant": paths.variant_id(checkpoint_settings(config, model, recipe)),
+        "engine": config["engines"][backend],
+    }
     if backend == "tensorrt-llm":  # its engine build re-exports from the base model too
         settings["snapshot_variant"] = paths.variant_id(snapshot_settings(config, model))
     return settings
@@ -301,19 +333,25 @@ def engine_settings(config: dict, model: str, recipe: str, backend: str, gpu_typ
 def run_settings(config: dict, fields: dict) -> dict:
     dataset = config["models"][fields["model"]]["dataset"]
     engine = engine_settings(config, fields["model"], fields["recipe"], fields["backend"], fields["gpu_type"])
-    return {"step": "run_shard", **fields,
-            "engine_variant": paths.variant_id(engine),
-            "dataset_variant": paths.variant_id(dataset_settings(config, dataset)),
-            "run": {k: v for k, v in config["run"].items() if k not in RUN_REPORTING_KEYS}}
+    return {
+        "step": "run_shard",
+        **fields,
+        "engine_variant": paths.variant_id(engine),
+        "dataset_variant": paths.variant_id(dataset_settings(config, dataset)),
+        "run": {k: v for k, v in config["run"].items() if k not in RUN_REPORTING_KEYS},
+    }
 
 
 def accuracy_settings(config: dict, fields: dict) -> dict:
     model = config["models"][fields["model"]]
-    return {"step": "accuracy", **fields,
-            "run_variant": paths.variant_id(run_settings(config, fields)),
-            "snapshot_variant": paths.variant_id(snapshot_settings(config, fields["model"])),
-            "dataset_variant": paths.variant_id(dataset_settings(config, model["dataset"])),
-            "accuracy": model["accuracy"]}
+    return {
+        "step": "accuracy",
+        **fields,
+        "run_variant": paths.variant_id(run_settings(config, fields)),
+        "snapshot_variant": paths.variant_id(snapshot_settings(config, fields["model"])),
+        "dataset_variant": paths.variant_id(dataset_settings(config, model["dataset"])),
+        "accuracy": model["accuracy"],
+    }
 
 
 # The fields of a configuration: the workflow's wildcards, shard.json's keys and the
@@ -380,11 +418,18 @@ class Configuration:
 
     def report_entry(self) -> dict:
         """What the report is given about this configuration (it never parses paths back)."""
-        return {**self.fields, "key": self.key, "variant": self.run_variant,
-                "accuracy_variant": self.accuracy_variant,
-                "shard_dirs": self.shard_dirs("performance"), "accuracy_json": self.accuracy_json,
-                "run_dir": self.run_dir, "engine_dir": self.engine_dir, "checkpoint_dir": self.checkpoint_dir,
-                "snapshot_dir": self.snapshot_dir}
+        return {
+            **self.fields,
+            "key": self.key,
+            "variant": self.run_variant,
+            "accuracy_variant": self.accuracy_variant,
+            "shard_dirs": self.shard_dirs("performance"),
+            "accuracy_json": self.accuracy_json,
+            "run_dir": self.run_dir,
+            "engine_dir": self.engine_dir,
+            "checkpoint_dir": self.checkpoint_dir,
+            "snapshot_dir": self.snapshot_dir,
+        }
 
 
 def configurations(config: dict) -> list[Configuration]:
@@ -392,17 +437,72 @@ def configurations(config: dict) -> list[Configuration]:
     bench = config["benchmarks"]
     out = []
     for model, recipe, backend, gpu_type, batch_size, gps in itertools.product(
-            bench["models"], bench["recipes"], bench["backends"], bench["gpu_types"],
-            bench["batch_sizes"], bench["gpus_per_shard"]):
-        fields = {"model": model, "recipe": recipe, "backend": backend, "gpu_type": gpu_type,
-                  "batch_size": batch_size, "layout": layout_name(num_shards(config, gps), gps)}
+        bench["models"],
+        bench["recipes"],
+        bench["backends"],
+        bench["gpu_types"],
+        bench["batch_sizes"],
+        bench["gpus_per_shard"],
+    ):
+        fields = {
+            "model": model,
+            "recipe": recipe,
+            "backend": backend,
+            "gpu_type": gpu_type,
+            "batch_size": batch_size,
+            "layout": layout_name(num_shards(config, gps), gps),
+        }
         dataset = config["models"][model]["dataset"]
-        out.append(Configuration(
-            **fields, dataset=dataset,
-            snapshot_variant=paths.variant_id(snapshot_settings(config, model)),
-            dataset_variant=paths.variant_id(dataset_settings(config, dataset)),
-            checkpoint_variant=paths.variant_id(checkpoint_settings(config, model, recipe)),
-            engine_variant=paths.variant_id(engine_settings(config, model, recipe, backend, gpu_type)),
-            run_variant=paths.variant_id(run_settings(config, fields)),
-            accuracy_variant=paths.variant_id(accuracy_settings(config, fields))))
+        out.append(
+            Configuration(
+                **fields,
+                dataset=dataset,
+                snapshot_variant=paths.variant_id(snapshot_settings(config, model)),
+                dataset_variant=paths.variant_id(dataset_settings(config, dataset)),
+                checkpoint_variant=paths.variant_id(checkpoint_settings(config, model, recipe)),
+                engine_variant=paths.variant_id(engine_settings(config, model, recipe, backend, gpu_type)),
+                run_variant=paths.variant_id(run_settings(config, fields)),
+                accuracy_variant=paths.variant_id(accuracy_settings(config, fields)),
+            )
+        )
     return out
+
+
+def main(argv=None) -> int:
+    """``python -m rackbench.config CONFIG.yaml [...]``: check, then list configurations and variants."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(
+        prog="python -m rackbench.config",
+        description="Check a rackbench config as the workflow does (schema with "
+        "defaults filled, then the semantic checks) and list what it benchmarks.",
+    )
+    parser.add_argument("configfile", nargs="+", help="config YAML file(s); later ones are merged over earlier ones")
+    parser.add_argument("--show-defaults", action="store_true", help="print the whole config, defaults filled")
+    args = parser.parse_args(argv)
+    config: dict = {}
+    for name in args.configfile:
+        merge_configs(config, yaml.safe_load(Path(name).read_text()) or {})
+    try:
+        check_config(config)
+    except ConfigError as err:
+        raise SystemExit(f"invalid config: {err}") from None
+    if args.show_defaults:
+        print(json.dumps(config, indent=2, sort_keys=True))
+    for cfg in configurations(config):
+        print(f"{cfg.key}  run variant {cfg.run_variant}  -> {cfg.run_dir}")
+    return 0
+
+
+def merge_configs(into: dict, update: dict) -> None:
+    """Snakemake's merge of several config files: nested mappings merge, the rest is replaced."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge_configs(into[key], value)
+        else:
+            into[key] = value
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -63,8 +63,13 @@ REPORT_DIR = f"{RESULTS}/report"
 LOGS = f"{RESULTS}/logs"
 
 # The report's files, by kind (figures come as PDF, SVG and PNG).
-REPORT_TABLES = {"throughput": "throughput.csv", "shards": "shards.csv", "provenance": "provenance.csv",
-                 "variants": "variants.csv", "markdown": "report.md"}
+REPORT_TABLES = {
+    "throughput": "throughput.csv",
+    "shards": "shards.csv",
+    "provenance": "provenance.csv",
+    "variants": "variants.csv",
+    "markdown": "report.md",
+}
 REPORT_FIGURES = ("shard_throughput", "shard_timeline", "records", "efficiency")
 FIGURE_FORMATS = (".pdf", ".svg", ".png")
 
@@ -77,9 +82,9 @@ LOG_PATTERNS = {
     "quantize": f"{LOGS}/quantize/{{model}}-{{recipe}}-{{variant}}.log",
     "build_engine": f"{LOGS}/build_engine/{{model}}-{{recipe}}-{{backend}}-{{gpu_type}}-{{variant}}.log",
     "run_shard": f"{LOGS}/run_shard/{{model}}-{{recipe}}-{{backend}}-{{gpu_type}}-bs{{batch_size}}-{{layout}}"
-                 f"-{{variant}}-{{mode}}-shard{{shard}}.log",
+    f"-{{variant}}-{{mode}}-shard{{shard}}.log",
     "accuracy": f"{LOGS}/accuracy/{{model}}-{{recipe}}-{{backend}}-{{gpu_type}}-bs{{batch_size}}-{{layout}}"
-                f"-{{variant}}.log",
+    f"-{{variant}}.log",
     "report": f"{LOGS}/report.log",
 }
 
@@ -193,8 +198,9 @@ def log_file(rule: str) -> str:
 def run_variants_on_disk(results_root: str | os.PathLike = RESULTS) -> list[Path]:
     """Every run variant's settings.json under ``results_root`` (old and current), sorted."""
     levels = CONFIG_KEY_PATTERN.count("/") + 2  # the key's directories and the variant
-    return sorted(p for p in (Path(results_root) / "runs").glob("/".join(["*"] * levels) + "/" + SETTINGS_FILE)
-                  if p.is_file())
+    return sorted(
+        p for p in (Path(results_root) / "runs").glob("/".join(["*"] * levels) + "/" + SETTINGS_FILE) if p.is_file()
+    )
 
 
 def main(argv=None) -> int:

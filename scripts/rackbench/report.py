@@ -44,8 +44,8 @@ import statistics
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from rackbench import figures, ingest, paths, provenance
 from rackbench.args import is_json_file, json_arg
@@ -61,6 +61,7 @@ NAN = float("nan")
 
 
 # --- reading ------------------------------------------------------------------
+
 
 def config_name(fields: dict) -> str:
     """A configuration's readable key (rackbench.paths.config_key)."""
@@ -88,8 +89,16 @@ def read_shard(shard_dir: str | os.PathLike, entry: dict) -> dict:
     rec["config"] = config_name(rec)
     rec["variant"] = entry.get("variant")
     rec["shard_dir"] = shard_dir.as_posix()
-    for k in ("shard_index", "num_shards", "gpus_per_shard", "shard_mode", "mode", "hostname",
-              "slurm_job_id", "cuda_visible_devices"):
+    for k in (
+        "shard_index",
+        "num_shards",
+        "gpus_per_shard",
+        "shard_mode",
+        "mode",
+        "hostname",
+        "slurm_job_id",
+        "cuda_visible_devices",
+    ):
         rec[k] = meta.get(k)
     num_shards, gpus_per_shard = parse_layout(rec["layout"])
     rec["num_shards"] = rec["num_shards"] or num_shards
@@ -141,8 +150,9 @@ def _read_loadgen(rec: dict, shard_dir: Path, meta: dict) -> list[Path]:
 def _shard_throughput(rec: dict) -> None:
     duration = _sub(rec["finished_at"], rec["started_at"])
     rec["wall_s"] = duration
-    rec["measured_tokens_per_s"] = (rec["output_tokens"] / duration
-                                    if duration and rec["output_tokens"] is not None else NAN)
+    rec["measured_tokens_per_s"] = (
+        rec["output_tokens"] / duration if duration and rec["output_tokens"] is not None else NAN
+    )
     if rec["loadgen_tokens_per_second"] not in (None, ""):
         rec["tokens_per_s"] = float(rec["loadgen_tokens_per_second"])
         rec["tokens_per_s_source"] = "LoadGen"
@@ -173,9 +183,12 @@ def read_accuracy(path: str | os.PathLike) -> dict | None:
     if not path.is_file():
         return None
     txt = path.parent / "accuracy.txt"
-    return {"file": path.as_posix(), "data": json.loads(path.read_text()),
-            "accuracy_txt": ingest.parse_accuracy_txt(txt) if txt.exists() else None,
-            "accuracy_txt_file": txt.as_posix() if txt.exists() else None}
+    return {
+        "file": path.as_posix(),
+        "data": json.loads(path.read_text()),
+        "accuracy_txt": ingest.parse_accuracy_txt(txt) if txt.exists() else None,
+        "accuracy_txt_file": txt.as_posix() if txt.exists() else None,
+    }
 
 
 def count_parameters(hf_config: dict) -> int:
@@ -216,8 +229,17 @@ def model_parameters(model: str, spec: dict, snapshot_dir: str | os.PathLike | N
 
 # --- aggregation ----------------------------------------------------------------
 
-def aggregate(entries: list[dict], shards: list[dict], accuracy: dict, gpu_types: dict, models: dict,
-              *, min_overlap: float = 0.9, published: dict | None = None) -> list[dict]:
+
+def aggregate(
+    entries: list[dict],
+    shards: list[dict],
+    accuracy: dict,
+    gpu_types: dict,
+    models: dict,
+    *,
+    min_overlap: float = 0.9,
+    published: dict | None = None,
+) -> list[dict]:
     """Per-configuration figures (a), (b), (c), overlap, status, accuracy, records, efficiency.
 
     ``entries``: the configurations the workflow passed; ``shards``: read_shard records;
@@ -235,8 +257,13 @@ def aggregate(entries: list[dict], shards: list[dict], accuracy: dict, gpu_types
         rows = sorted(by_cfg.get(name, []), key=lambda s: (s["shard_index"] is None, s["shard_index"]))
         if not rows:
             raise ReportInputError(f"configuration {name}: no shard dirs given")
-        cfg = {**fields, "config": name, "variant": entry.get("variant"), "label": name,
-               "short": f"{fields['gpu_type']} {fields['recipe']} bs{fields['batch_size']} {fields['layout']}"}
+        cfg = {
+            **fields,
+            "config": name,
+            "variant": entry.get("variant"),
+            "label": name,
+            "short": f"{fields['gpu_type']} {fields['recipe']} bs{fields['batch_size']} {fields['layout']}",
+        }
         reasons = _completeness(cfg, rows) + _loadgen_validity(rows)
         _sum_figure(cfg, rows)
         _concurrent_figure(cfg, rows)
@@ -267,8 +294,11 @@ def _completeness(cfg: dict, rows: list[dict]) -> list[str]:
 
 
 def _loadgen_validity(rows: list[dict]) -> list[str]:
-    return [f"shard {s['shard_index']}: LoadGen result {s['loadgen_result'] or 'missing'}"
-            for s in rows if s["loadgen_result"] != "VALID"]
+    return [
+        f"shard {s['shard_index']}: LoadGen result {s['loadgen_result'] or 'missing'}"
+        for s in rows
+        if s["loadgen_result"] != "VALID"
+    ]
 
 
 def _sum_figure(cfg: dict, rows: list[dict]) -> None:
@@ -354,8 +384,9 @@ def _status(cfg: dict, rows: list[dict], reasons: list[str]) -> None:
         cfg["status"] = STATUS_INVALID
     elif cfg["accuracy_evidence"] == "none":
         cfg["status"] = STATUS_NO_EVIDENCE
-        reasons.append("no accuracy evidence (no accuracy.json/accuracy.txt; "
-                       "performance-mode mlperf_log_accuracy.json is empty)")
+        reasons.append(
+            "no accuracy evidence (no accuracy.json/accuracy.txt; performance-mode mlperf_log_accuracy.json is empty)"
+        )
     else:
         cfg["status"] = STATUS_VALID
     cfg["status_reasons"] = "; ".join(reasons)
@@ -380,8 +411,9 @@ def _efficiency(cfg: dict, rows: list[dict], gpu: dict, models: dict, snapshot_d
     cfg["peak_dense_flops"] = float(peak) if peak else None
     cfg["peak_source"] = peaks.get("source")
     if not peak:
-        cfg["efficiency_skip"] = (f"GPU type {cfg['gpu_type']!r} has no peak dense FLOP/s for {precision} "
-                                  "in the GPU-type table")
+        cfg["efficiency_skip"] = (
+            f"GPU type {cfg['gpu_type']!r} has no peak dense FLOP/s for {precision} in the GPU-type table"
+        )
         return
     if not params:
         cfg["efficiency_skip"] = f"parameter count of {cfg['model']} {params_source}"
@@ -407,12 +439,15 @@ def published_records(gpu_types: dict) -> dict:
     for name, spec in sorted((gpu_types or {}).items()):
         pub = (spec or {}).get("published")
         if pub and pub.get("tokens_per_s_per_gpu"):
-            recs[name] = {"tokens_per_s_per_gpu": pub["tokens_per_s_per_gpu"],
-                          "source": pub.get("source", "GPU-type table")}
+            recs[name] = {
+                "tokens_per_s_per_gpu": pub["tokens_per_s_per_gpu"],
+                "source": pub.get("source", "GPU-type table"),
+            }
     return recs
 
 
 # --- provenance -----------------------------------------------------------------
+
 
 def provenance_rows(entries: list[dict], shards: list[dict], accuracy: dict) -> list[dict]:
     """provenance.json found in or near every input: shard dirs, and the engine, quantized
@@ -440,6 +475,7 @@ def provenance_rows(entries: list[dict], shards: list[dict], accuracy: dict) -> 
 
 # --- variants ---------------------------------------------------------------------
 
+
 def variant_rows(entries: list[dict], results_root: str | os.PathLike | None) -> list[dict]:
     """Every run variant under ``results_root`` (from each variant's settings.json), the
     configured ones marked current: old results stay listed after a knob changes."""
@@ -455,15 +491,23 @@ def variant_rows(entries: list[dict], results_root: str | os.PathLike | None) ->
         name = config_name(fields)
         perf = sorted(settings_path.parent.glob("performance/shard*/shard.json"))
         acc = sorted(settings_path.parent.glob("accuracy/shard*/shard.json"))
-        rows.append({"config": name, "variant": variant, "current": (name, variant) in current,
-                     "performance_shards": len(perf), "accuracy_shards": len(acc),
-                     "shards_expected": parse_layout(fields["layout"])[0],
-                     "settings": settings_path.as_posix(),
-                     "run": json.dumps(settings.get("run"), sort_keys=True)})
+        rows.append(
+            {
+                "config": name,
+                "variant": variant,
+                "current": (name, variant) in current,
+                "performance_shards": len(perf),
+                "accuracy_shards": len(acc),
+                "shards_expected": parse_layout(fields["layout"])[0],
+                "settings": settings_path.as_posix(),
+                "run": json.dumps(settings.get("run"), sort_keys=True),
+            }
+        )
     return rows
 
 
 # --- writing --------------------------------------------------------------------
+
 
 def _fmt(v, digits: int = 1) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -482,6 +526,7 @@ def _sci(v) -> str:
 def _md_table(header: list[str], rows: list[list]) -> str:
     def esc(x):
         return str(x).replace("|", "\\|").replace("\n", " ")
+
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
@@ -489,33 +534,114 @@ def _md_table(header: list[str], rows: list[list]) -> str:
 
 def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     import pandas as pd
+
     frame = pd.DataFrame([{c: r.get(c) for c in columns} for r in rows], columns=columns)
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")
 
 
 THROUGHPUT_COLUMNS = [
-    "config", "variant", "model", "recipe", "backend", "gpu_type", "batch_size", "layout", "status", "status_reasons",
-    "shards_found", "shards_expected", "total_gpus", "concurrent", "non_overlapping_shards",
-    "a_sum_tokens_per_s", "a_source", "b_concurrent_tokens_per_s", "window_s", "output_tokens", "input_tokens",
-    "c_per_gpu_mean", "c_per_gpu_min", "c_per_gpu_max", "c_cv", "slowest_shard", "slowest_shard_dir",
-    "a_per_gpu", "b_per_gpu", "published_per_gpu", "published_source",
-    "accuracy_evidence", "accuracy_valid", "accuracy_file", "accuracy_failures",
-    "acc_rouge1", "acc_rouge2", "acc_rougeL", "acc_tokens_per_sample",
-    "precision", "parameters", "parameters_source", "peak_dense_flops", "peak_source",
-    "efficiency_a", "efficiency_b", "efficiency_skip",
+    "config",
+    "variant",
+    "model",
+    "recipe",
+    "backend",
+    "gpu_type",
+    "batch_size",
+    "layout",
+    "status",
+    "status_reasons",
+    "shards_found",
+    "shards_expected",
+    "total_gpus",
+    "concurrent",
+    "non_overlapping_shards",
+    "a_sum_tokens_per_s",
+    "a_source",
+    "b_concurrent_tokens_per_s",
+    "window_s",
+    "output_tokens",
+    "input_tokens",
+    "c_per_gpu_mean",
+    "c_per_gpu_min",
+    "c_per_gpu_max",
+    "c_cv",
+    "slowest_shard",
+    "slowest_shard_dir",
+    "a_per_gpu",
+    "b_per_gpu",
+    "published_per_gpu",
+    "published_source",
+    "accuracy_evidence",
+    "accuracy_valid",
+    "accuracy_file",
+    "accuracy_failures",
+    "acc_rouge1",
+    "acc_rouge2",
+    "acc_rougeL",
+    "acc_tokens_per_sample",
+    "precision",
+    "parameters",
+    "parameters_source",
+    "peak_dense_flops",
+    "peak_source",
+    "efficiency_a",
+    "efficiency_b",
+    "efficiency_skip",
 ]
-RESULT_COLUMNS = ["a_sum_tokens_per_s", "b_concurrent_tokens_per_s", "c_per_gpu_mean", "c_per_gpu_min",
-                  "c_per_gpu_max", "a_per_gpu", "b_per_gpu", "efficiency_a", "efficiency_b"]
-VARIANT_COLUMNS = ["config", "variant", "current", "performance_shards", "accuracy_shards", "shards_expected",
-                   "settings", "run"]
+RESULT_COLUMNS = [
+    "a_sum_tokens_per_s",
+    "b_concurrent_tokens_per_s",
+    "c_per_gpu_mean",
+    "c_per_gpu_min",
+    "c_per_gpu_max",
+    "a_per_gpu",
+    "b_per_gpu",
+    "efficiency_a",
+    "efficiency_b",
+]
+VARIANT_COLUMNS = [
+    "config",
+    "variant",
+    "current",
+    "performance_shards",
+    "accuracy_shards",
+    "shards_expected",
+    "settings",
+    "run",
+]
 SHARD_COLUMNS = [
-    "config", "variant", "shard_index", "status", "shard_dir", "hostname", "slurm_job_id", "gpus_per_shard", "shard_mode",
-    "loadgen_result", "loadgen_tokens_per_second", "loadgen_samples_per_second", "min_duration_satisfied",
-    "min_queries_satisfied", "loadgen_version", "loadgen_duration_s", "tokens_per_s", "tokens_per_s_source",
-    "tokens_per_s_per_gpu", "measured_tokens_per_s", "output_tokens", "input_tokens", "completed_samples",
-    "tokens_source", "started_at", "finished_at", "last_completion", "wall_s", "overlap_fraction",
-    "overlaps_all", "accuracy_log",
+    "config",
+    "variant",
+    "shard_index",
+    "status",
+    "shard_dir",
+    "hostname",
+    "slurm_job_id",
+    "gpus_per_shard",
+    "shard_mode",
+    "loadgen_result",
+    "loadgen_tokens_per_second",
+    "loadgen_samples_per_second",
+    "min_duration_satisfied",
+    "min_queries_satisfied",
+    "loadgen_version",
+    "loadgen_duration_s",
+    "tokens_per_s",
+    "tokens_per_s_source",
+    "tokens_per_s_per_gpu",
+    "measured_tokens_per_s",
+    "output_tokens",
+    "input_tokens",
+    "completed_samples",
+    "tokens_source",
+    "started_at",
+    "finished_at",
+    "last_completion",
+    "wall_s",
+    "overlap_fraction",
+    "overlaps_all",
+    "accuracy_log",
 ]
 
 
@@ -530,96 +656,230 @@ def _public(cfg: dict) -> dict:
 
 
 def render_markdown(configs, shards, prov, figure_inputs, min_overlap, variants=()) -> str:
-    md = ["# rackbench report", "",
-          "Throughput counts **output tokens**, as MLPerf does. Each throughput figure names its method:", "",
-          "- **(a) sum**: the sum of the shards' own LoadGen tokens/s (how a rack figure made of separate "
-          "LoadGen runs is computed, e.g. 18 runs added up). It is a rack throughput **only if the shards ran "
-          "at the same time**.",
-          "- **(b) concurrent**: total output tokens of all shards / (last shard end - first shard start), "
-          "from shard.json `started_at`/`finished_at` and samples.parquet.",
-          "- **(c) spread**: per-GPU tokens/s of each shard ((a)'s shard figure / GPUs per shard): mean, min, "
-          "max and coefficient of variation (sample s.d. / mean) across shards; the slowest shard is named.",
-          "",
-          f"A shard *overlaps* when all other shards of its configuration were running for at least "
-          f"{min_overlap:.0%} of its run time. An INVALID configuration (LoadGen INVALID, missing shard, or "
-          "accuracy gate failed) is shown as INVALID, never as a result.", "",
-          "## Throughput per configuration", ""]
+    md = [
+        "# rackbench report",
+        "",
+        "Throughput counts **output tokens**, as MLPerf does. Each throughput figure names its method:",
+        "",
+        "- **(a) sum**: the sum of the shards' own LoadGen tokens/s (how a rack figure made of separate "
+        "LoadGen runs is computed, e.g. 18 runs added up). It is a rack throughput **only if the shards ran "
+        "at the same time**.",
+        "- **(b) concurrent**: total output tokens of all shards / (last shard end - first shard start), "
+        "from shard.json `started_at`/`finished_at` and samples.parquet.",
+        "- **(c) spread**: per-GPU tokens/s of each shard ((a)'s shard figure / GPUs per shard): mean, min, "
+        "max and coefficient of variation (sample s.d. / mean) across shards; the slowest shard is named.",
+        "",
+        f"A shard *overlaps* when all other shards of its configuration were running for at least "
+        f"{min_overlap:.0%} of its run time. An INVALID configuration (LoadGen INVALID, missing shard, or "
+        "accuracy gate failed) is shown as INVALID, never as a result.",
+        "",
+        "## Throughput per configuration",
+        "",
+    ]
     rows = []
     for c in configs:
         inv = c["status"] == STATUS_INVALID
-        val = (lambda v, d=1: "INVALID" if inv else _fmt(v, d))
-        overlap = "yes" if c["concurrent"] else \
-            f"**NO** (shards {', '.join(map(str, c['non_overlapping_shards']))}): (a) is not a rack throughput"
-        rows.append([c["config"], f"**{c['status']}**", f"{c['shards_found']}/{c['shards_expected']}",
-                     c["total_gpus"], val(c["a_sum_tokens_per_s"]), val(c["b_concurrent_tokens_per_s"]),
-                     _fmt(c["window_s"], 1), val(c["c_per_gpu_mean"]), val(c["c_per_gpu_min"]),
-                     val(c["c_per_gpu_max"]), val(c["c_cv"], 3), c["slowest_shard"], overlap,
-                     c["accuracy_evidence"] if c["accuracy_evidence"] != "none" else "**NONE**"])
-    md.append(_md_table(["configuration", "status", "shards", "GPUs", "(a) sum tok/s", "(b) concurrent tok/s",
-                         "(b) window s", "(c) mean tok/s/GPU", "(c) min", "(c) max", "(c) CV",
-                         "(c) slowest shard", "shards overlapped", "accuracy evidence"], rows))
+        val = lambda v, d=1, inv=inv: "INVALID" if inv else _fmt(v, d)
+        overlap = (
+            "yes"
+            if c["concurrent"]
+            else f"**NO** (shards {', '.join(map(str, c['non_overlapping_shards']))}): (a) is not a rack throughput"
+        )
+        rows.append(
+            [
+                c["config"],
+                f"**{c['status']}**",
+                f"{c['shards_found']}/{c['shards_expected']}",
+                c["total_gpus"],
+                val(c["a_sum_tokens_per_s"]),
+                val(c["b_concurrent_tokens_per_s"]),
+                _fmt(c["window_s"], 1),
+                val(c["c_per_gpu_mean"]),
+                val(c["c_per_gpu_min"]),
+                val(c["c_per_gpu_max"]),
+                val(c["c_cv"], 3),
+                c["slowest_shard"],
+                overlap,
+                c["accuracy_evidence"] if c["accuracy_evidence"] != "none" else "**NONE**",
+            ]
+        )
+    md.append(
+        _md_table(
+            [
+                "configuration",
+                "status",
+                "shards",
+                "GPUs",
+                "(a) sum tok/s",
+                "(b) concurrent tok/s",
+                "(b) window s",
+                "(c) mean tok/s/GPU",
+                "(c) min",
+                "(c) max",
+                "(c) CV",
+                "(c) slowest shard",
+                "shards overlapped",
+                "accuracy evidence",
+            ],
+            rows,
+        )
+    )
     reasons = [c for c in configs if c["status_reasons"]]
     if reasons:
-        md += ["", "Status reasons:", ""] + [f"- `{c['config']}`: {c['status']}: {c['status_reasons']}"
-                                              for c in reasons]
+        md += ["", "Status reasons:", ""] + [
+            f"- `{c['config']}`: {c['status']}: {c['status_reasons']}" for c in reasons
+        ]
     md += ["", "## Shards", ""]
     srows = []
     for s in shards:
-        srows.append([s["config"], s["shard_index"], s["loadgen_result"] or "-",
-                      s["loadgen_tokens_per_second"] or "-", s["tokens_per_s_source"],
-                      "INVALID" if s["status"] == STATUS_INVALID else _fmt(s["tokens_per_s_per_gpu"]),
-                      _fmt(s["output_tokens"]), _fmt(s["wall_s"], 2), _fmt(s["overlap_fraction"], 3),
-                      s["hostname"] or "-"])
-    md.append(_md_table(["configuration", "shard", "LoadGen result", "LoadGen tokens/s (as printed)",
-                         "source", "tok/s/GPU", "output tokens", "wall s", "overlap fraction", "host"], srows))
+        srows.append(
+            [
+                s["config"],
+                s["shard_index"],
+                s["loadgen_result"] or "-",
+                s["loadgen_tokens_per_second"] or "-",
+                s["tokens_per_s_source"],
+                "INVALID" if s["status"] == STATUS_INVALID else _fmt(s["tokens_per_s_per_gpu"]),
+                _fmt(s["output_tokens"]),
+                _fmt(s["wall_s"], 2),
+                _fmt(s["overlap_fraction"], 3),
+                s["hostname"] or "-",
+            ]
+        )
+    md.append(
+        _md_table(
+            [
+                "configuration",
+                "shard",
+                "LoadGen result",
+                "LoadGen tokens/s (as printed)",
+                "source",
+                "tok/s/GPU",
+                "output tokens",
+                "wall s",
+                "overlap fraction",
+                "host",
+            ],
+            srows,
+        )
+    )
     md += ["", "## Accuracy", ""]
     arows = []
     for c in configs:
         if c["accuracy_evidence"] == "none":
             arows.append([c["config"], "**NO ACCURACY EVIDENCE**", "-", "-", "-", "-", "-"])
         else:
-            arows.append([c["config"], "PASS" if c["accuracy_valid"] else "**FAIL**",
-                          _fmt(c.get("acc_rouge1"), 4), _fmt(c.get("acc_rouge2"), 4), _fmt(c.get("acc_rougeL"), 4),
-                          _fmt(c.get("acc_tokens_per_sample"), 1), c["accuracy_file"]])
+            arows.append(
+                [
+                    c["config"],
+                    "PASS" if c["accuracy_valid"] else "**FAIL**",
+                    _fmt(c.get("acc_rouge1"), 4),
+                    _fmt(c.get("acc_rouge2"), 4),
+                    _fmt(c.get("acc_rougeL"), 4),
+                    _fmt(c.get("acc_tokens_per_sample"), 1),
+                    c["accuracy_file"],
+                ]
+            )
     md.append(_md_table(["configuration", "gate", "rouge1", "rouge2", "rougeL", "tokens/sample", "file"], arows))
     md += ["", "## Per GPU against published Llama-2-70B Offline records", ""]
     rrows = []
     for c in configs:
         inv = c["status"] == STATUS_INVALID
-        rrows.append([c["config"], "INVALID" if inv else _fmt(c["a_per_gpu"]),
-                      "INVALID" if inv else _fmt(c["b_per_gpu"]),
-                      _fmt(c["published_per_gpu"], 0), c["published_source"] or "no record for this GPU type",
-                      "INVALID" if inv else (_fmt(100 * c["efficiency_b"], 3) + " %"
-                                             if not math.isnan(c["efficiency_b"]) else
-                                             f"skipped: {c['efficiency_skip'] or 'no window'}"),
-                      _sci(c["parameters"]), c["parameters_source"],
-                      _sci(c["peak_dense_flops"]), c["precision"]])
-    md.append(_md_table(["configuration", "(a)/GPU tok/s", "(b)/GPU tok/s", "published tok/s/GPU", "source",
-                         "efficiency (b)", "parameters", "parameters from", "peak dense FLOP/s", "precision"],
-                        rrows))
-    md += ["", "Efficiency = (input + output tokens)/s per GPU x 2 x parameters / peak dense FLOP/s for the "
-           "recipe's precision (GPU-type table). Published records are Llama-2-70B; compare only like models.",
-           "", "## Provenance", ""]
-    md.append(_md_table(list(provenance.SUMMARY_COLUMNS),
-                        [[_fmt(r[c]) if r[c] is not None else "-" for c in provenance.SUMMARY_COLUMNS]
-                         for r in prov]) if prov else "No provenance.json found near the inputs.")
-    md += ["", "## Variants on disk", "",
-           "Each result's path carries the hash of the settings that made it (its variant; the full settings "
-           "are in its settings.json), so results of earlier settings stay beside the current ones.", ""]
-    md.append(_md_table(["configuration", "variant", "current", "performance shards", "accuracy shards",
-                         "settings"],
-                        [[v["config"], v["variant"], "yes" if v["current"] else "no",
-                          f"{v['performance_shards']}/{v['shards_expected']}",
-                          f"{v['accuracy_shards']}/{v['shards_expected']}", v["settings"]] for v in variants])
-              if variants else "No run variants listed.")
+        rrows.append(
+            [
+                c["config"],
+                "INVALID" if inv else _fmt(c["a_per_gpu"]),
+                "INVALID" if inv else _fmt(c["b_per_gpu"]),
+                _fmt(c["published_per_gpu"], 0),
+                c["published_source"] or "no record for this GPU type",
+                "INVALID"
+                if inv
+                else (
+                    _fmt(100 * c["efficiency_b"], 3) + " %"
+                    if not math.isnan(c["efficiency_b"])
+                    else f"skipped: {c['efficiency_skip'] or 'no window'}"
+                ),
+                _sci(c["parameters"]),
+                c["parameters_source"],
+                _sci(c["peak_dense_flops"]),
+                c["precision"],
+            ]
+        )
+    md.append(
+        _md_table(
+            [
+                "configuration",
+                "(a)/GPU tok/s",
+                "(b)/GPU tok/s",
+                "published tok/s/GPU",
+                "source",
+                "efficiency (b)",
+                "parameters",
+                "parameters from",
+                "peak dense FLOP/s",
+                "precision",
+            ],
+            rrows,
+        )
+    )
+    md += [
+        "",
+        "Efficiency = (input + output tokens)/s per GPU x 2 x parameters / peak dense FLOP/s for the "
+        "recipe's precision (GPU-type table). Published records are Llama-2-70B; compare only like models.",
+        "",
+        "## Provenance",
+        "",
+    ]
+    md.append(
+        _md_table(
+            list(provenance.SUMMARY_COLUMNS),
+            [[_fmt(r[c]) if r[c] is not None else "-" for c in provenance.SUMMARY_COLUMNS] for r in prov],
+        )
+        if prov
+        else "No provenance.json found near the inputs."
+    )
+    md += [
+        "",
+        "## Variants on disk",
+        "",
+        "Each result's path carries the hash of the settings that made it (its variant; the full settings "
+        "are in its settings.json), so results of earlier settings stay beside the current ones.",
+        "",
+    ]
+    md.append(
+        _md_table(
+            ["configuration", "variant", "current", "performance shards", "accuracy shards", "settings"],
+            [
+                [
+                    v["config"],
+                    v["variant"],
+                    "yes" if v["current"] else "no",
+                    f"{v['performance_shards']}/{v['shards_expected']}",
+                    f"{v['accuracy_shards']}/{v['shards_expected']}",
+                    v["settings"],
+                ]
+                for v in variants
+            ],
+        )
+        if variants
+        else "No run variants listed."
+    )
     md += ["", "## Figures", ""]
     for name, inputs in figure_inputs.items():
         md.append(f"- `{name}.{{pdf,svg,png}}`, drawn from {len(inputs)} input files (listed in each file's metadata)")
     return "\n".join(md) + "\n"
 
 
-def build_report(entries: list[dict], gpu_types: dict, models: dict, out_dir, *, results_root=None,
-                 min_overlap: float = 0.9, table_sources=("gpu-types table", "models table")) -> dict:
+def build_report(
+    entries: list[dict],
+    gpu_types: dict,
+    models: dict,
+    out_dir,
+    *,
+    results_root=None,
+    min_overlap: float = 0.9,
+    table_sources=("gpu-types table", "models table"),
+) -> dict:
     """The whole report for the configurations ``entries`` (Configuration.report_entry:
     fields, variant, shard_dirs, accuracy_json, and the engine/checkpoint/snapshot dirs).
     ``results_root``: where to list every run variant on disk (None: only the given ones)."""
@@ -630,8 +890,10 @@ def build_report(entries: list[dict], gpu_types: dict, models: dict, out_dir, *,
     shards = [read_shard(d, e) for e in entries for d in sorted(set(map(str, e["shard_dirs"])))]
     if not shards:
         raise SystemExit("no shard dirs given")
-    accuracy = {config_name(configuration_fields(e)): read_accuracy(e["accuracy_json"]) if e.get("accuracy_json")
-                else None for e in entries}
+    accuracy = {
+        config_name(configuration_fields(e)): read_accuracy(e["accuracy_json"]) if e.get("accuracy_json") else None
+        for e in entries
+    }
     configs = aggregate(entries, shards, accuracy, gpu_types, models, min_overlap=min_overlap)
     shards.sort(key=lambda s: (s["config"], s["shard_index"]))
     prov = provenance_rows(entries, shards, accuracy)
@@ -642,16 +904,19 @@ def build_report(entries: list[dict], gpu_types: dict, models: dict, out_dir, *,
     _write_csv(out_dir / paths.REPORT_TABLES["shards"], shards, SHARD_COLUMNS)
     _write_csv(out_dir / paths.REPORT_TABLES["provenance"], prov, list(provenance.SUMMARY_COLUMNS))
     _write_csv(out_dir / paths.REPORT_TABLES["variants"], variants, VARIANT_COLUMNS)
-    write_text_atomic(out_dir / paths.REPORT_TABLES["markdown"],
-                      render_markdown(configs, shards, prov, fig_inputs, min_overlap, variants))
+    write_text_atomic(
+        out_dir / paths.REPORT_TABLES["markdown"],
+        render_markdown(configs, shards, prov, fig_inputs, min_overlap, variants),
+    )
     return {"configs": configs, "shards": shards, "provenance": prov, "variants": variants}
 
 
 def _figure_inputs(shards: list[dict], accuracy: list[dict], table_sources) -> dict[str, list[str]]:
     """The files each figure is drawn from (written into its metadata)."""
     shard_inputs = sorted({p for s in shards for p in s["inputs"]})
-    acc_inputs = sorted({a["file"] for a in accuracy} | {a["accuracy_txt_file"] for a in accuracy
-                                                          if a["accuracy_txt_file"]})
+    acc_inputs = sorted(
+        {a["file"] for a in accuracy} | {a["accuracy_txt_file"] for a in accuracy if a["accuracy_txt_file"]}
+    )
     return {
         "shard_throughput": shard_inputs + acc_inputs,
         "shard_timeline": sorted({s["shard_dir"] + "/shard.json" for s in shards}),
@@ -669,29 +934,47 @@ def _draw_figures(configs, shards, published, out_dir: Path, fig_inputs: dict) -
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rackbench.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configurations-json", required=True,
-                        help="JSON list (inline or a file) of configurations: their fields, variant, "
-                             "shard_dirs, accuracy_json, engine_dir, checkpoint_dir, snapshot_dir "
-                             "(what rackbench.config.Configuration.report_entry gives)")
+    parser.add_argument(
+        "--configurations-json",
+        required=True,
+        help="JSON list (inline or a file) of configurations: their fields, variant, "
+        "shard_dirs, accuracy_json, engine_dir, checkpoint_dir, snapshot_dir "
+        "(what rackbench.config.Configuration.report_entry gives)",
+    )
     parser.add_argument("--gpu-types-json", required=True, help="config['gpu_types'] as a JSON file or string")
     parser.add_argument("--models-json", required=True, help="config['models'] as a JSON file or string")
     parser.add_argument("--out", required=True, help=f"output dir ({paths.REPORT_DIR})")
-    parser.add_argument("--results", default=None,
-                        help=f"results dir whose run variants to list (the workflow passes {paths.RESULTS})")
-    parser.add_argument("--min-overlap", type=float, default=0.9,
-                        help="fraction of a shard's run time all others must share (default 0.9)")
+    parser.add_argument(
+        "--results", default=None, help=f"results dir whose run variants to list (the workflow passes {paths.RESULTS})"
+    )
+    parser.add_argument(
+        "--min-overlap",
+        type=float,
+        default=0.9,
+        help="fraction of a shard's run time all others must share (default 0.9)",
+    )
     args = parser.parse_args(argv)
-    sources = tuple(v if is_json_file(v) else f"{flag} (inline)"
-                    for v, flag in ((args.gpu_types_json, "--gpu-types-json"), (args.models_json, "--models-json")))
+    sources = tuple(
+        v if is_json_file(v) else f"{flag} (inline)"
+        for v, flag in ((args.gpu_types_json, "--gpu-types-json"), (args.models_json, "--models-json"))
+    )
     try:
-        result = build_report(json_arg(args.configurations_json), json_arg(args.gpu_types_json),
-                              json_arg(args.models_json), args.out, results_root=args.results,
-                              min_overlap=args.min_overlap, table_sources=sources)
+        result = build_report(
+            json_arg(args.configurations_json),
+            json_arg(args.gpu_types_json),
+            json_arg(args.models_json),
+            args.out,
+            results_root=args.results,
+            min_overlap=args.min_overlap,
+            table_sources=sources,
+        )
     except ReportInputError as err:
         raise SystemExit(f"report: {err}") from None
     for c in result["configs"]:
-        print(f"{c['config']} ({c['variant']}): {c['status']}  (a) {_fmt(c['a_sum_tokens_per_s'])}  "
-              f"(b) {_fmt(c['b_concurrent_tokens_per_s'])} tokens/s  concurrent={c['concurrent']}")
+        print(
+            f"{c['config']} ({c['variant']}): {c['status']}  (a) {_fmt(c['a_sum_tokens_per_s'])}  "
+            f"(b) {_fmt(c['b_concurrent_tokens_per_s'])} tokens/s  concurrent={c['concurrent']}"
+        )
     return 0
 
 
