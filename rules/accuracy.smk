@@ -12,7 +12,7 @@ rule accuracy:
             paths.ACCURACY_JSON_PATTERN,
             caption="../report/accuracy.rst",
             category="accuracy",
-            subcategory=paths.CONFIG_KEY_PATTERN + "/{variant}",
+            subcategory=paths.ACCURACY_SUBCATEGORY,
         ),
         txt=paths.ACCURACY_TXT_PATTERN,
     log:

@@ -2,6 +2,7 @@
 # rules use. Paths come from rackbench.paths, the plan from rackbench.config;
 # logic beyond lookups lives in rackbench.
 
+import os
 import sys
 from pathlib import Path
 

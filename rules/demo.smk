@@ -38,7 +38,7 @@ rule demo_dataset:
         RUN_ENV
     threads: 2
     params:
-        out_dir=paths.DEMO_DATASET_DIR,
+        out_dir=lambda wc, output: os.path.dirname(output.checksums),
         seed=DEMO["seed"],
         samples=DEMO["num_samples"],
         calibration=DEMO["num_calibration"],

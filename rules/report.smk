@@ -43,8 +43,8 @@ rule report:
         configurations=as_json([cfg.report_entry() for cfg in CONFIGURATIONS]),
         gpu_types=as_json(GPU_TYPES),
         models=as_json(MODELS),
-        out_dir=paths.REPORT_DIR,
-        results=paths.RESULTS,
+        out_dir=lambda wc, output: os.path.dirname(output.markdown),
+        results=lambda wc: paths.RESULTS,
     shell:
         "python -m rackbench.report --configurations-json {params.configurations} --results {params.results}"
         " --gpu-types-json {params.gpu_types} --models-json {params.models} --out {params.out_dir} > {log} 2>&1"

@@ -59,6 +59,7 @@ SHARD_PATTERN = f"{RUN_DIR_PATTERN}/{{mode}}/shard{{shard}}"
 ACCURACY_DIR_PATTERN = f"{RESULTS}/accuracy/{CONFIG_KEY_PATTERN}/{{variant}}"
 ACCURACY_JSON_PATTERN = f"{ACCURACY_DIR_PATTERN}/accuracy.json"
 ACCURACY_TXT_PATTERN = f"{ACCURACY_DIR_PATTERN}/accuracy.txt"
+ACCURACY_SUBCATEGORY = f"{CONFIG_KEY_PATTERN}/{{variant}}"  # its group in Snakemake's HTML report
 REPORT_DIR = f"{RESULTS}/report"
 LOGS = f"{RESULTS}/logs"
 
