@@ -178,7 +178,9 @@ def test_changed_knob_whose_job_fails_keeps_the_previous_result(demo_copy):
     """Issue 11's new-user case: a dataset path that passes validation but names a directory.
     Its conversion fails; the previous samples.parquet, every result made from it and the
     report that shows them are all still there, and switching back has nothing to redo."""
-    keep = stamps(demo_copy, ["results/datasets", "results/runs", "results/accuracy", "results/report"])
+    previous = [str(Path(DEMO_CONFIGURATION.dataset_file("samples")).parent), DEMO_CONFIGURATION.run_dir,
+                str(Path(DEMO_CONFIGURATION.accuracy_json).parent), paths.REPORT_DIR]
+    keep = stamps(demo_copy, previous)
     report_before = (demo_copy / paths.report_file("markdown")).read_text()
     assert f"| {KEY} | **VALID** |" in report_before
     text = f"datasets:\n  {DEMO_CONFIGURATION.dataset}:\n    samples:\n      path: {paths.DEMO_DATASET_DIR}\n"

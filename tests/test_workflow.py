@@ -2,11 +2,9 @@
 
 import json
 import re
-from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
 from conftest import DEMO_CONFIGURATION, PLANTED_TOKEN, ROOT, real_config_with_local_data, snakemake
 from rackbench import paths

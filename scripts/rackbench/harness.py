@@ -29,7 +29,6 @@ included) and renamed into place only when complete.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import socket
