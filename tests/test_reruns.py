@@ -20,7 +20,7 @@ import yaml
 
 from conftest import DEMO_CONFIG, DEMO_CONFIGURATION, DEMO_STEP_OUTPUTS, ROOT, snakemake
 from rackbench import paths
-from rackbench.config import merge_configs, configurations
+from rackbench.config import configurations, merge_configs
 
 KEY = DEMO_CONFIGURATION.key
 
