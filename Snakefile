@@ -22,16 +22,9 @@ if not workflow.overwrite_configfiles:
 include: "rules/common.smk"
 
 
+# The wildcards and their constraints are rackbench.paths' (one list for all rules).
 wildcard_constraints:
-    model=r"[^/]+",
-    dataset=r"[^/]+",
-    recipe=r"nvfp4|fp8|none",
-    backend=r"reference|tensorrt-llm",
-    gpu=r"[^/]+",
-    bs=r"\d+",
-    layout=r"\d+x\d+",
-    mode=r"performance|accuracy",
-    shard=r"\d+",
+    **paths.WILDCARD_CONSTRAINTS,
 
 
 include: "rules/demo.smk"

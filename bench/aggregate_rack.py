@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from rackbench import paths
 
 SUMMARY_TEMPLATE = """================================================
 MLPerf Results Summary
@@ -52,6 +53,19 @@ No errors encountered during test.
 """
 
 
+SYNTHETIC_VARIANT = "5e7e7e7e"  # the variant directory synthetic results are written under
+
+
+def configuration_entry(shard_dirs, accuracy_json=None) -> dict:
+    """What the workflow tells the report about one configuration (Configuration.report_entry),
+    for synthetic shard dirs of one configuration (their fields from the first shard.json)."""
+    meta = json.loads((Path(shard_dirs[0]) / "shard.json").read_text())
+    fields = {k: meta[k] for k in ("model", "recipe", "backend", "gpu_type", "batch_size", "layout")}
+    return {**fields, "key": paths.config_key(fields), "variant": SYNTHETIC_VARIANT,
+            "shard_dirs": [str(d) for d in shard_dirs],
+            "accuracy_json": str(accuracy_json) if accuracy_json else None}
+
+
 def write_shard(root, *, model="llama2-70b", recipe="nvfp4", backend="tensorrt-llm", gpu="GB300",
                 bs=16, num_shards=2, gpus_per_shard=4, shard=0, rows=100, started_at=1.7e9,
                 duration=100.0, out_tokens_per_sample=10, in_tokens_per_sample=100,
@@ -65,7 +79,9 @@ def write_shard(root, *, model="llama2-70b", recipe="nvfp4", backend="tensorrt-l
     import pyarrow.parquet as pq
 
     layout = f"{num_shards}x{gpus_per_shard}"
-    d = Path(root) / "runs" / model / recipe / backend / gpu / f"bs{bs}" / layout / "performance" / f"shard{shard}"
+    fields = {"model": model, "recipe": recipe, "backend": backend, "gpu_type": gpu, "batch_size": bs,
+              "layout": layout}
+    d = Path(root).parent / paths.shard_dir(fields, SYNTHETIC_VARIANT, "performance", shard)
     d.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed + shard)
     out_tok = np.full(rows, out_tokens_per_sample, dtype=np.int32)
@@ -99,7 +115,9 @@ def write_shard(root, *, model="llama2-70b", recipe="nvfp4", backend="tensorrt-l
 
 def write_accuracy(root, *, model="llama2-70b", recipe="nvfp4", backend="tensorrt-llm", gpu="GB300", bs=16,
                    layout="2x4", valid=True, rouge1=44.4, with_txt=True):
-    d = Path(root) / "accuracy" / model / recipe / backend / gpu / f"bs{bs}" / layout
+    fields = {"model": model, "recipe": recipe, "backend": backend, "gpu_type": gpu, "batch_size": bs,
+              "layout": layout}
+    d = (Path(root).parent / paths.accuracy_json(fields, SYNTHETIC_VARIANT)).parent
     d.mkdir(parents=True, exist_ok=True)
     data = {"rouge1": rouge1, "rouge2": 22.0, "rougeL": 28.6, "rougeLsum": 42.0, "tokens_per_sample": 294.4,
             "gen_num": 24576, "gen_len": 7234567,
@@ -127,7 +145,7 @@ def main(argv=None) -> int:
     parser.add_argument("--keep", help="build in this dir and keep it")
     args = parser.parse_args(argv)
     tmp = None if args.keep else tempfile.TemporaryDirectory(prefix="rackbench-bench-")
-    root = Path(args.keep or tmp.name) / "results"
+    root = Path(args.keep or tmp.name) / paths.RESULTS
     t0 = time.perf_counter()
     dirs = [write_shard(root, shard=i, num_shards=args.shards, rows=args.rows, started_at=1.7e9 + i,
                         duration=2400.0 + 7 * i, out_tokens_per_sample=290, in_tokens_per_sample=180)
@@ -136,7 +154,8 @@ def main(argv=None) -> int:
     print(f"built {args.shards} shards x {args.rows} rows in {time.perf_counter() - t0:.1f} s under {root}")
     (root / "gpu_types.json").write_text(json.dumps(GPU_TYPES))
     (root / "models.json").write_text(json.dumps(MODELS))
-    cmd = [sys.executable, "-m", "rackbench.report", "--shard-dirs", *map(str, dirs), "--accuracy", str(acc),
+    (root / "configurations.json").write_text(json.dumps([configuration_entry(dirs, acc)]))
+    cmd = [sys.executable, "-m", "rackbench.report", "--configurations-json", str(root / "configurations.json"),
            "--gpu-types-json", str(root / "gpu_types.json"), "--models-json", str(root / "models.json"),
            "--out", str(root / "report")]
     t0 = time.perf_counter()

@@ -5,26 +5,27 @@
 rule accuracy:
     input:
         shards=accuracy_shard_inputs,
-        dataset=lambda wc: f"results/datasets/{dataset_of(wc.model)}/samples.parquet",
-        tokenizer=lambda wc: snapshot_dir(wc.model),
+        dataset=lambda wc: dataset_file_of(wc.model, "samples"),
+        tokenizer=lambda wc: snapshot_of(wc.model),
     output:
         json=report(
-            "results/accuracy/{model}/{recipe}/{backend}/{gpu}/bs{bs}/{layout}/accuracy.json",
+            paths.ACCURACY_JSON_PATTERN,
             caption="../report/accuracy.rst",
             category="accuracy",
-            subcategory="{model}/{recipe}/{backend}/{gpu}/bs{bs}/{layout}",
+            subcategory=paths.ACCURACY_SUBCATEGORY,
         ),
-        txt="results/accuracy/{model}/{recipe}/{backend}/{gpu}/bs{bs}/{layout}/accuracy.txt",
+        txt=paths.ACCURACY_TXT_PATTERN,
+    log:
+        paths.log_file("accuracy"),
+    conda:
+        RUN_ENV
     params:
         reference=lambda wc: as_json(MODELS[wc.model]["accuracy"]["reference"]),
         fraction=lambda wc: MODELS[wc.model]["accuracy"]["target_fraction"],
-        tolerance=lambda wc: MODELS[wc.model]["accuracy"].get("tokens_per_sample_tolerance", 0.1),
-    log:
-        "results/logs/accuracy/{model}-{recipe}-{backend}-{gpu}-bs{bs}-{layout}.log",
-    conda:
-        RUN_ENV
+        tolerance=lambda wc: MODELS[wc.model]["accuracy"]["tokens_per_sample_tolerance"],
+        settings=write_settings(lambda wc: plan.accuracy_settings(config, fields_of(wc))),
     shell:
-        "python -m rackbench.accuracy --dataset {input.dataset} --tokenizer {input.tokenizer}"
-        " --shard-dirs {input.shards} --reference-json {params.reference}"
+        "{params.settings} > {log} 2>&1 && python -m rackbench.accuracy --dataset {input.dataset}"
+        " --tokenizer {input.tokenizer} --shard-dirs {input.shards} --reference-json {params.reference}"
         " --target-fraction {params.fraction} --tokens-tolerance {params.tolerance}"
-        " --out-json {output.json} --out-txt {output.txt} > {log} 2>&1"
+        " --out-json {output.json} --out-txt {output.txt} >> {log} 2>&1"

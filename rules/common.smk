@@ -1,12 +1,12 @@
-# Shared set-up: config validation and the input and resource functions
-# that the rules use. Logic beyond lookups lives in rackbench.
+# Shared set-up: config validation and the input and resource functions that the
+# rules use. Paths come from rackbench.paths, the plan from rackbench.config;
+# logic beyond lookups lives in rackbench.
 
 import os
 import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
 SCRIPTS_DIR = str(Path(workflow.basedir) / "scripts")
 sys.path.insert(0, SCRIPTS_DIR)
@@ -14,20 +14,22 @@ sys.path.insert(0, SCRIPTS_DIR)
 # (Snakemake formats the prefix too, hence the doubled braces.)
 shell.prefix("set -euo pipefail; export PYTHONPATH=%s${{PYTHONPATH:+:$PYTHONPATH}}; " % SCRIPTS_DIR)
 
-from rackbench.config import ConfigError, check_config, configurations, dataset_size  # noqa: E402
+from rackbench import config as plan  # noqa: E402
+from rackbench import paths  # noqa: E402
 from rackbench.shards import parse_layout  # noqa: E402
 
+# One validation, which also fills in the schema's defaults, then the semantic checks.
 try:
-    check_config(config)
-except ConfigError as err:
+    plan.check_config(config)
+except plan.ConfigError as err:
     sys.exit(f"invalid config: {err}")
-# Snakemake's own validation as well: it fills in the schema's defaults.
-validate(config, "../scripts/rackbench/schemas/config.schema.yaml")
 
-CONFIGURATIONS = configurations(config)
+CONFIGURATIONS = plan.configurations(config)
 MODELS = config["models"]
 GPU_TYPES = config["gpu_types"]
 RUN = config["run"]
+QUANT = config["quantization"]
+DEMO = config["demo"]
 RUN_ENV = "../envs/rackbench.yaml"
 
 
@@ -39,42 +41,64 @@ def as_json(obj):
     return shlex.quote(json.dumps(obj, sort_keys=True))
 
 
-# ---- paths ---------------------------------------------------------------
-def snapshot_dir(model):
-    return f"results/models/{model}/snapshot"
+# ---- variants: each rule's output carries the hash of the settings that make it ----
+def checked(wildcards, settings):
+    """``settings`` if they hash to the job's {variant}; an old variant cannot be remade."""
+    if paths.variant_id(settings) != wildcards.variant:
+        raise WorkflowError(
+            f"variant {wildcards.variant} of {dict(wildcards)} is not the one this config makes "
+            f"({paths.variant_id(settings)}); its settings are in its settings.json"
+        )
+    return settings
+
+
+def write_settings(settings_of):
+    """A params function: the shell command that writes the job's settings.json first."""
+    return lambda wildcards, output: (
+        f"python -m rackbench.paths write-settings --out {output[0]}"
+        f" --settings-json {as_json(checked(wildcards, settings_of(wildcards)))}"
+    )
+
+
+def fields_of(wildcards):
+    return {k: (int(wildcards[k]) if k == "batch_size" else wildcards[k]) for k in plan.CONFIG_FIELDS}
+
+
+def configuration_of(wildcards):
+    for cfg in CONFIGURATIONS:
+        if cfg.fields == fields_of(wildcards):
+            return cfg
+    raise WorkflowError(f"no configured benchmark matches {dict(wildcards)}")
 
 
 def dataset_of(model):
     return MODELS[model]["dataset"]
 
 
-def engine_dir(model, recipe, backend, gpu):
-    return f"results/engines/{model}/{recipe}/{backend}/{gpu}/engine"
+def snapshot_of(model):
+    return paths.snapshot_dir(model, paths.variant_id(plan.snapshot_settings(config, model)))
 
 
-def shard_dirs(cfg, mode):
-    """All shard output directories of one configuration in one LoadGen mode."""
-    shards, _ = parse_layout(cfg.layout)
-    return [f"results/runs/{cfg.key}/{mode}/shard{i}" for i in range(shards)]
+def dataset_file_of(model, part):
+    dataset = dataset_of(model)
+    return paths.dataset_file(dataset, paths.variant_id(plan.dataset_settings(config, dataset)), part)
 
 
-def accuracy_json(cfg):
-    return f"results/accuracy/{cfg.key}/accuracy.json"
+def checkpoint_of(model, recipe):
+    variant = paths.variant_id(plan.checkpoint_settings(config, model, recipe))
+    return paths.checkpoint_dir(model, recipe, variant)
 
 
-def configuration_of(wildcards):
-    for cfg in CONFIGURATIONS:
-        if (cfg.model, cfg.recipe, cfg.backend, cfg.gpu, str(cfg.bs), cfg.layout) == (
-            wildcards.model, wildcards.recipe, wildcards.backend, wildcards.gpu, wildcards.bs, wildcards.layout):
-            return cfg
-    raise WorkflowError(f"no configured benchmark matches {dict(wildcards)}")
+def engine_of(model, recipe, backend, gpu_type):
+    settings = plan.engine_settings(config, model, recipe, backend, gpu_type)
+    return paths.engine_dir(model, recipe, backend, gpu_type, paths.variant_id(settings))
 
 
 # ---- input functions ------------------------------------------------------
 def model_source_input(wildcards):
     """A local source made by the workflow itself (the demo) is an input; others are not."""
     local = MODELS[wildcards.model]["source"].get("local")
-    return [local] if local and local.startswith("results/") else []
+    return [local] if local and local.startswith(paths.RESULTS + "/") else []
 
 
 def model_source_args(wildcards):
@@ -84,7 +108,7 @@ def model_source_args(wildcards):
     return f"--repo-id {source['repo_id']} --revision {source['revision']}"
 
 
-def dataset_file(wildcards, part):
+def dataset_source(wildcards, part):
     return config["datasets"][wildcards.dataset][part]["path"]
 
 
@@ -98,26 +122,27 @@ def dataset_checksum_arg(wildcards, part):
     return f"sha256:{entry['sha256']}" if "sha256" in entry else f"file:{entry['sha256_file']}"
 
 
+def expected_rows(wildcards):
+    # no num_samples declared: the row count is not checked
+    return config["datasets"][wildcards.dataset].get("num_samples") or 0
+
+
 def accuracy_shard_inputs(wildcards):
-    return shard_dirs(configuration_of(wildcards), "accuracy")
+    return configuration_of(wildcards).shard_dirs("accuracy")
 
 
 def report_inputs():
     return {
-        "shards": [d for cfg in CONFIGURATIONS for d in shard_dirs(cfg, "performance")],
-        "accuracy": [accuracy_json(cfg) for cfg in CONFIGURATIONS],
+        "shards": [d for cfg in CONFIGURATIONS for d in cfg.shard_dirs("performance")],
+        "accuracy": [cfg.accuracy_json for cfg in CONFIGURATIONS],
     }
 
 
 # ---- resources ------------------------------------------------------------
 # GPU rules take their Slurm requests from the GPU-type table in the config, so
 # a site changes config, not rules. CPU "GPU types" (the demo) request no GPU.
-def gpus_of(gpu, count):
-    return count if GPU_TYPES[gpu]["kind"] == "gpu" else 0
-
-
-def slurm_resources(gpu, count):
-    spec = GPU_TYPES[gpu]
+def slurm_resources(gpu_type, count):
+    spec = GPU_TYPES[gpu_type]
     slurm = spec["slurm"]
     workers = max(count, 1)
     resources = {
@@ -140,19 +165,19 @@ def shard_gpus(wildcards):
 def engine_gpus(wildcards):
     if wildcards.backend == "tensorrt-llm":
         settings = config["engines"]["tensorrt-llm"]
-        return settings.get("tensor_parallel_size", 1) * settings.get("pipeline_parallel_size", 1)
+        return settings["tensor_parallel_size"] * settings["pipeline_parallel_size"]
     return 1
 
 
-def job_resources(gpu_of, count_of):
+def job_resources(gpu_type_of, count_of):
     """Per-job Slurm resources, used as ``**job_resources(...)`` in a resources block.
 
-    ``gpu_of`` and ``count_of`` map a job's wildcards to its GPU type and GPU
+    ``gpu_type_of`` and ``count_of`` map a job's wildcards to its GPU type and GPU
     count; a resource that is None stays unset, so CPU jobs request no GPU.
     """
 
     def lookup(key):
-        return lambda wildcards: slurm_resources(gpu_of(wildcards), count_of(wildcards)).get(key)
+        return lambda wildcards: slurm_resources(gpu_type_of(wildcards), count_of(wildcards)).get(key)
 
     keys = ("gpu", "gpu_model", "cpus_per_gpu", "cpus_per_task", "mem_mb", "runtime", "slurm_partition")
     return {key: lookup(key) for key in keys}
@@ -160,17 +185,17 @@ def job_resources(gpu_of, count_of):
 
 def engine_container(wildcards):
     if wildcards.backend == "tensorrt-llm":
-        return config["engines"]["tensorrt-llm"].get("container")
+        return config["engines"]["tensorrt-llm"]["container"]
     return None
 
 
 def engine_base_model(wildcards):
     """TensorRT-LLM's engine-build mode re-exports from the base model (with the
     saved ModelOpt state), so its builds read the downloaded snapshot too."""
-    return [snapshot_dir(wildcards.model)] if wildcards.backend == "tensorrt-llm" else []
+    return [snapshot_of(wildcards.model)] if wildcards.backend == "tensorrt-llm" else []
 
 
-def engine_settings(wildcards, input):
+def engine_build_settings(wildcards, input):
     settings = dict(config["engines"][wildcards.backend])
     if input.base_model:
         settings["base_model_dir"] = input.base_model[0]
@@ -179,21 +204,21 @@ def engine_settings(wildcards, input):
 
 def placement(wildcards, count):
     """Where a job runs, for its dry-run message: GPU request and container."""
-    spec = GPU_TYPES[wildcards.gpu]
+    spec = GPU_TYPES[wildcards.gpu_type]
     where = f"{count} x {spec['slurm']['gpu_model']} GPU(s)" if spec["kind"] == "gpu" else "CPU"
     return f"{where}, container {engine_container(wildcards) or 'none (conda env)'}"
 
 
 def shard_mode(wildcards):
     # Accuracy runs always split, so every sample is scored exactly once.
-    return "split" if wildcards.mode == "accuracy" else RUN.get("performance_shard_mode", "split")
+    return "split" if wildcards.mode == "accuracy" else RUN["performance_shard_mode"]
 
 
 def shard_threads(wildcards):
-    spec = GPU_TYPES[wildcards.gpu]
+    spec = GPU_TYPES[wildcards.gpu_type]
     if spec["kind"] == "cpu":
-        return config["engines"].get("reference", {}).get("torch_threads", 1)
+        return config["engines"]["reference"]["torch_threads"]
     return spec["slurm"]["cpus_per_gpu"] * shard_gpus(wildcards)
 
 
-QUANT_GPU = config.get("quantization", {}).get("gpu_type") or next(iter(GPU_TYPES))
+QUANT_GPU = QUANT.get("gpu_type") or next(iter(GPU_TYPES))

@@ -7,13 +7,14 @@ rule download_model:
     input:
         model_source_input,
     output:
-        directory("results/models/{model}/snapshot"),
-    params:
-        source=model_source_args,
+        directory(paths.SNAPSHOT_PATTERN),
     log:
-        "results/logs/download_model/{model}.log",
+        paths.log_file("download_model"),
     localrule: True
     conda:
         RUN_ENV
+    params:
+        source=model_source_args,
+        settings=write_settings(lambda wc: plan.snapshot_settings(config, wc.model)),
     shell:
-        "python -m rackbench.download {params.source} --out {output} > {log} 2>&1"
+        "{params.settings} > {log} 2>&1" " && python -m rackbench.download {params.source} --out {output} >> {log} 2>&1"

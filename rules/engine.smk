@@ -5,27 +5,28 @@
 
 rule build_engine:
     input:
-        checkpoint="results/quantized/{model}/{recipe}/checkpoint",
+        checkpoint=lambda wc: checkpoint_of(wc.model, wc.recipe),
         base_model=engine_base_model,
     output:
-        directory("results/engines/{model}/{recipe}/{backend}/{gpu}/engine"),
-    params:
-        gpu_spec=lambda wc: as_json(GPU_TYPES[wc.gpu]),
-        settings=lambda wc, input: as_json(engine_settings(wc, input)),
-        placement=lambda wc: placement(wc, engine_gpus(wc)),
-    message:
-        "build_engine {wildcards.backend} engine of {wildcards.model}/{wildcards.recipe} for {wildcards.gpu}:"
-        " {params.placement}"
+        directory(paths.ENGINE_PATTERN),
     log:
-        "results/logs/build_engine/{model}-{recipe}-{backend}-{gpu}.log",
-    resources:
-        **job_resources(lambda wc: wc.gpu, engine_gpus),
+        paths.log_file("build_engine"),
     conda:
         RUN_ENV
     container:
         engine_container
+    resources:
+        **job_resources(lambda wc: wc.gpu_type, engine_gpus),
+    params:
+        gpu_spec=lambda wc: as_json(GPU_TYPES[wc.gpu_type]),
+        build_settings=lambda wc, input: as_json(engine_build_settings(wc, input)),
+        placement=lambda wc: placement(wc, engine_gpus(wc)),
+        settings=write_settings(lambda wc: plan.engine_settings(config, wc.model, wc.recipe, wc.backend, wc.gpu_type)),
+    message:
+        "build_engine {wildcards.backend} engine of {wildcards.model}/{wildcards.recipe} for"
+        " {wildcards.gpu_type}: {params.placement}"
     shell:
-        "python -m rackbench.build_engine --checkpoint {input.checkpoint} --out {output}"
-        " --backend {wildcards.backend} --model {wildcards.model} --recipe {wildcards.recipe}"
-        " --gpu-type {wildcards.gpu} --gpu-spec-json {params.gpu_spec}"
-        " --settings-json {params.settings} > {log} 2>&1"
+        "{params.settings} > {log} 2>&1 && python -m rackbench.build_engine --checkpoint {input.checkpoint}"
+        " --out {output} --backend {wildcards.backend} --model {wildcards.model} --recipe {wildcards.recipe}"
+        " --gpu-type {wildcards.gpu_type} --gpu-spec-json {params.gpu_spec}"
+        " --settings-json {params.build_settings} >> {log} 2>&1"

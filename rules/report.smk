@@ -2,45 +2,49 @@
 # results/report/. A localrule and a target (`snakemake report`): it reads
 # results/ only and never reruns anything upstream by itself. Outputs are marked
 # report() so `snakemake --report results/report.html` shows them with captions.
+# The report is told each configuration's fields and paths (it parses no path).
 
 
 rule report:
     input:
         **report_inputs(),
     output:
-        throughput=report("results/report/throughput.csv", caption="../report/throughput.rst", category="throughput"),
-        shards=report("results/report/shards.csv", caption="../report/shards.rst", category="throughput"),
-        markdown=report("results/report/report.md", caption="../report/report_md.rst", category="throughput"),
-        provenance=report("results/report/provenance.csv", caption="../report/provenance.rst", category="provenance"),
+        throughput=report(paths.report_file("throughput"), caption="../report/throughput.rst", category="throughput"),
+        shards=report(paths.report_file("shards"), caption="../report/shards.rst", category="throughput"),
+        variants=paths.report_file("variants"),
+        markdown=report(paths.report_file("markdown"), caption="../report/report_md.rst", category="throughput"),
+        provenance=report(paths.report_file("provenance"), caption="../report/provenance.rst", category="provenance"),
         shard_throughput=report(
-            multiext("results/report/shard_throughput", ".pdf", ".svg", ".png"),
+            multiext(paths.report_figure("shard_throughput"), *paths.FIGURE_FORMATS),
             caption="../report/shard_throughput.rst",
             category="throughput",
         ),
         shard_timeline=report(
-            multiext("results/report/shard_timeline", ".pdf", ".svg", ".png"),
+            multiext(paths.report_figure("shard_timeline"), *paths.FIGURE_FORMATS),
             caption="../report/shard_timeline.rst",
             category="throughput",
         ),
         records=report(
-            multiext("results/report/records", ".pdf", ".svg", ".png"),
+            multiext(paths.report_figure("records"), *paths.FIGURE_FORMATS),
             caption="../report/records.rst",
             category="throughput",
         ),
         efficiency=report(
-            multiext("results/report/efficiency", ".pdf", ".svg", ".png"),
+            multiext(paths.report_figure("efficiency"), *paths.FIGURE_FORMATS),
             caption="../report/efficiency.rst",
             category="throughput",
         ),
-    params:
-        gpu_types=as_json(GPU_TYPES),
-        models=as_json(MODELS),
-        out_dir=lambda wc, output: os.path.dirname(output.markdown),
     log:
-        "results/logs/report.log",
+        paths.log_file("report"),
     localrule: True
     conda:
         RUN_ENV
+    params:
+        configurations=as_json([cfg.report_entry() for cfg in CONFIGURATIONS]),
+        gpu_types=as_json(GPU_TYPES),
+        models=as_json(MODELS),
+        out_dir=lambda wc, output: os.path.dirname(output.markdown),
+        results=lambda wc: paths.RESULTS,
     shell:
-        "python -m rackbench.report --shard-dirs {input.shards} --accuracy {input.accuracy}"
+        "python -m rackbench.report --configurations-json {params.configurations} --results {params.results}"
         " --gpu-types-json {params.gpu_types} --models-json {params.models} --out {params.out_dir} > {log} 2>&1"

@@ -9,24 +9,31 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rackbench import paths
+from rackbench.config import configurations
+
 ROOT = Path(__file__).resolve().parents[1]
 # A planted token: the demo runs with it set and nothing may ever contain it.
 PLANTED_TOKEN = "hf_" + "PlantedSecretForLeakScan9f8e7d6c5b4a"
 
 # The demo's one configuration, and one output of each kind of step in it, by the
-# rule that makes it (upstream first).
-DEMO_KEY = "tiny-llama/nvfp4/reference/cpu/bs16/2x1"
+# rule that makes it (upstream first): all from rackbench.paths, through the plan.
+DEMO_CONFIG = yaml.safe_load((ROOT / "config.yaml").read_text())
+(DEMO_CONFIGURATION,) = configurations(DEMO_CONFIG)
+DEMO_KEY = DEMO_CONFIGURATION.key
+DEMO_RUN_DIR = DEMO_CONFIGURATION.run_dir
 DEMO_STEP_OUTPUTS = {
-    "demo_model": "results/demo/source/model",
-    "demo_dataset": "results/demo/source/dataset/SHA256SUMS",
-    "download_model": "results/models/tiny-llama/snapshot",
-    "prepare_dataset": "results/datasets/demo-orca/samples.parquet",
-    "quantize": "results/quantized/tiny-llama/nvfp4/checkpoint",
-    "build_engine": "results/engines/tiny-llama/nvfp4/reference/cpu/engine",
-    "run_shard": f"results/runs/{DEMO_KEY}/performance/shard0",
-    "accuracy": f"results/accuracy/{DEMO_KEY}/accuracy.json",
-    "report": "results/report/report.md",
+    "demo_model": paths.DEMO_MODEL_PATTERN,
+    "demo_dataset": f"{paths.DEMO_DATASET_DIR}/SHA256SUMS",
+    "download_model": DEMO_CONFIGURATION.snapshot_dir,
+    "prepare_dataset": DEMO_CONFIGURATION.dataset_file("samples"),
+    "quantize": DEMO_CONFIGURATION.checkpoint_dir,
+    "build_engine": DEMO_CONFIGURATION.engine_dir,
+    "run_shard": DEMO_CONFIGURATION.shard_dirs("performance")[0],
+    "accuracy": DEMO_CONFIGURATION.accuracy_json,
+    "report": paths.report_file("markdown"),
 }
+
 
 # Environment for Snakemake runs that do not use Slurm: Slurm's clients talk to no
 # controller, so the Slurm executor plugin's start-up probe fails at once instead of
@@ -36,8 +43,16 @@ LOCAL_SNAKEMAKE_ENV = {"SLURM_CONF": str(ROOT / "tests" / "slurm" / "no-controll
 
 def copy_workflow(dest: Path) -> Path:
     """The tracked (and untracked, not ignored) files of this checkout, without results/."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                           cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, files):
         src = ROOT / rel
         if src.is_file():
@@ -48,11 +63,18 @@ def copy_workflow(dest: Path) -> Path:
 
 def snakemake(workdir: Path, *args, timeout=900, env=None, check=True):
     """Run Snakemake in ``workdir``; returns the CompletedProcess (output captured)."""
-    proc = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **LOCAL_SNAKEMAKE_ENV, **(env or {})})
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **LOCAL_SNAKEMAKE_ENV, **(env or {})},
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n"
-                             f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -105,8 +127,10 @@ def ensure_debian_package(binary: str, package: str) -> str | None:
         return found
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     lock = ["-o", "DPkg::Lock::Timeout=900"]
-    for cmd in (["apt-get", *lock, "update", "-q"],
-                ["apt-get", *lock, "install", "-y", "-q", "--no-install-recommends", package]):
+    for cmd in (
+        ["apt-get", *lock, "update", "-q"],
+        ["apt-get", *lock, "install", "-y", "-q", "--no-install-recommends", package],
+    ):
         if subprocess.run(cmd, capture_output=True, env=env, timeout=1500).returncode != 0:
             return None
     return shutil.which(binary)

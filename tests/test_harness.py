@@ -282,8 +282,8 @@ def test_cli_opens_engine_and_runs(tmp_path, dataset, monkeypatch):
         "--min-duration-ms", "0", "--min-query-count", "1", "--offline-expected-qps", "10",
         "--progress-interval-s", "0", "--gpu-types-json", '{"cpu": {"kind": "cpu"}}',
         "--engine-settings-json", '{"torch_threads": 1}',
-        "--meta-json", json.dumps({"model": "fake", "recipe": "none", "backend": "fake", "gpu": "cpu",
-                                   "bs": "4", "layout": "1x2"})])
+        "--meta-json", json.dumps({"model": "fake", "recipe": "none", "backend": "fake", "gpu_type": "cpu",
+                                   "batch_size": 4, "layout": "1x2"})])
     assert rc == 0 and engine.closed
     assert calls == {"engine_dir": str(tmp_path / "engine"), "gpu_ids": [0, 1], "settings": {"torch_threads": 1},
                      "gpu_types": {"cpu": {"kind": "cpu"}}}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import DEMO_KEY as CONFIG_KEY
+from conftest import DEMO_RUN_DIR
 from conftest import DEMO_STEP_OUTPUTS as STEP_OUTPUTS
 from conftest import LOCAL_SNAKEMAKE_ENV, snakemake
 
@@ -62,7 +62,7 @@ def _kill_tree(proc):
 
 
 def _shard_jsons(workdir, mode="performance"):
-    runs = workdir / "results" / "runs" / CONFIG_KEY / mode
+    runs = workdir / DEMO_RUN_DIR / mode
     return {p.parent.name: json.loads(p.read_text()) for p in sorted(runs.glob("shard*/shard.json"))}
 
 

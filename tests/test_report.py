@@ -35,7 +35,9 @@ def make_rack(root, *, durations=(100.0, 200.0, 50.0), starts=(0.0, 0.0, 0.0), r
 
 
 def run(dirs, acc, out, gpu_types=None, models=None):
-    return report.build_report(dirs, acc, gpu_types if gpu_types is not None else bench.GPU_TYPES,
+    """The report on one configuration, told its shard dirs and accuracy.json as the workflow tells it."""
+    entry = bench.configuration_entry(dirs, acc[0] if acc else None)
+    return report.build_report([entry], gpu_types if gpu_types is not None else bench.GPU_TYPES,
                                models if models is not None else bench.MODELS, out)
 
 
@@ -126,14 +128,29 @@ def test_missing_shard_is_invalid(tmp_path):
     assert cfg["status"] == report.STATUS_INVALID and "missing [2]" in cfg["status_reasons"]
 
 
-def test_accuracy_config_from_inside_json(tmp_path):
+def test_accuracy_file_is_the_one_the_workflow_names(tmp_path):
+    """The configuration's accuracy.json is wherever its entry says; the report parses no path."""
     dirs, _ = make_rack(tmp_path / "results", accuracy=None)
     elsewhere = tmp_path / "acc.json"
-    elsewhere.write_text(json.dumps({"valid": True, "failures": [], "rouge1": 44.5, "configuration": {
-        "model": "llama2-70b", "recipe": "nvfp4", "backend": "tensorrt-llm", "gpu": "GB300", "bs": 16,
-        "layout": "3x2"}}))
+    elsewhere.write_text(json.dumps({"valid": True, "failures": [], "rouge1": 44.5}))
     (cfg,) = run(dirs, [elsewhere], tmp_path / "out")["configs"]
     assert cfg["status"] == report.STATUS_VALID and cfg["accuracy_evidence"] == "accuracy.json"
+    assert cfg["accuracy_file"] == elsewhere.as_posix()
+
+
+def test_configuration_fields_come_from_the_entry_not_the_path(tmp_path):
+    dirs, acc = make_rack(tmp_path / "results")
+    moved = tmp_path / "anywhere"
+    moved.mkdir()
+    for d in dirs:
+        d.rename(moved / d.name)
+    entry = bench.configuration_entry([moved / d.name for d in dirs], acc[0])
+    (cfg,) = report.build_report([entry], bench.GPU_TYPES, bench.MODELS, tmp_path / "out")["configs"]
+    assert (cfg["gpu_type"], cfg["batch_size"], cfg["layout"]) == ("GB300", 16, "3x2")
+    assert cfg["variant"] == bench.SYNTHETIC_VARIANT and cfg["status"] == report.STATUS_VALID
+    with pytest.raises(report.ReportInputError, match="lacks"):
+        report.build_report([{k: v for k, v in entry.items() if k != "gpu_type"}], bench.GPU_TYPES,
+                            bench.MODELS, tmp_path / "out2")
 
 
 def test_cpu_gpu_type_skips_efficiency(tmp_path):
@@ -149,10 +166,10 @@ def test_parameters_counted_from_checkpoint(tmp_path):
     cfg = {"hidden_size": 8192, "num_hidden_layers": 80, "intermediate_size": 28672, "vocab_size": 32000,
            "num_attention_heads": 64, "num_key_value_heads": 8, "tie_word_embeddings": False}
     assert report.count_parameters(cfg) == pytest.approx(6.9e10, rel=0.01)     # Llama-2-70B
-    snap = tmp_path / "results" / "models" / "m" / "snapshot"
+    snap = tmp_path / "results" / "models" / "m" / "0123abcd" / "snapshot"
     snap.mkdir(parents=True)
     (snap / "config.json").write_text(json.dumps(cfg))
-    n, source = report.model_parameters("m", {}, tmp_path / "results")
+    n, source = report.model_parameters("m", {}, snap)
     assert n == report.count_parameters(cfg) and "config.json" in source
 
 
@@ -161,10 +178,11 @@ def test_provenance_table(tmp_path):
     dirs, acc = make_rack(tmp_path / "results")
     for d in dirs:
         provenance.write_provenance(d / "provenance.json", step="run_shard", config_fragment={"d": str(d.name)})
-    engine = tmp_path / "results/engines/llama2-70b/nvfp4/tensorrt-llm/GB300/engine"
+    engine = tmp_path / "results/engines/llama2-70b/nvfp4/tensorrt-llm/GB300/0123abcd/engine"
     engine.mkdir(parents=True)
     provenance.write_provenance(engine / "provenance.json", step="build_engine", config_fragment={})
-    res = run(dirs, acc, tmp_path / "out")
+    entry = {**bench.configuration_entry(dirs, acc[0]), "engine_dir": str(engine)}
+    res = report.build_report([entry], bench.GPU_TYPES, bench.MODELS, tmp_path / "out")
     assert sorted(r["step"] for r in res["provenance"]) == ["build_engine"] + ["run_shard"] * 3
     prov = pd.read_csv(tmp_path / "out" / "provenance.csv")
     assert len(prov) == 4 and prov["config_sha256"].nunique() == 4
@@ -177,11 +195,13 @@ def test_rebuild_is_byte_identical_and_figures_name_inputs(tmp_path):
     gpu_json.write_text(json.dumps(bench.GPU_TYPES))
     models_json = tmp_path / "models.json"
     models_json.write_text(json.dumps(bench.MODELS))
+    configurations = tmp_path / "configurations.json"
+    configurations.write_text(json.dumps([bench.configuration_entry(dirs, acc[0])]))
     outs = []
     for name in ("one", "two"):
         out = tmp_path / name
-        subprocess.run([sys.executable, "-m", "rackbench.report", "--shard-dirs", *map(str, dirs),
-                        "--accuracy", *map(str, acc), "--gpu-types-json", str(gpu_json),
+        subprocess.run([sys.executable, "-m", "rackbench.report", "--configurations-json", str(configurations),
+                        "--results", str(tmp_path / "results"), "--gpu-types-json", str(gpu_json),
                         "--models-json", str(models_json), "--out", str(out)], check=True, capture_output=True)
         outs.append(out)
     names = sorted(p.name for p in outs[0].iterdir())

@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 SNAKEFILE = '''
-SHARDS = expand("results/runs/llama2-70b/nvfp4/tensorrt-llm/GB300/bs16/2x4/performance/shard{i}", i=range(2))
-ACC = ["results/accuracy/llama2-70b/nvfp4/tensorrt-llm/GB300/bs16/2x4/accuracy.json"]
+SHARDS = expand("results/runs/llama2-70b/nvfp4/tensorrt-llm/GB300/bs16/2x4/{VARIANT}/performance/shard{i}", i=range(2))
+ACC = ["results/accuracy/llama2-70b/nvfp4/tensorrt-llm/GB300/bs16/2x4/{VARIANT}/accuracy.json"]
 R = "results/report"
 FIGS = ["shard_throughput", "shard_timeline", "records", "efficiency"]
 
@@ -43,7 +43,7 @@ rule report:
         efficiency=report(multiext(f"{R}/efficiency", ".pdf", ".svg", ".png"),
                           caption="report/efficiency.rst", category="throughput"),
     shell:
-        "{PY} -m rackbench.report --shard-dirs {input.shards} --accuracy {input.accuracy} "
+        "{PY} -m rackbench.report --configurations-json configurations.json "
         "--gpu-types-json gpu_types.json --models-json models.json --out " + R
 
 rule accuracy_shown:
@@ -79,11 +79,14 @@ def test_snakemake_report_renders_figures_in_chromium(tmp_path, chromium):
     spec.loader.exec_module(bench)
     for i in range(2):
         bench.write_shard(tmp_path / "results", shard=i, num_shards=2, rows=20, started_at=1.7e9 + i, duration=50.0)
-    bench.write_accuracy(tmp_path / "results", layout="2x4")
+    acc = bench.write_accuracy(tmp_path / "results", layout="2x4")
+    dirs = sorted((tmp_path / "results" / "runs").glob("*/*/*/*/*/*/*/performance/shard*"))
+    entry = bench.configuration_entry([d.relative_to(tmp_path) for d in dirs], acc.relative_to(tmp_path))
+    (tmp_path / "configurations.json").write_text(json.dumps([entry]))
     (tmp_path / "gpu_types.json").write_text(json.dumps(bench.GPU_TYPES))
     (tmp_path / "models.json").write_text(json.dumps(bench.MODELS))
     shutil.copytree(REPO / "report", tmp_path / "report")
-    (tmp_path / "Snakefile").write_text(SNAKEFILE)
+    (tmp_path / "Snakefile").write_text(SNAKEFILE.replace("{VARIANT}", bench.SYNTHETIC_VARIANT))
 
     def smk(*args):
         snakemake(tmp_path, *args, timeout=600)

@@ -18,8 +18,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import DEMO_KEY as KEY
-from conftest import DEMO_STEP_OUTPUTS, ROOT, snakemake
+from conftest import DEMO_CONFIG, DEMO_CONFIGURATION, DEMO_STEP_OUTPUTS, ROOT, snakemake
+from rackbench import paths
+from rackbench.config import configurations, merge_configs
+
+KEY = DEMO_CONFIGURATION.key
 
 pytestmark = pytest.mark.slow
 
@@ -58,6 +61,14 @@ def override(workdir: Path, text: str) -> list[str]:
     return ["--configfile", "config.yaml", str(path)]
 
 
+def configuration_with(text: str):
+    """The demo's configuration under an override YAML, as Snakemake merges it."""
+    config = yaml.safe_load(yaml.safe_dump(DEMO_CONFIG))
+    merge_configs(config, yaml.safe_load(text))
+    (cfg,) = configurations(config)
+    return cfg
+
+
 def stamps(workdir: Path, paths) -> dict[str, int]:
     """mtime (ns) of each path and of every file under it: what a rerun would touch."""
     out = {}
@@ -68,8 +79,8 @@ def stamps(workdir: Path, paths) -> dict[str, int]:
     return out
 
 
-def shard_records(workdir: Path, key: str, mode: str = "performance") -> dict[str, dict]:
-    runs = workdir / "results" / "runs" / key / mode
+def shard_records(workdir: Path, cfg=DEMO_CONFIGURATION, mode: str = "performance") -> dict[str, dict]:
+    runs = workdir / cfg.run_dir / mode
     return {p.parent.name: json.loads(p.read_text()) for p in sorted(runs.glob("shard*/shard.json"))}
 
 
@@ -82,8 +93,10 @@ def test_batch_size_change_reruns_only_the_shards_accuracy_and_report(demo_copy)
 
     assert run(demo_copy, *args) == RUN_ONLY
     assert stamps(demo_copy, before) == before  # nothing upstream redone, bs16 results untouched
-    new_key = KEY.replace("bs16", "bs8")
-    recs = {**shard_records(demo_copy, new_key), **shard_records(demo_copy, new_key, "accuracy")}
+    new = configuration_with("benchmarks:\n  batch_sizes: [8]\n")
+    new_key = new.key
+    assert new_key == KEY.replace("bs16", "bs8")
+    recs = {**shard_records(demo_copy, new), **shard_records(demo_copy, new, "accuracy")}
     assert len(recs) == 2 and {r["batch_size"] for r in recs.values()} == {8}
     throughput = pd.read_csv(demo_copy / "results" / "report" / "throughput.csv")
     assert throughput["config"].tolist() == [new_key] and throughput["status"].tolist() == ["VALID"]
@@ -102,8 +115,9 @@ def test_recipe_change_reruns_quantize_and_everything_after_it(demo_copy):
     assert jobs == {"quantize": 1, "build_engine": 1, **RUN_ONLY}
     assert not {"download_model", "prepare_dataset", "demo_model", "demo_dataset"} & set(jobs)
     out = p.stdout + p.stderr
-    assert "results/quantized/tiny-llama/fp8/checkpoint" in out
-    assert "results/engines/tiny-llama/fp8/reference/cpu/engine" in out
+    fp8 = configuration_with("benchmarks:\n  recipes: [fp8]\n")
+    assert fp8.checkpoint_dir.startswith("results/quantized/tiny-llama/fp8/") and fp8.checkpoint_dir in out
+    assert fp8.engine_dir.startswith("results/engines/tiny-llama/fp8/reference/cpu/") and fp8.engine_dir in out
 
 
 def test_report_only_rebuild_gives_identical_figures(demo_copy):
@@ -126,32 +140,63 @@ def test_report_only_rebuild_gives_identical_figures(demo_copy):
     assert plan(demo_copy) == {}
 
 
-def test_max_new_tokens_change_reruns_only_the_shards_accuracy_and_report(demo_copy):
-    """(d) run.max_new_tokens is a param of run_shard only: a change within the demo's
-    reference length reruns the shards (params trigger), then accuracy and report."""
+def test_max_new_tokens_change_makes_a_new_run_variant_beside_the_old(demo_copy):
+    """(d) run.max_new_tokens shapes the shards' results: a change within the demo's reference
+    length runs a new run variant (shards, accuracy, report) beside the old one, which stays
+    untouched and listed; switching back costs only the report."""
     demo = yaml.safe_load((ROOT / "config.yaml").read_text())
     limit = demo["demo"]["reference_max_new_tokens"]
     shorter = demo["run"]["max_new_tokens"] // 2
-    args = override(demo_copy, f"run:\n  max_new_tokens: {shorter}\n")
-    p = snakemake(demo_copy, "-n", "--cores", "2", *args)
-    assert job_stats(p.stdout + p.stderr) == RUN_ONLY
-    assert "Params have changed since last execution" in p.stdout + p.stderr
-    before = stamps(demo_copy, UPSTREAM.values())
-    old = shard_records(demo_copy, KEY)
+    text = f"run:\n  max_new_tokens: {shorter}\n"
+    new = configuration_with(text)
+    assert new.key == KEY and new.run_variant != DEMO_CONFIGURATION.run_variant
+    args = override(demo_copy, text)
+    assert plan(demo_copy, *args) == RUN_ONLY
+    before = stamps(demo_copy, [*UPSTREAM.values(), DEMO_CONFIGURATION.run_dir])
 
     assert run(demo_copy, *args) == RUN_ONLY
-    assert stamps(demo_copy, before) == before
-    new = shard_records(demo_copy, KEY)
-    assert sorted(new) == sorted(old) == ["shard0", "shard1"]
-    assert {r["max_new_tokens"] for r in new.values()} == {shorter}
-    assert all(r["started_at"] > old[s]["finished_at"] for s, r in new.items())  # really rerun
+    assert stamps(demo_copy, before) == before  # the old variant is untouched
+    new_records = shard_records(demo_copy, new)
+    assert sorted(new_records) == ["shard0", "shard1"]
+    assert {r["max_new_tokens"] for r in new_records.values()} == {shorter}
+    settings = json.loads(paths.settings_file(demo_copy / new.run_dir).read_text())
+    assert settings["run"]["max_new_tokens"] == shorter
+    variants = pd.read_csv(demo_copy / paths.report_file("variants"))
+    assert sorted(zip(variants["variant"], variants["current"])) == sorted(
+        [(DEMO_CONFIGURATION.run_variant, False), (new.run_variant, True)])
     assert plan(demo_copy, *args) == {}
+    assert plan(demo_copy) == {"report": 1, "all": 1}  # back to the default: its results are all there
     # beyond the demo's reference length the config is refused before anything runs
     bad = snakemake(demo_copy, "-n", "--cores", "2",
                     *override(demo_copy, f"run:\n  max_new_tokens: {limit + 1}\n"), check=False)
     assert bad.returncode != 0
     assert (f"invalid config: run.max_new_tokens: {limit + 1} exceeds demo.reference_max_new_tokens ({limit})"
             in bad.stdout + bad.stderr)
+
+
+def test_changed_knob_whose_job_fails_keeps_the_previous_result(demo_copy):
+    """Issue 11's new-user case: a dataset path that passes validation but names a directory.
+    Its conversion fails; the previous samples.parquet, every result made from it and the
+    report that shows them are all still there, and switching back has nothing to redo."""
+    previous = [str(Path(DEMO_CONFIGURATION.dataset_file("samples")).parent), DEMO_CONFIGURATION.run_dir,
+                str(Path(DEMO_CONFIGURATION.accuracy_json).parent), paths.REPORT_DIR]
+    keep = stamps(demo_copy, previous)
+    report_before = (demo_copy / paths.report_file("markdown")).read_text()
+    assert f"| {KEY} | **VALID** |" in report_before
+    text = f"datasets:\n  {DEMO_CONFIGURATION.dataset}:\n    samples:\n      path: {paths.DEMO_DATASET_DIR}\n"
+    changed = configuration_with(text)
+    assert changed.dataset_variant != DEMO_CONFIGURATION.dataset_variant
+
+    failed = snakemake(demo_copy, "--cores", "2", *override(demo_copy, text), check=False)
+    assert failed.returncode != 0
+    assert "Error in rule prepare_dataset" in failed.stdout + failed.stderr
+    assert not (demo_copy / changed.dataset_file("samples")).exists()
+    assert stamps(demo_copy, keep) == keep  # nothing of the previous results was deleted or rewritten
+    assert (demo_copy / paths.report_file("markdown")).read_text() == report_before
+    throughput = pd.read_csv(demo_copy / paths.report_file("throughput"))
+    assert throughput[["config", "variant", "status"]].values.tolist() == [
+        [KEY, DEMO_CONFIGURATION.run_variant, "VALID"]]
+    assert plan(demo_copy) == {}
 
 
 def test_nested_config_on_the_command_line_is_refused_not_misread(demo_copy):

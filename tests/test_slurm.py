@@ -331,7 +331,7 @@ def test_demo_gpu_jobs_are_slurm_jobs_with_their_gpu_requests(demo_run):
 
     # each shard's record names its own Slurm job, whose kept log is there
     shard_jobs = {j["JobIDRaw"] for j in by_comment["run_shard"]}
-    recs = [json.loads(f.read_text()) for f in wd.glob(f"results/runs/{CFG}/*/shard*/shard.json")]
+    recs = [json.loads(f.read_text()) for f in wd.glob(f"results/runs/{CFG}/*/*/shard*/shard.json")]
     assert len(recs) == 4
     assert {str(r["slurm_job_id"]) for r in recs} == shard_jobs
     kept = wd / ".snakemake" / "slurm_logs"
@@ -351,11 +351,12 @@ def test_demo_engine_is_built_on_and_run_on_gb300(demo_run):
     """The engine was built inside a gb300 job (RACKBENCH_FAKE_GPU_TYPE reaches it through
     --export=ALL) and every shard ran it as gb300: the run-time check passed."""
     wd, _ = demo_run
-    engine = json.loads((wd / "results/engines/tiny-llama/nvfp4/reference/gb300/engine/engine.json").read_text())
+    (engine_json,) = wd.glob("results/engines/tiny-llama/nvfp4/reference/gb300/*/engine/engine.json")
+    engine = json.loads(engine_json.read_text())
     assert engine["gpu_type"] == "gb300" and engine["fake_gpu"] is True
     assert engine["built_on"]["gpu_type"] == "gb300"
     assert engine["compute_capability"] == "10.3"
-    for f in wd.glob(f"results/runs/{CFG}/*/shard*/shard.json"):
+    for f in wd.glob(f"results/runs/{CFG}/*/*/shard*/shard.json"):
         rec = json.loads(f.read_text())
         assert rec["gpu_type"] == "gb300", f  # it ran: open_engine found the engine's GPU type here
         if rec["mode"] == "performance":
@@ -366,7 +367,7 @@ def test_demo_shards_ran_at_once_each_with_its_own_gpu(demo_run):
     """All four shard jobs (2 performance + 2 accuracy) held the node's four GPUs at
     once, one each, and the performance shards' LoadGen runs overlapped."""
     wd, p = demo_run
-    recs = [json.loads(f.read_text()) for f in sorted(wd.glob(f"results/runs/{CFG}/*/shard*/shard.json"))]
+    recs = [json.loads(f.read_text()) for f in sorted(wd.glob(f"results/runs/{CFG}/*/*/shard*/shard.json"))]
     assert len(recs) == 4
     assert sorted(r["cuda_visible_devices"] for r in recs) == ["0", "1", "2", "3"]
     assert len({r["slurm_job_id"] for r in recs}) == 4
@@ -396,5 +397,5 @@ def test_demo_report_through_slurm_equals_a_local_run(demo_run, demo_local):
     assert shards["slurm_job_id"].notna().all()
     assert pd.read_csv(demo_local / "results" / "report" / "shards.csv")["slurm_job_id"].isna().all()
     assert (pd.read_csv(wd / "results" / "report" / "throughput.csv")["status"] == "VALID").all()
-    acc = f"results/accuracy/{CFG}/accuracy.json"
+    (acc,) = (p.relative_to(wd) for p in wd.glob(f"results/accuracy/{CFG}/*/accuracy.json"))
     assert json.loads((wd / acc).read_text()) == json.loads((demo_local / acc).read_text())

@@ -2,13 +2,12 @@
 
 import json
 import re
-from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
-from conftest import PLANTED_TOKEN, ROOT, real_config_with_local_data, snakemake
+from conftest import DEMO_CONFIGURATION, PLANTED_TOKEN, ROOT, real_config_with_local_data, snakemake
+from rackbench import paths
 
 
 
@@ -31,7 +30,8 @@ def test_real_config_plans_the_whole_rack(tmp_path):
     for rule in ("download_model", "prepare_dataset", "quantize", "build_engine", "accuracy", "report"):
         assert counts[rule] == 1, rule
     assert "demo_model" not in counts
-    assert "results/runs/llama2-70b/nvfp4/tensorrt-llm/GB300/bs2048/18x4/performance/shard17" in proc.stdout
+    assert re.search(r"results/runs/llama2-70b/nvfp4/tensorrt-llm/GB300/bs2048/18x4/[0-9a-f]{8}/performance/shard17",
+                     proc.stdout)
     # the TensorRT-LLM jobs show their GPU request and container
     shard_jobs = [line for line in proc.stdout.splitlines() if ": run_shard " in line]
     assert len(shard_jobs) == 36
@@ -47,7 +47,7 @@ def test_real_config_one_gpu_shards(tmp_path):
     config = real_config_with_local_data(tmp_path, **{"benchmarks.gpus_per_shard": [1]})
     proc = snakemake(ROOT, "-n", "--configfile", str(config), timeout=300)
     assert job_counts(proc.stdout)["run_shard"] == 144  # 72 performance + 72 accuracy
-    assert "/72x1/performance/shard71" in proc.stdout
+    assert re.search(r"/72x1/[0-9a-f]{8}/performance/shard71", proc.stdout)
 
 
 # ---- the demo, end to end --------------------------------------------------------
@@ -61,8 +61,7 @@ def test_demo_end_to_end(demo_run):
         for ext in ("pdf", "svg", "png"):
             assert (report / f"{figure}.{ext}").stat().st_size > 0
 
-    config_key = "tiny-llama/nvfp4/reference/cpu/bs16/2x1"
-    runs = workdir / "results" / "runs" / config_key
+    runs = workdir / DEMO_CONFIGURATION.run_dir
     shards = [json.loads((runs / "performance" / f"shard{i}" / "shard.json").read_text()) for i in range(2)]
     for i, shard in enumerate(shards):
         shard_dir = runs / "performance" / f"shard{i}"
@@ -75,7 +74,7 @@ def test_demo_end_to_end(demo_run):
     # the performance shards split the 48 demo samples between them
     assert sorted(s["num_samples"] for s in shards) == [24, 24]
 
-    accuracy = json.loads((workdir / "results" / "accuracy" / config_key / "accuracy.json").read_text())
+    accuracy = json.loads((workdir / DEMO_CONFIGURATION.accuracy_json).read_text())
     assert accuracy["gen_num"] == 48
     assert accuracy["valid"] is True, accuracy
 
@@ -89,9 +88,14 @@ def test_demo_end_to_end(demo_run):
     for rule in ("demo_model", "demo_dataset", "download_model", "prepare_dataset", "quantize", "build_engine",
                  "run_shard", "accuracy", "report"):
         assert list(logs.glob(f"{rule}*")), rule
-    assert (workdir / "results" / "quantized" / "tiny-llama" / "nvfp4" / "checkpoint" / "provenance.json").is_file()
-    assert (workdir / "results" / "engines" / "tiny-llama" / "nvfp4" / "reference" / "cpu" / "engine"
-            / "engine.json").is_file()
+    assert (workdir / DEMO_CONFIGURATION.checkpoint_dir / "provenance.json").is_file()
+    assert (workdir / DEMO_CONFIGURATION.engine_dir / "engine.json").is_file()
+    # and its full settings beside its output, under the variant they hash to
+    for output in (DEMO_CONFIGURATION.snapshot_dir, DEMO_CONFIGURATION.dataset_file("samples"),
+                   DEMO_CONFIGURATION.checkpoint_dir, DEMO_CONFIGURATION.engine_dir, DEMO_CONFIGURATION.run_dir,
+                   DEMO_CONFIGURATION.accuracy_json):
+        settings_json = paths.settings_file(workdir / output)
+        assert paths.variant_id(json.loads(settings_json.read_text())) == settings_json.parent.name, output
 
 
 @pytest.mark.slow

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from rackbench.args import json_arg
 from rackbench.atomic import sha256_file, write_json_atomic, write_text_atomic
 from rackbench.provenance import write_provenance
 
@@ -258,12 +259,6 @@ def write_outputs(result: dict, out_json, out_txt) -> None:
 
 # --------------------------------------------------------------------------- CLI
 
-def _json_arg(value: str):
-    if not value.lstrip().startswith("{") and Path(value).is_file():
-        return json.loads(Path(value).read_text())
-    return json.loads(value)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rackbench.accuracy", description=__doc__.splitlines()[0])
     p.add_argument("--dataset", required=True, help="dataset parquet (output, optional tok_output)")
@@ -272,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-json", required=True,
                    help='JSON (or file): {"rouge1":..,"rouge2":..,"rougeL":..,"tokens_per_sample":.. or null}')
     p.add_argument("--target-fraction", type=float, required=True, help="0.99 for -99, 0.999 for -99.9")
-    p.add_argument("--tokens-tolerance", type=float, default=0.1)
+    p.add_argument("--tokens-tolerance", type=float, required=True,
+                   help="tokens/sample tolerance around the reference (config models.<m>.accuracy)")
     p.add_argument("--out-json", required=True)
     p.add_argument("--out-txt", required=True)
     p.add_argument("--fail-on-invalid", action="store_true", help="exit 1 when the gate fails")
@@ -281,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    reference = _json_arg(args.reference_json)
+    reference = json_arg(args.reference_json)
     result = evaluate(dataset=args.dataset, tokenizer=args.tokenizer, shard_dirs=args.shard_dirs,
                       reference=reference, target_fraction=args.target_fraction,
                       tokens_tolerance=args.tokens_tolerance)

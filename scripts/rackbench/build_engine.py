@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from rackbench.args import json_arg
 from rackbench.atomic import atomic_path, write_json_atomic
 from rackbench.engines import backend_module
 from rackbench.provenance import write_provenance
@@ -241,13 +242,13 @@ def main(argv=None) -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--recipe", required=True, help="nvfp4 | fp8 | none")
     parser.add_argument("--gpu-type", required=True, help="key of the config's gpu_types")
-    parser.add_argument("--gpu-spec-json", default="{}", help="that gpu_types entry, as JSON")
-    parser.add_argument("--settings-json", default="{}", help="engines.<backend> settings, as JSON")
+    parser.add_argument("--gpu-spec-json", required=True, help="that gpu_types entry, as JSON or a JSON file")
+    parser.add_argument("--settings-json", required=True, help="engines.<backend> settings, as JSON or a JSON file")
     args = parser.parse_args(argv)
-    gpu_spec = json.loads(args.gpu_spec_json)
+    gpu_spec = json_arg(args.gpu_spec_json)
     record = build_engine(checkpoint=args.checkpoint, out=args.out, backend=args.backend, model=args.model,
                           recipe=args.recipe, gpu_type=args.gpu_type, gpu_spec=gpu_spec,
-                          settings=json.loads(args.settings_json), gpu_types={args.gpu_type: gpu_spec})
+                          settings=json_arg(args.settings_json), gpu_types={args.gpu_type: gpu_spec})
     facts = record["backend_facts"]
     print(f"built {args.backend} engine {args.out} for {args.gpu_type}: recipe {args.recipe}, "
           f"{facts.get('quantized_layers', '?')} quantized layers, software {record['software']}"

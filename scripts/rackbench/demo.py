@@ -39,6 +39,7 @@ from collections import Counter
 from pathlib import Path
 
 from rackbench.atomic import atomic_path, sha256_file
+from rackbench.config import schema_defaults
 
 SAMPLES_PKL = "open_orca_gpt4_tokenized_llama.sampled_24576.pkl"
 CALIBRATION_PKL = "open_orca_gpt4_tokenized_llama.calibration_1000.pkl"
@@ -396,22 +397,24 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     m = sub.add_parser("model", help="write the tiny model + tokenizer")
     m.add_argument("--out", required=True, type=Path)
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--hidden-size", type=int, default=256)
-    m.add_argument("--intermediate-size", type=int, default=688)
-    m.add_argument("--num-layers", type=int, default=2)
-    m.add_argument("--num-heads", type=int, default=8)
-    m.add_argument("--num-kv-heads", type=int, default=1)
-    m.add_argument("--vocab-size", type=int, default=1024)
+    defaults = schema_defaults("demo")  # the config schema's, the only defaults
+    shape = defaults["model"]
+    m.add_argument("--seed", type=int, default=defaults["seed"])
+    m.add_argument("--hidden-size", type=int, default=shape["hidden_size"])
+    m.add_argument("--intermediate-size", type=int, default=shape["intermediate_size"])
+    m.add_argument("--num-layers", type=int, default=shape["num_hidden_layers"])
+    m.add_argument("--num-heads", type=int, default=shape["num_attention_heads"])
+    m.add_argument("--num-kv-heads", type=int, default=shape["num_key_value_heads"])
+    m.add_argument("--vocab-size", type=int, default=shape["vocab_size"])
     d = sub.add_parser("dataset", help="write the OpenOrca-shaped pickles + SHA256SUMS")
     d.add_argument("--model", required=True, type=Path)
     d.add_argument("--out", required=True, type=Path)
-    d.add_argument("--num-samples", type=int, default=48)
-    d.add_argument("--num-calibration", type=int, default=16)
-    d.add_argument("--max-new-tokens", type=int, default=128)
-    d.add_argument("--min-prompt-tokens", type=int, default=20)
-    d.add_argument("--max-prompt-tokens", type=int, default=200)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--num-samples", type=int, default=defaults["num_samples"])
+    d.add_argument("--num-calibration", type=int, default=defaults["num_calibration"])
+    d.add_argument("--max-new-tokens", type=int, default=defaults["reference_max_new_tokens"])
+    d.add_argument("--min-prompt-tokens", type=int, default=defaults["min_prompt_tokens"])
+    d.add_argument("--max-prompt-tokens", type=int, default=defaults["max_prompt_tokens"])
+    d.add_argument("--seed", type=int, default=defaults["seed"])
     args = parser.parse_args(argv)
     if args.command == "model":
         make_model(args)

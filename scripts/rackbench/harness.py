@@ -29,7 +29,6 @@ included) and renamed into place only when complete.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import socket
@@ -45,9 +44,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from rackbench.args import json_arg
 from rackbench.atomic import atomic_path, write_json_atomic
+from rackbench.config import schema_defaults
 from rackbench.provenance import write_provenance
 from rackbench.shards import SHARD_MODES, layout_name, shard_sample_indices
+
+RUN_DEFAULTS = schema_defaults("run")  # the CLI's defaults are the config schema's
 
 MODES = ("performance", "accuracy")
 RESPONSE_DTYPE = np.int32          # evaluate-accuracy.py --dtype int32
@@ -373,13 +376,9 @@ def run_shard(engine, *, samples_parquet, out_dir, mode: str, shard_index: int, 
                            f"lower the batch size or rebuild the engine with a larger max_batch_size")
     metadata = dict(metadata or {})
     label = f"shard {shard_index}/{num_shards} {mode}"
-    # the workflow passes its wildcards ({model, recipe, backend, gpu, bs, layout}): name them as shard.json does
-    if "gpu" in metadata and "gpu_type" not in metadata:
-        metadata["gpu_type"] = metadata.pop("gpu")
-    if "bs" in metadata:
-        bs = metadata.pop("bs")
-        if str(bs) != str(batch_size):
-            raise HarnessError(f"metadata says batch size {bs!r} but the run uses {batch_size}")
+    # the workflow passes its wildcards, named as shard.json names them (rackbench.config.CONFIG_FIELDS)
+    if "batch_size" in metadata and str(metadata["batch_size"]) != str(batch_size):
+        raise HarnessError(f"metadata says batch size {metadata['batch_size']!r} but the run uses {batch_size}")
     gps = metadata.get("gpus_per_shard")
     if metadata.get("layout") and gps is not None and metadata["layout"] != layout_name(num_shards, gps):
         raise HarnessError(f"layout {metadata['layout']!r} does not match {num_shards} shards of {gps} GPU(s)")
@@ -483,13 +482,6 @@ def run_shard(engine, *, samples_parquet, out_dir, mode: str, shard_index: int, 
 
 # --------------------------------------------------------------------------- CLI
 
-def _json_arg(value: str | None):
-    """A JSON string, or the path of a JSON file."""
-    if value is None or value == "":
-        return {}
-    if not value.lstrip().startswith(("{", "[")) and Path(value).is_file():
-        return json.loads(Path(value).read_text())
-    return json.loads(value)
 
 
 def shard_gpu_ids(gpus_per_shard: int, environ=os.environ) -> list[int]:
@@ -515,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", required=True, choices=MODES)
     p.add_argument("--shard-index", type=int, required=True)
     p.add_argument("--num-shards", type=int, required=True)
-    p.add_argument("--shard-mode", choices=SHARD_MODES, default="split")
+    p.add_argument("--shard-mode", choices=SHARD_MODES, default=RUN_DEFAULTS["performance_shard_mode"])
     p.add_argument("--gpus-per-shard", type=int, default=1)
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--max-new-tokens", type=int, required=True)
@@ -524,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offline-expected-qps", type=float, default=None, help="default: LoadGen's mlperf.conf")
     p.add_argument("--loadgen-model", default=DEFAULT_LOADGEN_MODEL,
                    help="model name whose LoadGen mlperf.conf entries are the defaults")
-    p.add_argument("--progress-interval-s", type=float, default=30.0)
+    p.add_argument("--progress-interval-s", type=float, default=RUN_DEFAULTS["progress_interval_s"])
     p.add_argument("--gpu-types-json", default="{}", help="JSON (or file): config['gpu_types']")
     p.add_argument("--engine-settings-json", default="{}", help="JSON (or file): engine runtime settings")
     p.add_argument("--meta-json", default="{}", help="JSON (or file): model, recipe, backend, gpu_type, ...")
@@ -535,13 +527,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from rackbench.build_engine import open_engine
 
-    metadata = _json_arg(args.meta_json)
+    metadata = json_arg(args.meta_json)
     metadata.setdefault("gpus_per_shard", args.gpus_per_shard)
     gpu_ids = shard_gpu_ids(args.gpus_per_shard)
     if gpu_ids and len(gpu_ids) != args.gpus_per_shard:
         _stderr_log(f"warning: CUDA_VISIBLE_DEVICES shows {len(gpu_ids)} GPUs; --gpus-per-shard is {args.gpus_per_shard}")
-    engine = open_engine(args.engine_dir, gpu_ids=gpu_ids, settings=_json_arg(args.engine_settings_json),
-                         gpu_types=_json_arg(args.gpu_types_json))
+    engine = open_engine(args.engine_dir, gpu_ids=gpu_ids, settings=json_arg(args.engine_settings_json),
+                         gpu_types=json_arg(args.gpu_types_json))
     try:
         run_shard(engine, samples_parquet=args.dataset, out_dir=args.out, mode=args.mode,
                   shard_index=args.shard_index, num_shards=args.num_shards, shard_mode=args.shard_mode,

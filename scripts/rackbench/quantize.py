@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from rackbench.atomic import atomic_path
+from rackbench.config import schema_defaults
 from rackbench.provenance import write_provenance
 
 RECIPES = ("nvfp4", "fp8", "none")
@@ -201,10 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", required=True, help="calibration.parquet (tok_input column)")
     parser.add_argument("--recipe", required=True, help="nvfp4, fp8 or none")
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--calib-samples", type=int, default=512)
-    parser.add_argument("--calib-batch-size", type=int, default=4)
-    parser.add_argument("--calib-max-seq-len", type=int, default=512)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    defaults = schema_defaults("quantization")  # the config schema's, the only defaults
+    parser.add_argument("--calib-samples", type=int, default=defaults["calibration_samples"])
+    parser.add_argument("--calib-batch-size", type=int, default=defaults["calibration_batch_size"])
+    parser.add_argument("--calib-max-seq-len", type=int, default=defaults["calibration_max_seq_len"])
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=defaults["device"])
     args = parser.parse_args(argv)
     try:
         run(args)

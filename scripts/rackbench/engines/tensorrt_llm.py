@@ -37,6 +37,8 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from rackbench.config import schema_defaults
+
 MODES = ("pytorch", "tensorrt")
 EXTRA_OPTIONS_FILE = "extra_llm_api_options.yaml"
 WARMUP_FILE = "warmup.json"
@@ -47,27 +49,9 @@ LLAMA2_EOS_ID = 2  # Llama-2 tokenizer </s>; MLPerf generation_config eos_token_
 SCHEDULER_POLICIES = ("MAX_UTILIZATION", "GUARANTEED_NO_EVICT", "STATIC_BATCH")
 CHUNKING_POLICIES = ("FIRST_COME_FIRST_SERVED", "EQUAL_PROGRESS")
 
-# Defaults reproduce closed/Azure/configs/ND_GB200_v6/Offline/llama2-70b.py
-# (mlcommons inference_results_v5.1), the NVIDIA v5.1 code Azure shipped.
-DEFAULTS: dict[str, Any] = {
-    "mode": "pytorch",
-    "tensor_parallel_size": 1,
-    "pipeline_parallel_size": 1,
-    "max_batch_size": 2048,
-    "max_num_tokens": 4096,          # build flag; Azure runtime flag was 3584 (runtime_max_num_tokens)
-    "runtime_max_num_tokens": None,  # None = max_num_tokens
-    "max_input_len": 1024,
-    "max_seq_len": 2048,
-    "kv_cache": {"dtype": "fp8", "free_gpu_memory_fraction": 0.95, "enable_block_reuse": False},
-    "enable_chunked_prefill": True,
-    "scheduler_policy": "MAX_UTILIZATION",
-    "context_chunking_policy": "FIRST_COME_FIRST_SERVED",
-    "tokens_per_block": 32,
-    "end_id": LLAMA2_EOS_ID,
-    "warmup": True,
-    "container": None,
-    "trtllm_build_extra_flags": {},
-}
+# The defaults live in the config schema (engines.tensorrt-llm; they reproduce the
+# NVIDIA v5.1 code Azure shipped, closed/Azure/configs/ND_GB200_v6/Offline/llama2-70b.py).
+DEFAULTS: dict[str, Any] = schema_defaults("engines", "tensorrt-llm")
 
 
 class EngineMismatch(RuntimeError):
