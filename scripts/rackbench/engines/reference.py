@@ -46,6 +46,7 @@ from typing import Sequence
 import torch
 
 from rackbench.engines import nvfp4
+from rackbench.padding import pad_batch
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -598,10 +599,7 @@ class ReferenceEngine:
         body, dev = self.model.model, self.device
         g, width = len(prompts), len(prompts[0])
         hq, hkv, d, scale = self._heads
-        ids = torch.full((g, width), self.pad_id, dtype=torch.long)
-        for row, p in enumerate(prompts):
-            ids[row, :len(p)] = torch.tensor(p)
-        ids = ids.to(dev)
+        ids, _ = pad_batch(prompts, self.pad_id, side="right", device=dev)
         last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
         rows = torch.arange(g, device=dev)
         pos = torch.arange(width, device=dev).unsqueeze(0).expand(g, width)
