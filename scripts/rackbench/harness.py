@@ -43,6 +43,7 @@ import sys
 import threading
 import time
 from array import array
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -164,6 +165,7 @@ class EngineSUT:
         self._rec_time: list[float] = []
         self._rec_first: list[float] = []
         self._rec_ids: list = []
+        self._first_at: dict[int, float] = {}   # sample id -> when its first token came
 
     # LoadGen callbacks -------------------------------------------------
     def issue_query(self, query_samples) -> None:
@@ -185,73 +187,72 @@ class EngineSUT:
             if self._pumping:
                 return
             self._pumping = True
+        self._pump_loop()
+
+    def _pump_loop(self) -> None:
+        """The pumping thread's loop (``self._pumping`` is set)."""
+        lock, waiting, limit, submit = self._lock, self._waiting, self.max_in_flight, self._submit
         while True:
-            with self._lock:
+            with lock:
                 batch = []
-                while self._waiting and self._in_flight < self.max_in_flight:
+                while waiting and self._in_flight < limit:
                     self._in_flight += 1
-                    batch.append(self._waiting.popleft())
+                    batch.append(waiting.popleft())
                 if not batch:
                     self._pumping = False
                     return
             for q in batch:
-                self._submit(q.id, q.index)
+                submit(q.id, q.index)
 
     def _submit(self, qid: int, qsl_index: int) -> None:
         if self.error is not None:   # the run is failing: finish quickly, the error is raised after
-            self._finish(qid, qsl_index, None, None)
+            self._finish(qid, qsl_index, None)
             return
-        first_at: list[float] = []
-
-        def on_first_token(token: int) -> None:
-            first_at.append(time.time())
-            self._report_first_token(qid, [token])
-
-        def on_done(tokens) -> None:
-            self._finish(qid, qsl_index, tokens, first_at)
-
-        def on_error(exc: BaseException) -> None:
-            self._fail(exc)
-            self._finish(qid, qsl_index, None, first_at)
-
         try:
-            self.engine.submit(self.samples.prompt(qsl_index), self.max_new_tokens, on_done=on_done,
-                               on_error=on_error, on_first_token=on_first_token if self.first_tokens else None)
+            self.engine.submit(self.samples.prompt(qsl_index), self.max_new_tokens,
+                               on_done=partial(self._finish, qid, qsl_index),
+                               on_error=partial(self._on_error, qid, qsl_index),
+                               on_first_token=partial(self._on_first_token, qid) if self.first_tokens else None)
         except BaseException as exc:   # the test must still end: LoadGen waits for every sample
-            on_error(exc)
+            self._on_error(qid, qsl_index, exc)
 
-    def _fail(self, exc: BaseException) -> None:
+    def _on_first_token(self, qid: int, token: int) -> None:
+        self._first_at[qid] = time.time()
+        self._report_first_token(qid, [token])
+
+    def _on_error(self, qid: int, qsl_index: int, exc: BaseException) -> None:
         with self._lock:
             if self.error is None:
                 self.error = exc
+        self._finish(qid, qsl_index, None)
 
-    def _report_first_token(self, qid: int, tokens: list[int]) -> None:
+    def _report_first_token(self, qid: int, tokens) -> None:
         lg = self.lg
         data = array(_ARRAY_CODE, tokens[:1])
         lg.FirstTokenComplete([lg.QuerySampleResponse(qid, data.buffer_info()[0], len(data) * _ITEMSIZE,
                                                       len(data))])
 
-    def _finish(self, qid: int, qsl_index: int, tokens, first_at) -> None:
+    def _finish(self, qid: int, qsl_index: int, tokens) -> None:
+        """Complete one sample with LoadGen (``tokens`` None: failed, completed empty)."""
         lg = self.lg
-        if tokens is None:
-            data = array(_ARRAY_CODE)
-        else:
-            data = array(_ARRAY_CODE, tokens)
-            if len(data) > self.max_new_tokens:
-                self._fail(HarnessError(f"engine returned {len(data)} tokens; max_new_tokens is {self.max_new_tokens}"))
+        data = array(_ARRAY_CODE) if tokens is None else array(_ARRAY_CODE, tokens)
         n = len(data)
-        if self.first_tokens and first_at is not None and not first_at:
-            self._report_first_token(qid, list(data))
+        first_at = self._first_at.pop(qid, None) if self.first_tokens else None
+        if self.first_tokens and first_at is None:   # no first-token event came: report it now
+            self._report_first_token(qid, data)
         # LoadGen copies the data (accuracy mode) before returning
         lg.QuerySamplesComplete([lg.QuerySampleResponse(qid, data.buffer_info()[0], n * _ITEMSIZE, n)])
         now = time.time()
         with self._lock:
             self._in_flight -= 1
             if tokens is not None:
+                if n > self.max_new_tokens and self.error is None:
+                    self.error = HarnessError(f"engine returned {n} tokens; max_new_tokens is {self.max_new_tokens}")
                 self._rec_qsl.append(qsl_index)
                 self._rec_out_len.append(n)
                 self._rec_time.append(now)
-                self._rec_first.append(first_at[0] if first_at else float("nan"))
+                if self.first_tokens:
+                    self._rec_first.append(first_at if first_at is not None else float("nan"))
                 if self.keep_outputs:
                     self._rec_ids.append(data)
                 self.output_tokens += n
@@ -260,7 +261,10 @@ class EngineSUT:
                 if n < 2:   # LoadGen (use_token_latencies) logs an error and counts 0 tokens for these
                     self.short_outputs += 1
                     self.short_output_tokens += n
-        self._pump()
+            if not self._waiting or self._pumping:
+                return
+            self._pumping = True
+        self._pump_loop()   # this sample's successor goes in from here, before the engine's next step
 
     # results -----------------------------------------------------------
     def table(self) -> pa.Table:

@@ -162,7 +162,7 @@ class BatchedEngine:
                     r[3](exc)
                 continue
             for (_, _, on_done, _, on_first_token), tokens in zip(batch, outputs):
-                tokens = list(tokens)
+                tokens = tokens if isinstance(tokens, list) else list(tokens)
                 if on_first_token is not None and tokens:
                     on_first_token(tokens[0])
                 on_done(tokens)
