@@ -55,7 +55,7 @@ def test_pool_dispatches_in_order_across_replicas(monkeypatch, tmp_path):
         prompts = [[i] * (i + 1) for i in range(5)]
         out = pool.generate(prompts, 3)
         assert [o[1:] for o in out] == [[len(p), sum(p)] for p in prompts]   # each answer its own prompt's
-        assert sorted(o[0] for o in out) == [10, 10, 10, 12, 12]             # spread over both replicas
+        assert {o[0] for o in out} == {10, 12}   # spread over both replicas (least pending: timing decides the split)
         assert pool.generate([[9]], 1)[0][0] in (10, 12)
         assert pool.generate([], 5) == []
         assert pool.pending() == [0, 0]
