@@ -50,6 +50,63 @@ class FakeEngine:
         self.closed = True
 
 
+class AsyncFakeEngine:
+    """The Engine contract with its own thread: each request takes ``step_s`` per token, runs
+    alongside the others (an in-flight batch), reports its first token, and answers as
+    FakeEngine does. Records how many requests were in flight at most."""
+
+    def __init__(self, max_in_flight=8, step_s=0.002):
+        import queue
+        import threading
+        self.max_in_flight = max_in_flight
+        self.step_s = step_s
+        self._queue = queue.Queue()
+        self._lock = threading.Lock()
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self.first_tokens = 0
+        self.closed = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt, max_new_tokens, *, on_done, on_error, on_first_token=None):
+        assert isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)
+        with self._lock:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        self._queue.put((prompt, max_new_tokens, on_done, on_first_token))
+
+    def _run(self):
+        import queue
+        running = []   # [tokens left, request]
+        while True:
+            try:
+                while True:
+                    item = self._queue.get(block=not running)
+                    if item is None:
+                        return
+                    running.append([FakeEngine.output_for(item[0], item[1]), 0, item])
+            except queue.Empty:
+                pass
+            time.sleep(self.step_s)
+            for entry in list(running):
+                out, k, (prompt, n, on_done, on_first) = entry
+                entry[1] = k = k + 1
+                if k == 1 and on_first is not None:
+                    self.first_tokens += 1
+                    on_first(out[0])
+                if k >= len(out):
+                    running.remove(entry)
+                    with self._lock:
+                        self.in_flight -= 1
+                    on_done(out)
+
+    def close(self):
+        self._queue.put(None)
+        self._thread.join()
+        self.closed = True
+
+
 def make_dataset(path: Path, n: int = 30, seed: int = 0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(1, 1000, size=int(rng.integers(2, 15))).tolist() for _ in range(n)]
@@ -228,7 +285,7 @@ def test_killed_shard_leaves_no_output(tmp_path, dataset):
 
 def test_batch_size_over_engine_max(tmp_path, dataset):
     ds, _ = dataset
-    with pytest.raises(HarnessError, match="exceeds the engine's max_batch_size 2"):
+    with pytest.raises(HarnessError, match="exceeds the engine's max_in_flight 2"):
         _run(FakeEngine(max_batch_size=2), ds, tmp_path / "x", batch_size=4)
     assert not (tmp_path / "x").exists()
 
@@ -239,6 +296,71 @@ def test_progress_lines(tmp_path, dataset):
     _run(FakeEngine(delay_s=0.05), ds, tmp_path / "p", progress_interval_s=0.05, log=lines.append)
     progress = [l for l in lines if "output tok/s" in l]
     assert progress and "15/15 samples (100.0%)" in progress[-1] and "ETA" in progress[-1]
+
+
+def test_async_engine_stays_full_offline(tmp_path, dataset):
+    """Offline through the submit contract: requests go in as soon as others finish, never
+    more than max_in_flight at once, and every sample's answer is the engine's."""
+    ds, prompts = dataset
+    engine = AsyncFakeEngine()
+    try:
+        record = _run(engine, ds, tmp_path / "off", num_shards=1, batch_size=None, max_in_flight=5)
+    finally:
+        engine.close()
+    assert record["max_in_flight"] == 5 and record["scenario"] == "Offline"
+    assert engine.peak_in_flight == 5 and engine.first_tokens == 0   # no first-token events in Offline
+    rows = pq.read_table(tmp_path / "off" / "samples.parquet").to_pylist()
+    assert len(rows) == len(prompts) == record["completed_samples"]
+    assert all(r["output_tokens"] == len(FakeEngine.output_for(prompts[r["sample_index"]], MAX_NEW)) for r in rows)
+    assert record["loadgen"]["result"] == "VALID" and record["loadgen"]["scenario"] == "Offline"
+
+
+@pytest.mark.parametrize("scenario, key, ttft_ns, tpot_ns", [
+    ("Server", "llama2-70b", 2_000_000_000, 200_000_000),
+    ("Interactive", "llama2-70b-interactive", 450_000_000, 40_000_000)])
+def test_server_scenarios_report_token_latencies(tmp_path, dataset, scenario, key, ttft_ns, tpot_ns):
+    ds, prompts = dataset
+    engine = AsyncFakeEngine(step_s=0.001)
+    try:
+        record = _run(engine, ds, tmp_path / scenario, num_shards=1, scenario=scenario, target_qps=200,
+                      offline_expected_qps=None)
+    finally:
+        engine.close()
+    lg = record["loadgen"]
+    # LoadGen's own settings for the scenario (its mlperf.conf), and its own latency figures
+    assert lg["settings"]["loadgen_config_key"] == key and lg["settings"]["loadgen_scenario"] == "Server"
+    assert (lg["ttft_latency_ns"], lg["tpot_latency_ns"]) == (ttft_ns, tpot_ns)
+    assert lg["scenario"] == "Server" and lg["target_qps"] == 200
+    assert 0 < lg["ttft_p99_ns"] < 1_000_000_000 and 0 < lg["tpot_p99_ns"] < 1_000_000_000
+    assert lg["samples_per_second"] > 0 and lg["tokens_per_second"] > 0
+    assert engine.first_tokens == record["completed_samples"] == len(prompts)
+    table = pq.read_table(tmp_path / scenario / "samples.parquet")
+    first, done = table.column("first_token_at").to_numpy(), table.column("completed_at").to_numpy()
+    assert (first <= done).all() and record["first_issue_at"] <= first.min()
+
+
+def test_server_scenario_needs_a_target_qps(tmp_path, dataset):
+    ds, _ = dataset
+    with pytest.raises(HarnessError, match="target QPS"):
+        _run(AsyncFakeEngine(), ds, tmp_path / "s", scenario="Server")
+    assert not (tmp_path / "s").exists()
+
+
+def test_parse_summary_server_log():
+    path = Path(__file__).resolve().parents[1] / ".." / "shared" / "mlperf-logs" / \
+        "v6.0_NVIDIA_GB300-NVL72_x72_TRT_submission" / "closed" / "NVIDIA" / "results" / \
+        "GB300-NVL72_GB300-288GB_aarch64x72_TRT" / "llama2-70b-99" / "Server" / "performance" / "run_1" / \
+        "mlperf_log_summary.txt"
+    if not path.exists():
+        pytest.skip("shared MLPerf logs not present")
+    parsed = parse_summary(path.read_text())
+    assert parsed["scenario"] == "Server" and parsed["result"] == "VALID"
+    assert parsed["tokens_per_second"] == pytest.approx(868277.92)
+    assert parsed["samples_per_second"] == pytest.approx(3187.30)
+    assert parsed["performance_constraints_satisfied"] is True
+    assert (parsed["ttft_p99_ns"], parsed["tpot_p99_ns"]) == (276316453, 40548358)
+    assert (parsed["ttft_latency_ns"], parsed["tpot_latency_ns"]) == (2_000_000_000, 200_000_000)
+    assert parsed["target_qps"] == 3200
 
 
 def test_parse_summary_published_log():

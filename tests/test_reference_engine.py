@@ -256,3 +256,50 @@ def test_shard_with_several_gpus_runs_one_replica_per_gpu(tiny_checkpoints):
         assert pool.generate(ps, 12) == single.generate(ps, 12)
     finally:
         pool.close()
+
+
+def test_pad_batch_left_and_right():
+    from rackbench.padding import pad_batch
+
+    ids, mask = pad_batch([[5, 6, 7], [8]], 0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad_batch([[5, 6, 7], [8]], 9, side="right")
+    assert ids.tolist() == [[5, 6, 7], [8, 9, 9]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    with pytest.raises(ValueError, match="side"):
+        pad_batch([[1]], 0, side="middle")
+
+
+def test_continuous_batching_admits_requests_while_others_decode(tiny_checkpoints):
+    """Requests submitted one after another, while earlier ones are still decoding, join the
+    running batch; each still gets exactly its unbatched greedy answer, its first token
+    (reported before it is done) is that answer's first, and max_new_tokens is per request."""
+    import threading
+
+    engine = reference.load(tiny_checkpoints["engine-nvfp4"], record={}, gpu_ids=[],
+                            settings={"max_batch_size": 3, "emulate_fp8_kv_cache": False})
+    try:
+        ps = prompts(9, seed=31)
+        limits = [6 + 3 * (i % 4) for i in range(len(ps))]
+        events, finished = [], threading.Semaphore(0)
+        for i, (p, n) in enumerate(zip(ps, limits)):
+            engine.submit(p, n, on_done=lambda t, i=i: (events.append(("done", i, t)), finished.release()),
+                          on_error=lambda e, i=i: (events.append(("error", i, e)), finished.release()),
+                          on_first_token=lambda tok, i=i: events.append(("first", i, tok)))
+        for _ in ps:
+            finished.acquire()
+        done = {e[1]: e[2] for e in events if e[0] == "done"}
+        assert sorted(done) == list(range(len(ps)))
+        for i, (p, n) in enumerate(zip(ps, limits)):
+            assert done[i] == hf_greedy(engine.model, p, n, eos=2)
+            firsts = [e for e in events if e[0] == "first" and e[1] == i]
+            if done[i]:
+                assert firsts == [("first", i, done[i][0])]
+                assert events.index(firsts[0]) < events.index(("done", i, done[i]))
+        # 9 requests through 3 rows: a later request (not among the first 3 admitted) joined
+        # while an earlier one was still decoding, i.e. not in waves
+        at = {(e[0], e[1]): k for k, e in enumerate(events)}
+        assert any(at.get(("first", j), 1e9) < at[("done", i)] for j in range(3, len(ps)) for i in range(j))
+    finally:
+        engine.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.submit([1, 2], 3, on_done=print, on_error=print)

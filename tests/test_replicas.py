@@ -4,7 +4,10 @@ import os
 
 import pytest
 
-from rackbench.engines.replicas import ReplicaError, ReplicaPool, split_batch, visible_devices
+import threading
+import time
+
+from rackbench.engines.replicas import ReplicaError, ReplicaPool, visible_devices
 
 BACKEND = __name__
 
@@ -18,6 +21,8 @@ class _EchoEngine:
         self.fail_on = fail_on
 
     def generate(self, prompts, max_new_tokens):
+        if prompts and prompts[0] == [-1]:   # a slow request, to keep a replica busy
+            time.sleep(1.0)
         if self.fail_on is not None and any(self.fail_on in p for p in prompts):
             raise ValueError("poisoned prompt")
         return [[self.device, len(p), sum(p)][:max_new_tokens] for p in prompts]
@@ -41,23 +46,53 @@ def test_visible_devices_maps_through_parent_list():
         visible_devices([4], "0,1")
 
 
-def test_split_batch_contiguous_and_balanced():
-    assert split_batch(10, 4) == [(0, 3), (3, 6), (6, 8), (8, 10)]
-    assert split_batch(2, 4) == [(0, 1), (1, 2)]
-
-
 def test_pool_dispatches_in_order_across_replicas(monkeypatch, tmp_path):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "10,11,12,13")
     with ReplicaPool(BACKEND, tmp_path, record={}, settings={"per": 2},
                      gpu_ids=[0, 1, 2, 3], gpus_per_replica=2) as pool:
         assert pool.num_replicas == 2 and pool.replica_devices == ["10,11", "12,13"]
-        assert pool.max_batch_size == 6
+        assert pool.max_batch_size == 6 and pool.max_in_flight == 6
         prompts = [[i] * (i + 1) for i in range(5)]
         out = pool.generate(prompts, 3)
-        assert [o[1:] for o in out] == [[len(p), sum(p)] for p in prompts]   # order preserved
-        assert [o[0] for o in out] == [10, 10, 10, 12, 12]                   # both replicas worked
-        assert pool.generate([[9]], 1) == [[10]]
+        assert [o[1:] for o in out] == [[len(p), sum(p)] for p in prompts]   # each answer its own prompt's
+        assert {o[0] for o in out} == {10, 12}   # spread over both replicas (least pending: timing decides the split)
+        assert pool.generate([[9]], 1)[0][0] in (10, 12)
         assert pool.generate([], 5) == []
+        assert pool.pending() == [0, 0]
+
+
+def test_pool_routes_to_the_least_pending_replica_and_forwards_first_tokens(monkeypatch, tmp_path):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,4")
+    with ReplicaPool(BACKEND, tmp_path, record={}, settings={"per": 1}, gpu_ids=[0, 1], gpus_per_replica=1) as pool:
+        done, first = [], []
+        finished = threading.Semaphore(0)
+
+        def callbacks(i):
+            return dict(on_done=lambda t: (done.append((i, t)), finished.release()),
+                        on_error=lambda e: (done.append((i, e)), finished.release()),
+                        on_first_token=lambda tok: first.append((i, tok)))
+
+        pool.submit([-1], 3, **callbacks("slow"))        # replica 0 is busy for a second
+        for i in range(3):
+            pool.submit([i + 1], 3, **callbacks(i))
+            finished.acquire()                             # each quick one goes to the idle replica 1
+        assert [d for d in done] == [(0, [4, 1, 1]), (1, [4, 1, 2]), (2, [4, 1, 3])]
+        finished.acquire()
+        assert done[-1] == ("slow", [3, 1, -1])
+        assert set(first) == {(0, 4), (1, 4), (2, 4), ("slow", 3)} and len(first) == 4
+
+
+def test_a_dead_replica_fails_its_requests_and_the_others_go_on(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with ReplicaPool(BACKEND, tmp_path, record={}, settings={"per": 1}, gpu_ids=[0, 1], gpus_per_replica=1) as pool:
+        errors = []
+        failed = threading.Event()
+        pool.submit([-1], 3, on_done=lambda t: None, on_error=lambda e: (errors.append(e), failed.set()))
+        time.sleep(0.2)
+        pool._procs[0].kill()
+        assert failed.wait(10)
+        assert isinstance(errors[0], ReplicaError) and "replica 0" in str(errors[0]) and "exited" in str(errors[0])
+        assert pool.generate([[5], [6]], 3) == [[1, 1, 5], [1, 1, 6]]   # all on replica 1
 
 
 def test_pool_reports_load_and_generate_errors(tmp_path, monkeypatch):

@@ -226,6 +226,63 @@ def test_in_process_runner_against_fake(tmp_path, fake_trtllm):
     assert engine.llm is None
 
 
+def test_submit_streams_only_when_the_first_token_is_wanted(tmp_path, fake_trtllm):
+    """submit() runs LLM.generate_async on the engine's event loop: streamed (first chunk ->
+    on_first_token) when a first token is wanted, not streamed otherwise; the answers are the
+    generated ids before the end id, as with the blocking path."""
+    import inspect
+    import threading
+
+    record = _built_pytorch(tmp_path, fake_trtllm)
+    engine = trt.load(tmp_path / "eng", record=record, gpu_ids=[0], settings={})
+    spec = SPEC["async_generation"]["generate_async"]
+    params = inspect.signature(fake_trtllm.LLM.generate_async).parameters
+    assert [p for p in params if p not in ("self", "inputs")] == spec["kwargs"]   # the fake is the spec
+    try:
+        assert engine.max_in_flight == 2048
+        prompts = [[1, 2, 3], [5] * 9, [7, 8, 9, 10]]
+        events, finished = [], threading.Semaphore(0)
+        for i, p in enumerate(prompts):
+            engine.submit(p, 1024, on_done=lambda t, i=i: (events.append(("done", i, t)), finished.release()),
+                          on_error=lambda e: (events.append(("error", e)), finished.release()),
+                          on_first_token=(lambda tok, i=i: events.append(("first", i, tok))) if i != 1 else None)
+        for _ in prompts:
+            finished.acquire()
+        sp = fake_trtllm.SamplingParams(max_tokens=1024, end_id=2)
+        for i, p in enumerate(prompts):
+            want = [t for t in fake_trtllm.fake_answer(p, sp)[0] if t != 2]
+            assert ("done", i, want) in events
+            firsts = [e for e in events if e[0] == "first" and e[1] == i]
+            assert firsts == ([] if i == 1 else [("first", i, want[0])])
+            if firsts:
+                assert events.index(firsts[0]) < events.index(("done", i, want))
+        llm = engine.llm
+        assert llm.async_requests == [(prompts[0], True), (prompts[1], False), (prompts[2], True)]
+        assert set(spec["kwargs"]) >= {"sampling_params", "streaming"}   # what submit passes
+        assert engine.generate(prompts, 2) == [[t for t in fake_trtllm.fake_answer(p, sp)[0] if t != 2][:2]
+                                                for p in prompts]
+    finally:
+        engine.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.submit([1], 4, on_done=print, on_error=print)
+
+
+def test_a_result_made_outside_an_event_loop_has_no_async_side(tmp_path, fake_trtllm):
+    """The fact the engine's event-loop thread exists for (executor/result.py has_event_loop)."""
+    import asyncio
+
+    llm = fake_trtllm.LLM(model=str(tmp_path))
+    try:
+        result = llm.generate_async([4, 5, 6], sampling_params=fake_trtllm.SamplingParams(max_tokens=8, end_id=2))
+        assert result.aqueue is None and result.result().finished
+        with pytest.raises(AssertionError, match="event loop was not present"):
+            asyncio.run(llm.generate_async([4, 5], streaming=True).aresult())
+    finally:
+        llm.shutdown()
+    with pytest.raises(RuntimeError, match="shutting down"):
+        llm.generate_async([1])
+
+
 def test_tensorrt_mode_uses_the_trt_engine_class(tmp_path, fake_trtllm, monkeypatch):
     eng = tmp_path / "eng" / trt.TRT_ENGINE_SUBDIR
     eng.mkdir(parents=True)

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from rackbench.atomic import atomic_path, sha256_file
 from rackbench.config import schema_defaults
+from rackbench.padding import pad_batch
 
 SAMPLES_PKL = "open_orca_gpt4_tokenized_llama.sampled_24576.pkl"
 CALIBRATION_PKL = "open_orca_gpt4_tokenized_llama.calibration_1000.pkl"
@@ -312,13 +313,8 @@ def greedy(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int
 
     outs = []
     for i in range(0, len(prompts), batch_size):
-        batch = prompts[i: i + batch_size]
-        width = max(map(len, batch))
-        ids = torch.full((len(batch), width), EOS, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(batch):          # left padding
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
+        ids, mask = pad_batch(prompts[i: i + batch_size], EOS, side="left")
+        width = ids.shape[1]
         with torch.no_grad():
             gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
                                  max_new_tokens=max_new_tokens, eos_token_id=EOS,

@@ -1,22 +1,27 @@
-"""The offline harness: one MLPerf LoadGen instance (Offline scenario) per shard.
+"""The harness: one MLPerf LoadGen test (Offline, Server or Interactive) over one Engine.
 
+The Engine is one shard's (per-shard mode: one LoadGen per shard) or the whole rack's
+(an endpoint pool in front of every engine server: one LoadGen, MLPerf's method).
 SUT/QSL split as in MLPerf's ``language/llama2-70b`` reference:
 
 * the QSL holds only this shard's samples (``rackbench.shards.shard_sample_indices``;
   accuracy runs always ``split`` so every sample is scored exactly once);
-* the SUT takes the samples LoadGen issues, hands the engine ``batch_size``
-  ``tok_input`` prompts at a time (``Engine.generate``), and completes each
-  sample with ``lg.QuerySampleResponse(id, ptr, size, n_tokens)`` where the
-  data are the generated token ids as int32 (what ``evaluate-accuracy.py
-  --dtype int32`` reads, as ``run_accuracy.sh`` calls it) and ``n_tokens`` is
-  their count, so that LoadGen (``use_token_latencies``, set for llama2-70b by
-  its built-in mlperf.conf) reports "Tokens per second". LoadGen 6.x logs an
-  ``error_runtime`` for every sample of 0 or 1 tokens and counts none of its
-  tokens; shard.json reports ``short_outputs`` and ``loadgen_counted_tokens``.
+* the SUT (:class:`EngineSUT`) hands each sample LoadGen issues to the engine at once
+  (``Engine.submit``, the ``tok_input`` ids), at most ``max_in_flight`` at a time, and
+  completes each sample as the engine finishes it with ``lg.QuerySampleResponse(id, ptr,
+  size, n_tokens)`` where the data are the generated token ids as int32 (what
+  ``evaluate-accuracy.py --dtype int32`` reads, as ``run_accuracy.sh`` calls it) and
+  ``n_tokens`` is their count, so that LoadGen (``use_token_latencies``, set for
+  llama2-70b by its built-in mlperf.conf) reports tokens per second. In Server and
+  Interactive the first token goes to ``lg.FirstTokenComplete`` (TTFT; TPOT follows).
+  LoadGen 6.x logs an ``error_runtime`` for every sample of 0 or 1 tokens and counts none
+  of its tokens; shard.json reports ``short_outputs`` and ``loadgen_counted_tokens``.
   (The Engine contract excludes EOS, so an immediate EOS is 0 tokens.)
 
 LoadGen settings start from LoadGen's built-in mlperf.conf for ``loadgen_model``
-(``TestSettings.FromConfig("", model, "Offline", 0)``: official RNG seeds,
+(``TestSettings.FromConfig("", model, scenario, 0)``; Interactive is the Server scenario
+under the ``<model>-interactive`` key: TTFT 450 ms / TPOT 40 ms for llama2-70b, against
+Server's 2 s / 200 ms; official RNG seeds,
 ``use_token_latencies``, ``sample_concatenate_permutation``, min duration/query
 count) and are then overridden by the arguments that are not ``None``. The
 performance sample count is always the shard's sample count, and
@@ -29,6 +34,7 @@ included) and renamed into place only when complete.
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import re
 import socket
@@ -36,6 +42,7 @@ import sys
 import threading
 import time
 from array import array
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -47,6 +54,8 @@ import pyarrow.parquet as pq
 from rackbench.args import json_arg
 from rackbench.atomic import atomic_path, write_json_atomic
 from rackbench.config import schema_defaults
+from rackbench.engines import BatchedEngine
+from rackbench.engines import max_in_flight as engine_max_in_flight
 from rackbench.provenance import write_provenance
 from rackbench.shards import SHARD_MODES, layout_name, shard_sample_indices
 
@@ -116,127 +125,163 @@ class ShardSamples:
 
 # --------------------------------------------------------------------------- SUT
 
-class OfflineSUT:
-    """Batches issued samples for one Engine and completes them with LoadGen."""
+class EngineSUT:
+    """Hands each sample LoadGen issues to the Engine at once (``Engine.submit``), at most
+    ``max_in_flight`` at a time (the rest wait in issue order and go as requests finish),
+    and completes each with LoadGen when the engine reports it done. With ``first_tokens``
+    (Server, Interactive) the first token is reported with ``lg.FirstTokenComplete``; a
+    request whose engine reported no first token before it ended (0 tokens, or an engine
+    without first-token events) reports it at completion, so its TTFT is its latency.
 
-    def __init__(self, engine, samples: ShardSamples, *, batch_size: int, max_new_tokens: int,
-                 keep_outputs: bool, lg_module):
+    Only the Engine contract is used (submit/on_done/on_error/on_first_token), so the same
+    SUT drives an in-process engine, a replica pool or HTTP endpoints. Callbacks may come
+    from any thread; a request's successor is submitted from its completion callback, so an
+    engine's free row is refilled before its next step.
+    """
+
+    def __init__(self, engine, samples: ShardSamples, *, max_in_flight: int, max_new_tokens: int,
+                 keep_outputs: bool, first_tokens: bool, lg_module):
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.engine = engine
         self.samples = samples
-        self.batch_size = batch_size
+        self.max_in_flight = max_in_flight
         self.max_new_tokens = max_new_tokens
         self.keep_outputs = keep_outputs
+        self.first_tokens = first_tokens
         self.lg = lg_module
-        self._pending: list = []
-        self._cond = threading.Condition()
-        self._stop = False
+        self._lock = threading.Lock()
+        self._waiting: collections.deque = collections.deque()
+        self._in_flight = 0
+        self._pumping = False
         self.issued = 0
         self.completed = 0
         self.output_tokens = 0
         self.short_outputs = 0
         self.short_output_tokens = 0
         self.first_issue_at: float | None = None
+        self.last_complete_at: float | None = None
         self.error: BaseException | None = None
-        # per-batch records, concatenated at the end
-        self._rec_qsl: list[np.ndarray] = []
-        self._rec_out_len: list[np.ndarray] = []
-        self._rec_time: list[tuple[float, int]] = []
+        # per-sample records, in completion order
+        self._rec_qsl: list[int] = []
+        self._rec_out_len: list[int] = []
+        self._rec_time: list[float] = []
+        self._rec_first: list[float] = []
         self._rec_ids: list = []
-        self._worker = threading.Thread(target=self._run, name="rackbench-sut", daemon=True)
-        self._worker.start()
+        self._first_at: dict[int, float] = {}   # sample id -> when its first token came
 
     # LoadGen callbacks -------------------------------------------------
     def issue_query(self, query_samples) -> None:
-        with self._cond:
+        with self._lock:
             if self.first_issue_at is None:
                 self.first_issue_at = time.time()
-            self._pending.append(query_samples)
+            self._waiting.extend(query_samples)
             self.issued += len(query_samples)
-            self._cond.notify()
+        self._pump()
 
     def flush_queries(self) -> None:
         pass
 
-    # worker ------------------------------------------------------------
-    def stop(self) -> None:
-        with self._cond:
-            self._stop = True
-            self._cond.notify()
-        self._worker.join()
+    # dispatch ------------------------------------------------------------
+    def _pump(self) -> None:
+        """Submit waiting samples while there is room. One thread pumps at a time, in a loop
+        (an engine that completes inside ``submit`` must not recurse once per sample)."""
+        with self._lock:
+            if self._pumping:
+                return
+            self._pumping = True
+        self._pump_loop()
 
-    def _run(self) -> None:
+    def _pump_loop(self) -> None:
+        """The pumping thread's loop (``self._pumping`` is set)."""
+        lock, waiting, limit, submit = self._lock, self._waiting, self.max_in_flight, self._submit
         while True:
-            with self._cond:
-                while not self._pending and not self._stop:
-                    self._cond.wait()
-                if not self._pending and self._stop:
+            with lock:
+                batch = []
+                while waiting and self._in_flight < limit:
+                    self._in_flight += 1
+                    batch.append(waiting.popleft())
+                if not batch:
+                    self._pumping = False
                     return
-                query_samples = self._pending.pop(0)
-            ids = [q.id for q in query_samples]
-            qsl = np.fromiter((q.index for q in query_samples), dtype=np.int64, count=len(ids))
-            for start in range(0, len(ids), self.batch_size):
-                if self.error is not None:
-                    self._complete_empty(ids[start:])
-                    break
-                try:
-                    self._run_batch(ids[start:start + self.batch_size], qsl[start:start + self.batch_size])
-                except BaseException as exc:   # the test must still end: LoadGen waits for every sample
-                    self.error = exc
-                    self._complete_empty(ids[start:])
-                    break
+            for q in batch:
+                submit(q.id, q.index)
 
-    def _complete_empty(self, ids) -> None:
-        lg = self.lg
-        lg.QuerySamplesComplete([lg.QuerySampleResponse(i, 0, 0, 0) for i in ids])
+    def _submit(self, qid: int, qsl_index: int) -> None:
+        if self.error is not None:   # the run is failing: finish quickly, the error is raised after
+            self._finish(qid, qsl_index, None)
+            return
+        try:
+            self.engine.submit(self.samples.prompt(qsl_index), self.max_new_tokens,
+                               on_done=partial(self._finish, qid, qsl_index),
+                               on_error=partial(self._on_error, qid, qsl_index),
+                               on_first_token=partial(self._on_first_token, qid) if self.first_tokens else None)
+        except BaseException as exc:   # the test must still end: LoadGen waits for every sample
+            self._on_error(qid, qsl_index, exc)
 
-    def _run_batch(self, ids: list[int], qsl: np.ndarray) -> None:
+    def _on_first_token(self, qid: int, token: int) -> None:
+        self._first_at[qid] = time.time()
+        self._report_first_token(qid, [token])
+
+    def _on_error(self, qid: int, qsl_index: int, exc: BaseException) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = exc
+        self._finish(qid, qsl_index, None)
+
+    def _report_first_token(self, qid: int, tokens) -> None:
         lg = self.lg
-        prompt = self.samples.prompt
-        prompts = [prompt(j) for j in qsl.tolist()]
-        outputs = self.engine.generate(prompts, self.max_new_tokens)
-        n = len(ids)
-        if len(outputs) != n:
-            raise HarnessError(f"engine returned {len(outputs)} outputs for {n} prompts")
-        # one int32 buffer per output (array('i') is 4-byte int32 on every platform LoadGen runs on)
-        arrays = [array(_ARRAY_CODE, out) for out in outputs]
-        response = lg.QuerySampleResponse
-        responses = []
-        lengths = []
-        for i, a in zip(ids, arrays):
-            k = len(a)
-            lengths.append(k)
-            responses.append(response(i, a.buffer_info()[0], k * _ITEMSIZE, k))
-        lengths = np.asarray(lengths, dtype=np.int64)
-        if n and int(lengths.max()) > self.max_new_tokens:
-            raise HarnessError(f"engine returned {int(lengths.max())} tokens; max_new_tokens is {self.max_new_tokens}")
-        lg.QuerySamplesComplete(responses)   # LoadGen copies the data (accuracy mode) before returning
+        data = array(_ARRAY_CODE, tokens[:1])
+        lg.FirstTokenComplete([lg.QuerySampleResponse(qid, data.buffer_info()[0], len(data) * _ITEMSIZE,
+                                                      len(data))])
+
+    def _finish(self, qid: int, qsl_index: int, tokens) -> None:
+        """Complete one sample with LoadGen (``tokens`` None: failed, completed empty)."""
+        lg = self.lg
+        data = array(_ARRAY_CODE) if tokens is None else array(_ARRAY_CODE, tokens)
+        n = len(data)
+        first_at = self._first_at.pop(qid, None) if self.first_tokens else None
+        if self.first_tokens and first_at is None:   # no first-token event came: report it now
+            self._report_first_token(qid, data)
+        # LoadGen copies the data (accuracy mode) before returning
+        lg.QuerySamplesComplete([lg.QuerySampleResponse(qid, data.buffer_info()[0], n * _ITEMSIZE, n)])
         now = time.time()
-        total = int(lengths.sum())
-        self._rec_qsl.append(qsl)
-        self._rec_out_len.append(lengths)
-        self._rec_time.append((now, n))
-        if self.keep_outputs:
-            self._rec_ids.extend(arrays)
-        self.output_tokens += total
-        self.completed += n
-        short = lengths < 2
-        if short.any():   # LoadGen (use_token_latencies) logs an error and counts 0 tokens for these
-            self.short_outputs += int(short.sum())
-            self.short_output_tokens += int(lengths[short].sum())
+        with self._lock:
+            self._in_flight -= 1
+            if tokens is not None:
+                if n > self.max_new_tokens and self.error is None:
+                    self.error = HarnessError(f"engine returned {n} tokens; max_new_tokens is {self.max_new_tokens}")
+                self._rec_qsl.append(qsl_index)
+                self._rec_out_len.append(n)
+                self._rec_time.append(now)
+                if self.first_tokens:
+                    self._rec_first.append(first_at if first_at is not None else float("nan"))
+                if self.keep_outputs:
+                    self._rec_ids.append(data)
+                self.output_tokens += n
+                self.completed += 1
+                self.last_complete_at = now
+                if n < 2:   # LoadGen (use_token_latencies) logs an error and counts 0 tokens for these
+                    self.short_outputs += 1
+                    self.short_output_tokens += n
+            if not self._waiting or self._pumping:
+                return
+            self._pumping = True
+        self._pump_loop()   # this sample's successor goes in from here, before the engine's next step
 
     # results -----------------------------------------------------------
     def table(self) -> pa.Table:
-        qsl = np.concatenate(self._rec_qsl) if self._rec_qsl else np.zeros(0, np.int64)
-        out_len = np.concatenate(self._rec_out_len) if self._rec_out_len else np.zeros(0, np.int64)
-        completed_at = np.concatenate([np.full(k, t, dtype=np.float64) for t, k in self._rec_time]) \
-            if self._rec_time else np.zeros(0, np.float64)
+        qsl = np.asarray(self._rec_qsl, dtype=np.int64)
+        out_len = np.asarray(self._rec_out_len, dtype=np.int64)
         columns = {
             "qsl_index": pa.array(qsl, pa.int64()),
             "sample_index": pa.array(self.samples.sample_indices[qsl], pa.int64()),
             "input_tokens": pa.array(self.samples.input_lengths[qsl], pa.int32()),
             "output_tokens": pa.array(out_len.astype(np.int32), pa.int32()),
-            "completed_at": pa.array(completed_at, pa.float64()),
+            "completed_at": pa.array(np.asarray(self._rec_time, dtype=np.float64), pa.float64()),
         }
+        if self.first_tokens:
+            columns["first_token_at"] = pa.array(np.asarray(self._rec_first, dtype=np.float64), pa.float64())
         if self.keep_outputs:
             flat = np.frombuffer(b"".join(a.tobytes() for a in self._rec_ids), dtype=RESPONSE_DTYPE)
             offsets = np.zeros(len(out_len) + 1, dtype=np.int32)
@@ -248,13 +293,13 @@ class OfflineSUT:
     def input_tokens(self) -> int:
         if not self._rec_qsl:
             return 0
-        return int(self.samples.input_lengths[np.concatenate(self._rec_qsl)].astype(np.int64).sum())
+        return int(self.samples.input_lengths[np.asarray(self._rec_qsl, dtype=np.int64)].astype(np.int64).sum())
 
 
 # --------------------------------------------------------------------------- progress
 
 class _Progress:
-    def __init__(self, sut: OfflineSUT, interval_s: float, label: str, log: Callable[[str], None]):
+    def __init__(self, sut: EngineSUT, interval_s: float, label: str, log: Callable[[str], None]):
         self.sut, self.interval_s, self.label, self.log = sut, interval_s, label, log
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rackbench-progress", daemon=True)
@@ -293,17 +338,27 @@ class _Progress:
 _SUMMARY_FIELDS = {
     "scenario": (r"^Scenario\s*:\s*(.+)$", str),
     "loadgen_mode": (r"^Mode\s*:\s*(.+)$", str),
-    "samples_per_second": (r"^Samples per second\s*:\s*(\S+)", float),
-    "tokens_per_second": (r"^Tokens per second\s*:\s*(\S+)", float),
+    # Offline: "Samples per second", "Tokens per second"; Server: "Completed samples per second", ...
+    "samples_per_second": (r"^(?:Completed s|S)amples per second\s*:\s*(\S+)", float),
+    "tokens_per_second": (r"^(?:Completed t|T)okens per second\s*:\s*(\S+)", float),
     "result": (r"^Result is\s*:\s*(\S+)", str),
+    "performance_constraints_satisfied": (r"^\s*Performance constraints satisfied\s*:\s*(\S+)",
+                                          lambda v: v == "Yes"),
     "min_duration_satisfied": (r"^\s*Min duration satisfied\s*:\s*(\S+)", lambda v: v == "Yes"),
     "min_queries_satisfied": (r"^\s*Min queries satisfied\s*:\s*(\S+)", lambda v: v == "Yes"),
     "early_stopping_satisfied": (r"^\s*Early stopping satisfied\s*:\s*(\S+)", lambda v: v == "Yes"),
+    "scheduled_samples_per_second": (r"^Scheduled samples per second\s*:\s*(\S+)", float),
+    "target_qps": (r"^target_qps\s*:\s*(\S+)", float),
+    # token latencies (Server/Interactive), as LoadGen reports them, and their limits
+    "ttft_p99_ns": (r"^99\.00 percentile first token latency \(ns\)\s*:\s*(\d+)", int),
+    "tpot_p99_ns": (r"^99\.00 percentile time to output token \(ns\)\s*:\s*(\d+)", int),
+    "ttft_latency_ns": (r"^ttft_latency \(ns\)\s*:\s*(\d+)", int),
+    "tpot_latency_ns": (r"^tpot_latency \(ns\)\s*:\s*(\d+)", int),
 }
 
 
 def parse_summary(text: str) -> dict:
-    """The few headline fields of ``mlperf_log_summary.txt`` (None where absent)."""
+    """The headline fields of ``mlperf_log_summary.txt`` (None where absent)."""
     out = {}
     for key, (pattern, conv) in _SUMMARY_FIELDS.items():
         match = re.search(pattern, text, re.MULTILINE)
@@ -313,16 +368,29 @@ def parse_summary(text: str) -> dict:
     return out
 
 
-# --------------------------------------------------------------------------- the run
+# --------------------------------------------------------------------------- LoadGen settings
 
-def _loadgen_settings(lg, *, mode, n_samples, loadgen_model, min_duration_ms, min_query_count,
-                      offline_expected_qps):
+#: scenario -> (LoadGen scenario, suffix of the mlperf.conf model key). Interactive is LoadGen's
+#: Server scenario under the "<model>-interactive" key (mlperf.conf: llama2-70b-interactive.Server.*)
+SCENARIOS = {"Offline": ("Offline", ""), "Server": ("Server", ""), "Interactive": ("Server", "-interactive")}
+
+
+def loadgen_settings(lg, *, scenario: str, mode: str, n_samples: int, loadgen_model: str | None,
+                     min_duration_ms=None, min_query_count=None, offline_expected_qps=None, target_qps=None):
+    """LoadGen TestSettings from its built-in mlperf.conf, overridden by the arguments that are
+    not None; returns (settings, the effective values for shard.json)."""
+    if scenario not in SCENARIOS:
+        raise ValueError(f"scenario must be one of {sorted(SCENARIOS)}, got {scenario!r}")
+    lg_scenario, key_suffix = SCENARIOS[scenario]
+    if lg_scenario == "Server" and target_qps is None:
+        raise HarnessError(f"the {scenario} scenario needs a target QPS")
     settings = lg.TestSettings()
-    settings.scenario = lg.TestScenario.Offline
-    if loadgen_model:
-        rc = settings.FromConfig("", loadgen_model, "Offline", 0)   # LoadGen's built-in mlperf.conf
+    settings.scenario = getattr(lg.TestScenario, lg_scenario)
+    conf_model = f"{loadgen_model}{key_suffix}" if loadgen_model else None
+    if conf_model:
+        rc = settings.FromConfig("", conf_model, lg_scenario, 0)   # LoadGen's built-in mlperf.conf
         if rc != 0:
-            raise HarnessError(f"LoadGen could not load its mlperf.conf for model {loadgen_model!r} (rc={rc})")
+            raise HarnessError(f"LoadGen could not load its mlperf.conf for model {conf_model!r} (rc={rc})")
     settings.mode = lg.TestMode.AccuracyOnly if mode == "accuracy" else lg.TestMode.PerformanceOnly
     settings.use_token_latencies = True
     if min_duration_ms is not None:
@@ -331,13 +399,17 @@ def _loadgen_settings(lg, *, mode, n_samples, loadgen_model, min_duration_ms, mi
     settings.min_query_count = max(requested_mqc, n_samples)
     if offline_expected_qps is not None:
         settings.offline_expected_qps = float(offline_expected_qps)
+    if target_qps is not None:
+        settings.server_target_qps = float(target_qps)
     settings.performance_sample_count_override = n_samples
     effective = {
+        "scenario": scenario,
+        "loadgen_scenario": lg_scenario,
         "loadgen_model": loadgen_model,
+        "loadgen_config_key": conf_model,
         "min_duration_ms": int(settings.min_duration_ms),
         "min_query_count_requested": requested_mqc,
         "min_query_count": int(settings.min_query_count),
-        "offline_expected_qps": float(settings.offline_expected_qps),
         "performance_sample_count": n_samples,
         "use_token_latencies": bool(settings.use_token_latencies),
         "sample_concatenate_permutation": bool(settings.sample_concatenate_permutation),
@@ -345,139 +417,183 @@ def _loadgen_settings(lg, *, mode, n_samples, loadgen_model, min_duration_ms, mi
         "sample_index_rng_seed": int(settings.sample_index_rng_seed),
         "schedule_rng_seed": int(settings.schedule_rng_seed),
     }
+    if lg_scenario == "Offline":
+        effective["offline_expected_qps"] = float(settings.offline_expected_qps)
+    else:
+        effective.update(target_qps=float(settings.server_target_qps), ttft_latency_ns=int(settings.ttft_latency),
+                         tpot_latency_ns=int(settings.tpot_latency))
     return settings, effective
 
 
-def run_shard(engine, *, samples_parquet, out_dir, mode: str, shard_index: int, num_shards: int,
-              shard_mode: str, batch_size: int, max_new_tokens: int,
-              min_duration_ms: int | None = None, min_query_count: int | None = None,
-              offline_expected_qps: float | None = None, loadgen_model: str | None = DEFAULT_LOADGEN_MODEL,
-              metadata: dict | None = None, progress_interval_s: float = 30.0,
-              summary_to_stdout: bool = False, log: Callable[[str], None] = _stderr_log) -> dict:
-    """Run one shard through LoadGen Offline and write its output dir; return shard.json's content.
+def _log_settings(lg, outdir: Path, summary_to_stdout: bool):
+    log_output = lg.LogOutputSettings()
+    log_output.outdir = str(outdir)
+    log_output.copy_summary_to_stdout = bool(summary_to_stdout)
+    log_settings = lg.LogSettings()
+    log_settings.log_output = log_output
+    log_settings.enable_trace = False
+    return log_settings
 
-    LoadGen settings left ``None`` keep the values of LoadGen's built-in mlperf.conf
-    for ``loadgen_model`` (MLPerf's defaults); ``loadgen_model=None`` starts from
-    LoadGen's bare TestSettings defaults instead.
-    """
-    import mlperf_loadgen as lg
 
+# --------------------------------------------------------------------------- the run
+
+def _check_arguments(*, mode, shard_mode, scenario, batch_size, max_new_tokens, max_in_flight, engine_limit):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if shard_mode not in SHARD_MODES:
         raise ValueError(f"shard_mode must be one of {SHARD_MODES}, got {shard_mode!r}")
-    if batch_size < 1:
+    if scenario not in SCENARIOS:
+        raise ValueError(f"scenario must be one of {sorted(SCENARIOS)}, got {scenario!r}")
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_in_flight is not None and max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    engine_max = getattr(engine, "max_batch_size", None)
-    if engine_max is not None and batch_size > int(engine_max):
-        raise HarnessError(f"batch size {batch_size} exceeds the engine's max_batch_size {engine_max}: "
+    if batch_size is not None and batch_size > engine_limit:
+        raise HarnessError(f"batch size {batch_size} exceeds the engine's max_in_flight {engine_limit}: "
                            f"lower the batch size or rebuild the engine with a larger max_batch_size")
+
+
+def _shard_metadata(metadata: dict | None, *, batch_size, num_shards: int) -> dict:
+    """The workflow's wildcards, named as shard.json names them (rackbench.config.CONFIG_FIELDS), checked."""
     metadata = dict(metadata or {})
-    label = f"shard {shard_index}/{num_shards} {mode}"
-    # the workflow passes its wildcards, named as shard.json names them (rackbench.config.CONFIG_FIELDS)
     if "batch_size" in metadata and str(metadata["batch_size"]) != str(batch_size):
         raise HarnessError(f"metadata says batch size {metadata['batch_size']!r} but the run uses {batch_size}")
     gps = metadata.get("gpus_per_shard")
     if metadata.get("layout") and gps is not None and metadata["layout"] != layout_name(num_shards, gps):
         raise HarnessError(f"layout {metadata['layout']!r} does not match {num_shards} shards of {gps} GPU(s)")
-    requested_shard_mode = shard_mode
-    if mode == "accuracy" and shard_mode != "split":
-        log(f"{label}: accuracy runs always split the dataset; ignoring shard_mode={shard_mode!r}")
-        shard_mode = "split"
+    return metadata
 
-    n_dataset = pq.ParquetFile(samples_parquet).metadata.num_rows
-    indices = shard_sample_indices(n_dataset, shard_index, num_shards, shard_mode)
-    samples = ShardSamples(samples_parquet, indices)
+
+def _drive_loadgen(lg, sut_impl: EngineSUT, samples: ShardSamples, settings, log_settings,
+                   progress: "_Progress") -> tuple[float, float]:
+    """One LoadGen test over ``sut_impl``; returns (started_at, finished_at)."""
     n = len(samples)
-    out_dir = Path(out_dir)
+    sut = lg.ConstructSUT(sut_impl.issue_query, sut_impl.flush_queries)
+    qsl = lg.ConstructQSL(n, n, samples.load_samples, samples.unload_samples)
+    started_at = time.time()
+    progress.start()
+    try:
+        lg.StartTestWithLogSettings(sut, qsl, settings, log_settings)
+    finally:
+        finished_at = time.time()
+        progress.stop()
+        lg.DestroyQSL(qsl)
+        lg.DestroySUT(sut)
+    return started_at, finished_at
 
-    with atomic_path(out_dir, directory=True) as tmp:
-        settings, effective = _loadgen_settings(
-            lg, mode=mode, n_samples=n, loadgen_model=loadgen_model, min_duration_ms=min_duration_ms,
-            min_query_count=min_query_count, offline_expected_qps=offline_expected_qps)
-        log_output = lg.LogOutputSettings()
-        log_output.outdir = str(tmp)
-        log_output.copy_summary_to_stdout = bool(summary_to_stdout)
-        log_settings = lg.LogSettings()
-        log_settings.log_output = log_output
-        log_settings.enable_trace = False
 
-        sut_impl = OfflineSUT(engine, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                              keep_outputs=(mode == "accuracy"), lg_module=lg)
-        sut = lg.ConstructSUT(sut_impl.issue_query, sut_impl.flush_queries)
-        qsl = lg.ConstructQSL(n, n, samples.load_samples, samples.unload_samples)
-        progress = _Progress(sut_impl, progress_interval_s, label, log)
-        log(f"{label}: {n} samples of {n_dataset} ({shard_mode}), batch size {batch_size}, "
-            f"max_new_tokens {max_new_tokens}, LoadGen settings {effective}")
-        started_at = time.time()
-        progress.start()
-        try:
-            lg.StartTestWithLogSettings(sut, qsl, settings, log_settings)
-        finally:
-            finished_at = time.time()
-            progress.stop()
-            sut_impl.stop()
-            lg.DestroyQSL(qsl)
-            lg.DestroySUT(sut)
-        if sut_impl.error is not None:
-            raise HarnessError(f"{label}: engine failed: {sut_impl.error!r}") from sut_impl.error
-        log(progress.line())
+_RUN_ONLY_FIELDS = ("started_at", "finished_at", "output_tokens", "input_tokens", "completed_samples",
+                    "issued_samples", "loadgen", "hostname", "slurm_job_id", "cuda_visible_devices")
 
-        summary_path = tmp / "mlperf_log_summary.txt"
-        if not summary_path.exists():
-            raise HarnessError(f"LoadGen wrote no {summary_path.name}")
-        loadgen = parse_summary(summary_path.read_text())
-        loadgen["settings"] = effective
 
-        pq.write_table(sut_impl.table(), tmp / "samples.parquet")
+def _shard_record(metadata: dict, sut_impl: EngineSUT, samples: ShardSamples, loadgen: dict, **fields) -> dict:
+    gpus_per_shard = metadata.get("gpus_per_shard")
+    num_shards = fields["num_shards"]
+    return {
+        **metadata,
+        **fields,
+        "layout": metadata.get("layout") or (layout_name(num_shards, gpus_per_shard)
+                                              if gpus_per_shard is not None else None),
+        "gpus_per_shard": gpus_per_shard,
+        "num_samples": len(samples),
+        "sample_indices": [int(samples.sample_indices[0]), int(samples.sample_indices[-1]) + 1]
+        if samples.contiguous else None,
+        # LoadGen's timed part: first IssueQuery .. last sample completed (QSL load is before it)
+        "first_issue_at": sut_impl.first_issue_at,
+        "last_complete_at": sut_impl.last_complete_at,
+        "output_tokens": int(sut_impl.output_tokens),
+        "input_tokens": sut_impl.input_tokens(),
+        "completed_samples": int(sut_impl.completed),
+        "issued_samples": int(sut_impl.issued),
+        # LoadGen's token count skips samples of fewer than 2 tokens (an error_runtime each)
+        "short_outputs": int(sut_impl.short_outputs),
+        "loadgen_counted_tokens": int(sut_impl.output_tokens - sut_impl.short_output_tokens),
+        "loadgen": loadgen,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "hostname": socket.gethostname(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+    }
 
-        gpus_per_shard = metadata.get("gpus_per_shard")
-        record = {
-            **metadata,
-            "batch_size": batch_size,
-            "max_new_tokens": max_new_tokens,
-            "layout": metadata.get("layout") or (layout_name(num_shards, gpus_per_shard)
-                                                  if gpus_per_shard is not None else None),
-            "mode": mode,
-            "shard_index": shard_index,
-            "num_shards": num_shards,
-            "shard_mode": shard_mode,
-            "requested_shard_mode": requested_shard_mode,
-            "gpus_per_shard": gpus_per_shard,
-            "dataset_samples": n_dataset,
-            "num_samples": n,
-            "sample_indices": [indices[0], indices[-1] + 1] if samples.contiguous else None,
-            "started_at": started_at,
-            "finished_at": finished_at,
-            # LoadGen's timed part: first IssueQuery .. last sample completed (QSL load is before it)
-            "first_issue_at": sut_impl.first_issue_at,
-            "last_complete_at": sut_impl._rec_time[-1][0] if sut_impl._rec_time else None,
-            "output_tokens": int(sut_impl.output_tokens),
-            "input_tokens": sut_impl.input_tokens(),
-            "completed_samples": int(sut_impl.completed),
-            "issued_samples": int(sut_impl.issued),
-            # LoadGen's token count skips samples of fewer than 2 tokens (an error_runtime each)
-            "short_outputs": int(sut_impl.short_outputs),
-            "loadgen_counted_tokens": int(sut_impl.output_tokens - sut_impl.short_output_tokens),
-            "loadgen": loadgen,
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "hostname": socket.gethostname(),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-        }
-        fragment = {k: v for k, v in record.items()
-                    if k not in ("started_at", "finished_at", "output_tokens", "input_tokens",
-                                 "completed_samples", "issued_samples", "loadgen", "hostname",
-                                 "slurm_job_id", "cuda_visible_devices")}
-        fragment["loadgen_settings"] = effective
-        record["provenance"] = write_provenance(tmp / "provenance.json", step="run_shard",
-                                                config_fragment=fragment)
-        write_json_atomic(tmp / "shard.json", record)
-        log(f"{label}: done: LoadGen result {loadgen['result']}, {loadgen['tokens_per_second']} tokens/s, "
-            f"{loadgen['samples_per_second']} samples/s; {record['completed_samples']} samples, "
-            f"{record['output_tokens']} output tokens in {finished_at - started_at:.1f}s")
-    return record
+
+def _write_outputs(tmp: Path, sut_impl: EngineSUT, record: dict, effective: dict) -> None:
+    pq.write_table(sut_impl.table(), tmp / "samples.parquet")
+    fragment = {k: v for k, v in record.items() if k not in _RUN_ONLY_FIELDS}
+    fragment["loadgen_settings"] = effective
+    record["provenance"] = write_provenance(tmp / "provenance.json", step="run_shard", config_fragment=fragment)
+    write_json_atomic(tmp / "shard.json", record)
+
+
+def run_shard(engine, *, samples_parquet, out_dir, mode: str, shard_index: int, num_shards: int,
+              shard_mode: str, batch_size: int | None, max_new_tokens: int, scenario: str = "Offline",
+              target_qps: float | None = None, max_in_flight: int | None = None,
+              min_duration_ms: int | None = None, min_query_count: int | None = None,
+              offline_expected_qps: float | None = None, loadgen_model: str | None = DEFAULT_LOADGEN_MODEL,
+              metadata: dict | None = None, progress_interval_s: float = 30.0,
+              summary_to_stdout: bool = False, log: Callable[[str], None] = _stderr_log) -> dict:
+    """Run one shard (or, with ``num_shards=1``, the whole rack) through one LoadGen test and
+    write its output dir; return shard.json's content.
+
+    At most ``max_in_flight`` requests are in the engine at once; default ``batch_size``
+    (the configuration's batch size), else the engine's ``max_in_flight``. Engines with only
+    a blocking ``generate`` run through ``rackbench.engines.BatchedEngine``. LoadGen
+    settings left ``None`` keep the values of LoadGen's built-in mlperf.conf for
+    ``loadgen_model`` (MLPerf's defaults); ``loadgen_model=None`` starts from LoadGen's bare
+    TestSettings defaults instead. Server and Interactive need ``target_qps``.
+    """
+    import mlperf_loadgen as lg
+
+    wrapped = BatchedEngine.wrap(engine)
+    try:
+        engine_limit = engine_max_in_flight(wrapped)
+        _check_arguments(mode=mode, shard_mode=shard_mode, scenario=scenario, batch_size=batch_size,
+                         max_new_tokens=max_new_tokens, max_in_flight=max_in_flight, engine_limit=engine_limit)
+        in_flight = max_in_flight or batch_size or engine_limit
+        metadata = _shard_metadata(metadata, batch_size=batch_size, num_shards=num_shards)
+        label = f"shard {shard_index}/{num_shards} {scenario} {mode}"
+        requested_shard_mode = shard_mode
+        if mode == "accuracy" and shard_mode != "split":
+            log(f"{label}: accuracy runs always split the dataset; ignoring shard_mode={shard_mode!r}")
+            shard_mode = "split"
+        n_dataset = pq.ParquetFile(samples_parquet).metadata.num_rows
+        samples = ShardSamples(samples_parquet, shard_sample_indices(n_dataset, shard_index, num_shards, shard_mode))
+        out_dir = Path(out_dir)
+        with atomic_path(out_dir, directory=True) as tmp:
+            settings, effective = loadgen_settings(
+                lg, scenario=scenario, mode=mode, n_samples=len(samples), loadgen_model=loadgen_model,
+                min_duration_ms=min_duration_ms, min_query_count=min_query_count,
+                offline_expected_qps=offline_expected_qps, target_qps=target_qps)
+            sut_impl = EngineSUT(wrapped, samples, max_in_flight=in_flight, max_new_tokens=max_new_tokens,
+                                 keep_outputs=(mode == "accuracy"), first_tokens=(scenario != "Offline"),
+                                 lg_module=lg)
+            progress = _Progress(sut_impl, progress_interval_s, label, log)
+            log(f"{label}: {len(samples)} samples of {n_dataset} ({shard_mode}), at most {in_flight} in flight, "
+                f"max_new_tokens {max_new_tokens}, LoadGen settings {effective}")
+            started_at, finished_at = _drive_loadgen(lg, sut_impl, samples, settings,
+                                                     _log_settings(lg, tmp, summary_to_stdout), progress)
+            if sut_impl.error is not None:
+                raise HarnessError(f"{label}: engine failed: {sut_impl.error!r}") from sut_impl.error
+            log(progress.line())
+            summary_path = tmp / "mlperf_log_summary.txt"
+            if not summary_path.exists():
+                raise HarnessError(f"LoadGen wrote no {summary_path.name}")
+            loadgen = parse_summary(summary_path.read_text())
+            loadgen["settings"] = effective
+            record = _shard_record(
+                metadata, sut_impl, samples, loadgen, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                scenario=scenario, target_qps=target_qps, max_in_flight=in_flight, mode=mode,
+                shard_index=shard_index, num_shards=num_shards, shard_mode=shard_mode,
+                requested_shard_mode=requested_shard_mode, dataset_samples=n_dataset,
+                started_at=started_at, finished_at=finished_at)
+            _write_outputs(tmp, sut_impl, record, effective)
+            log(f"{label}: done: LoadGen result {loadgen['result']}, {loadgen['tokens_per_second']} tokens/s, "
+                f"{loadgen['samples_per_second']} samples/s; {record['completed_samples']} samples, "
+                f"{record['output_tokens']} output tokens in {finished_at - started_at:.1f}s")
+        return record
+    finally:
+        if wrapped is not engine:
+            wrapped.close()   # its worker thread only: the caller closes the engine
 
 
 # --------------------------------------------------------------------------- CLI
@@ -509,7 +625,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-shards", type=int, required=True)
     p.add_argument("--shard-mode", choices=SHARD_MODES, default=RUN_DEFAULTS["performance_shard_mode"])
     p.add_argument("--gpus-per-shard", type=int, default=1)
-    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="the configuration's batch size; bounds the requests in flight unless --max-in-flight")
+    p.add_argument("--max-in-flight", type=int, default=None,
+                   help="most requests in the engine at once (default: --batch-size, else the engine's max_in_flight)")
+    p.add_argument("--scenario", choices=sorted(SCENARIOS), default="Offline")
+    p.add_argument("--target-qps", type=float, default=None, help="Server/Interactive: LoadGen's server_target_qps")
     p.add_argument("--max-new-tokens", type=int, required=True)
     p.add_argument("--min-duration-ms", type=int, default=None, help="default: LoadGen's mlperf.conf")
     p.add_argument("--min-query-count", type=int, default=None, help="default: LoadGen's mlperf.conf")
@@ -537,8 +658,8 @@ def main(argv=None) -> int:
     try:
         run_shard(engine, samples_parquet=args.dataset, out_dir=args.out, mode=args.mode,
                   shard_index=args.shard_index, num_shards=args.num_shards, shard_mode=args.shard_mode,
-                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                  min_duration_ms=args.min_duration_ms, min_query_count=args.min_query_count,
+                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, scenario=args.scenario,
+                  target_qps=args.target_qps, max_in_flight=args.max_in_flight, min_duration_ms=args.min_duration_ms, min_query_count=args.min_query_count,
                   offline_expected_qps=args.offline_expected_qps, loadgen_model=args.loadgen_model,
                   metadata=metadata, progress_interval_s=args.progress_interval_s, summary_to_stdout=True)
     finally:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from rackbench.atomic import atomic_path
 from rackbench.config import schema_defaults
+from rackbench.padding import pad_batch
 from rackbench.provenance import write_provenance
 
 RECIPES = ("nvfp4", "fp8", "none")
@@ -76,17 +77,8 @@ def resolve_device(device: str) -> str:
 
 def batches(samples: list[list[int]], batch_size: int, pad_id: int):
     """Left-padded (input_ids, attention_mask) batches, as hf_ptq's calibration uses."""
-    import torch
-
     for i in range(0, len(samples), batch_size):
-        chunk = samples[i: i + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, seq in enumerate(chunk):
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
-        yield ids, mask
+        yield pad_batch(samples[i: i + batch_size], pad_id, side="left")
 
 
 def quantize_model(model, recipe: str, samples: list[list[int]], batch_size: int, device: str):

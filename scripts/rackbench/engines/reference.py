@@ -19,26 +19,34 @@ Emulation switches (``settings``):
 Other settings: ``dtype`` (float32 | bfloat16 | float16; default float32),
 ``max_batch_size`` (default 64), ``torch_threads``.
 
-``Engine.generate`` decodes greedily in batches of at most ``max_batch_size``
-(prompts sorted by length and prefilled in groups of similar length, left padding +
-attention mask, a preallocated KV cache, finished sequences dropped from the batch,
-and on CPU a matmul attention for the one-token decode steps), and gives the same
-tokens as decoding each prompt alone with transformers' ``generate``.
+The engine implements the asynchronous Engine contract (``rackbench.engines``) with
+continuous batching: one engine thread keeps a running batch of at most ``max_batch_size``
+rows over a preallocated, ragged KV cache (row i holds its own positions, no left padding).
+Each step admits waiting requests into free rows (prefilled in groups of similar length,
+right padded; their first token comes from the prefill), takes one greedy token for every
+row, completes the rows that ended (EOS or ``max_new_tokens``; the last live rows move into
+their places) and decodes the rest one step (on CPU a matmul attention per band of rows).
+It decodes Llama models (the model's own modules called directly: one decoding path) and
+gives the same tokens as decoding each prompt alone with transformers' ``generate``.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
 import re
 import shutil
+import threading
+import traceback
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from rackbench.engines import nvfp4
+from rackbench.padding import pad_batch
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -287,86 +295,60 @@ _LAYER_CLASS = None
 
 
 def _kv_layer_class():
-    """A KV-cache layer with preallocated storage (no torch.cat per step) that optionally
-    rounds what enters it to FP8 E4M3 (an FP8 KV cache). Built lazily: transformers is
-    imported only when an engine loads."""
+    """transformers' DynamicLayer that rounds what enters the cache to FP8 E4M3 with the
+    exported scales (an FP8 KV cache), for the full-sequence ``ReferenceEngine.logits``.
+    Built lazily: transformers is imported only when an engine loads."""
     global _LAYER_CLASS
     if _LAYER_CLASS is not None:
         return _LAYER_CLASS
     from transformers.cache_utils import DynamicLayer
 
     class KVLayer(DynamicLayer):
-        def __init__(self, k_scale=None, v_scale=None, reserve: int = 0):
+        def __init__(self, k_scale=None, v_scale=None):
             super().__init__()
-            self.k_scale, self.v_scale, self.reserve = k_scale, v_scale, reserve
-            self.length = 0
-            self._k = self._v = None
-
-        def lazy_initialization(self, key_states, value_states):
-            self.dtype, self.device = key_states.dtype, key_states.device
-            self.is_initialized = True
-
-        def _allocate(self, batch, heads, capacity, head_dim, value_dim):
-            self._k = torch.zeros((batch, heads, capacity, head_dim), dtype=self.dtype, device=self.device)
-            self._v = torch.zeros((batch, heads, capacity, value_dim), dtype=self.dtype, device=self.device)
-
-        def _expose(self):
-            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+            self.k_scale, self.v_scale = k_scale, v_scale
 
         def update(self, key_states, value_states, *args, **kwargs):
             if self.k_scale is not None:
                 key_states = nvfp4.fake_quantize_fp8(key_states, self.k_scale)
                 value_states = nvfp4.fake_quantize_fp8(value_states, self.v_scale)
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            b, h, t, d = key_states.shape
-            if self._k is None:
-                self._allocate(b, h, t + self.reserve, d, value_states.shape[-1])
-            elif self.length + t > self._k.shape[2]:  # grow (not on the engine's own path)
-                grow = max(t, self._k.shape[2])
-                self._k = torch.cat([self._k, self._k.new_zeros((*self._k.shape[:2], grow, d))], dim=2)
-                self._v = torch.cat([self._v, self._v.new_zeros((*self._v.shape[:2], grow, self._v.shape[-1]))], dim=2)
-            self._k[:, :, self.length:self.length + t] = key_states
-            self._v[:, :, self.length:self.length + t] = value_states
-            self.length += t
-            self._expose()
-            return self.keys, self.values
-
-        def get_seq_length(self) -> int:
-            return self.length
-
-        def batch_select_indices(self, indices):
-            if self._k is not None:
-                self._k, self._v = self._k[indices], self._v[indices]
-                self._expose()
-
-        def install(self, parts, rows, width, capacity):
-            """Fill a fresh layer from prefilled group layers: ``parts[i]`` (keys/values of
-            prompts left-padded to their group's width) go to batch rows ``rows[i]``,
-            right-aligned at ``width``; room for ``capacity - width`` more positions."""
-            first = parts[0]
-            self.dtype, self.device, self.is_initialized = first.dtype, first.device, True
-            batch = sum(len(r) for r in rows)
-            self._allocate(batch, first._k.shape[1], capacity, first._k.shape[-1], first._v.shape[-1])
-            for part, idx in zip(parts, rows):
-                n = part.length
-                self._k[idx, :, width - n:width] = part._k[:, :, :n]
-                self._v[idx, :, width - n:width] = part._v[:, :, :n]
-            self.length = width
-            self._expose()
+            return super().update(key_states, value_states, *args, **kwargs)
 
     _LAYER_CLASS = KVLayer
     return KVLayer
 
 
+class EngineClosed(RuntimeError):
+    """The engine was closed before the request finished."""
+
+
+class _Request:
+    __slots__ = ("prompt", "max_new_tokens", "on_done", "on_error", "on_first_token", "tokens")
+
+    def __init__(self, prompt, max_new_tokens, on_done, on_error, on_first_token):
+        self.prompt, self.max_new_tokens = prompt, max_new_tokens
+        self.on_done, self.on_error, self.on_first_token = on_done, on_error, on_first_token
+        self.tokens: list[int] = []
+
+
+def _call(callback, *args) -> None:
+    """A caller's callback; its own failure must not stop the engine thread."""
+    try:
+        callback(*args)
+    except BaseException:  # noqa: BLE001 - reported, then the engine goes on
+        traceback.print_exc()
+
+
 class ReferenceEngine:
-    """Greedy batched decoding of a transformers causal LM (see the module docstring)."""
+    """Greedy decoding of a Llama model with continuous batching (see the module docstring)."""
 
     #: a prefill call covers prompts whose padded size stays under this many tokens, and
     #: pads no prompt by more than 1/8 of the group's longest (at least 8 tokens)
     prefill_tokens = 4096
 
     def __init__(self, model, *, device, eos_ids, pad_id, max_batch_size, kv_scales=None, facts=None):
+        if type(model).__name__ != "LlamaForCausalLM":
+            raise ValueError(f"the reference engine decodes Llama models only, not {type(model).__name__}")
         self.model = model
         self.device = device
         self.eos_ids = list(eos_ids)
@@ -374,39 +356,159 @@ class ReferenceEngine:
         self.max_batch_size = int(max_batch_size)
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        # the running batch holds max_batch_size rows; one more request each row waits
+        # in the queue, so a finished row is refilled at once (its successor is submitted
+        # from on_done, on this engine's thread, before the next step admits)
+        self.max_in_flight = self.max_batch_size
         self._kv_scales = kv_scales  # (k_scales, v_scales) per layer, or None
         self._layers = model.config.num_hidden_layers
         self.facts = facts or {}
-        self._eos = torch.tensor(self.eos_ids or [-1], device=device)
-        self._llama = type(model).__name__ == "LlamaForCausalLM"  # the hand-written decode loop below
-        self._kv_buf = None
+        self._kv = None  # (K, V, capacity): see _kv_storage
         self._fused_weights = None  # see _fused
-        if self._llama:
-            attn = model.model.layers[0].self_attn
-            self._heads = (model.config.num_attention_heads, model.config.num_key_value_heads,
-                           attn.head_dim, attn.scaling)
+        attn = model.model.layers[0].self_attn
+        self._heads = (model.config.num_attention_heads, model.config.num_key_value_heads,
+                       attn.head_dim, attn.scaling)
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, name="rackbench-reference-engine", daemon=True)
+        self._thread.start()
 
-    def _new_cache(self, reserve: int = 0):
-        from transformers.cache_utils import Cache
-        layer = _kv_layer_class()
-        ks, vs = self._kv_scales or ([None] * self._layers, [None] * self._layers)
-        return Cache(layers=[layer(ks[i], vs[i], reserve) for i in range(self._layers)])
+    # ---- the Engine contract
+
+    def submit(self, prompt: Sequence[int], max_new_tokens: int, *, on_done, on_error, on_first_token=None) -> None:
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ValueError("prompt is empty")
+        request = _Request(prompt, int(max_new_tokens), on_done, on_error, on_first_token)
+        with self._cond:
+            if self._closed:
+                raise EngineClosed("the engine is closed")
+            self._waiting.append(request)
+            self._cond.notify()
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-        prompts = [list(map(int, p)) for p in prompts]
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {i} is empty")
-        out: list[list[int] | None] = [None] * len(prompts)
-        if max_new_tokens <= 0:
-            return [[] for _ in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        batch_fn = self._generate_batch_llama if self._llama else self._generate_batch
-        for start in range(0, len(order), self.max_batch_size):
-            chunk = order[start:start + self.max_batch_size]
-            for i, ids in zip(chunk, batch_fn([prompts[i] for i in chunk], max_new_tokens)):
-                out[i] = ids
-        return out
+        """Blocking: every prompt's tokens, in order (``rackbench.engines.generate``)."""
+        from rackbench.engines import generate
+        return generate(self, prompts, max_new_tokens)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+        self.model = None
+        self._kv = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ---- the engine thread
+
+    def _take(self, free: int, block: bool) -> list[_Request] | None:
+        """Up to ``free`` waiting requests; waits for one when ``block``. None once closed."""
+        with self._cond:
+            while block and not self._waiting and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            return [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+
+    def _serve(self) -> None:
+        rows: list[_Request] = []
+        try:
+            with torch.inference_mode():
+                self._decode_loop(rows)
+        finally:  # closed (or a bug): nobody may wait for ever
+            with self._cond:
+                left = rows + list(self._waiting)
+                self._waiting.clear()
+            for r in left:
+                _call(r.on_error, EngineClosed("the engine was closed before the request finished"))
+
+    def _decode_loop(self, rows: list[_Request]) -> None:
+        """Continuous batching: each step first admits waiting requests into free rows (their
+        prefill gives their first token), then takes one greedy token for every row, completes
+        the rows that finished (their places are refilled from the last rows), and decodes the
+        rest one step. ``rows`` is the running batch (cache row i = rows[i])."""
+        size: list[int] = []  # cache row -> positions held (prompt + fed tokens)
+        logits = None          # [len(rows), vocab]: each row's next-token logits
+        eos = set(self.eos_ids)
+        while True:
+            new = self._take(self.max_batch_size - len(rows), block=not rows)
+            if new is None:
+                return
+            try:
+                ready = []
+                for r in new:
+                    if r.max_new_tokens <= 0:
+                        _call(r.on_done, [])
+                    else:
+                        ready.append(r)
+                if ready:
+                    first = self._admit(ready, rows, size)
+                    logits = first if logits is None else torch.cat([logits, first])
+                if not rows:
+                    logits = None
+                    continue
+                tokens = logits.argmax(-1).tolist()
+                finished = []
+                for row, (r, tok) in enumerate(zip(rows, tokens)):
+                    if tok in eos:
+                        finished.append(row)
+                        continue
+                    r.tokens.append(tok)
+                    if len(r.tokens) == 1 and r.on_first_token is not None:
+                        _call(r.on_first_token, tok)
+                    if len(r.tokens) >= r.max_new_tokens:
+                        finished.append(row)
+                if finished:
+                    for row in finished:
+                        _call(rows[row].on_done, rows[row].tokens)
+                    self._remove_rows(finished, rows, size, tokens)
+                if not rows:
+                    logits = None
+                    continue
+                logits = self._decode_step(tokens, size)
+                for i in range(len(size)):
+                    size[i] += 1
+            except Exception as exc:  # this batch fails; the engine goes on with the next requests
+                failed = rows + [r for r in new if r not in rows and r.max_new_tokens > 0]
+                rows.clear()
+                size.clear()
+                logits = None
+                for r in failed:
+                    _call(r.on_error, exc)
+
+    def _admit(self, ready: list[_Request], rows: list[_Request], size: list[int]) -> torch.Tensor:
+        """Prefill ``ready`` into the rows after the running ones (longest first, in groups of
+        similar length); returns their first-token logits."""
+        ready.sort(key=lambda r: -len(r.prompt))
+        K, V = self._kv_storage(max(len(r.prompt) + r.max_new_tokens for r in ready), len(rows))
+        row0 = len(rows)
+        lengths = [len(r.prompt) for r in ready]
+        parts = [self._prefill_llama([ready[i].prompt for i in grp], K, V, row0 + grp[0])
+                 for grp in self._prefill_groups(lengths)]
+        rows.extend(ready)
+        size.extend(lengths)
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _remove_rows(self, finished: list[int], rows: list, size: list[int], tokens: list[int]) -> None:
+        """Finished rows leave the batch: the last live rows move into their places (only
+        their KV is copied), so no step computes a finished row."""
+        b = len(rows) - len(finished)
+        gone = set(finished)
+        holes = [r for r in finished if r < b]
+        movers = [r for r in range(b, len(rows)) if r not in gone]
+        if holes:
+            K, V, _ = self._kv
+            dst, src = torch.tensor(holes, device=self.device), torch.tensor(movers, device=self.device)
+            used = max(size[r] for r in movers)
+            for buf in K + V:
+                buf[dst, :, :used] = buf[src, :, :used]
+            for h, m in zip(holes, movers):
+                rows[h], size[h], tokens[h] = rows[m], size[m], tokens[m]
+        del rows[b:], size[b:], tokens[b:]
 
     def _prefill_groups(self, lengths: list[int]) -> list[list[int]]:
         """Consecutive runs of the (longest-first) prompts that are prefilled together."""
@@ -422,64 +524,7 @@ class ReferenceEngine:
             groups.append(current)
         return groups
 
-    def _prefill(self, prompts: list[list[int]]):
-        """Left-padded forward of prompts of similar length; returns (last logits, cache)."""
-        n, width = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        for row, p in enumerate(prompts):
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = self._new_cache()
-        logits = self.model(input_ids=ids, attention_mask=mask if width > min(map(len, prompts)) else None,
-                            position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        return logits[:, -1, :], cache
-
-    @torch.inference_mode()
-    def _generate_batch(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        # prompts arrive longest first
-        n, width = len(prompts), len(prompts[0])
-        lengths = [len(p) for p in prompts]
-        groups = self._prefill_groups(lengths)
-        parts, logits = [], []
-        for group in groups:
-            group_logits, group_cache = self._prefill([prompts[i] for i in group])
-            logits.append(group_logits)
-            parts.append(group_cache)
-        logits = torch.cat(logits) if len(logits) > 1 else logits[0]
-        cache = self._new_cache()
-        rows = [torch.tensor(g, device=self.device) for g in groups]
-        for layer_idx, layer in enumerate(cache.layers):
-            layer.install([p.layers[layer_idx] for p in parts], rows, width, width + max_new_tokens)
-        del parts
-        lengths_t = torch.tensor(lengths, device=self.device)
-        mask = (torch.arange(width, device=self.device).unsqueeze(0) >= (width - lengths_t).unsqueeze(1)).long()
-        next_pos = lengths_t.unsqueeze(1)  # position of the first generated token
-        alive = torch.arange(n, device=self.device)  # original rows still decoding
-        generated = [[] for _ in range(n)]
-        for step in range(max_new_tokens):
-            tokens = logits.argmax(-1)
-            done = torch.isin(tokens, self._eos)
-            for row, tok, d in zip(alive.tolist(), tokens.tolist(), done.tolist()):
-                if not d:
-                    generated[row].append(tok)
-            if step == max_new_tokens - 1:
-                break
-            if bool(done.any()):
-                keep = (~done).nonzero().squeeze(-1)
-                if keep.numel() == 0:
-                    break
-                cache.batch_select_indices(keep)
-                alive, tokens, mask, next_pos = alive[keep], tokens[keep], mask[keep], next_pos[keep]
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
-            logits = self.model(input_ids=tokens.unsqueeze(-1), attention_mask=mask, position_ids=next_pos,
-                                past_key_values=cache, use_cache=True).logits[:, -1, :]
-            next_pos = next_pos + 1
-        return generated
-
-    # ---- the Llama path: the model's own modules called directly, one ragged batch
+    # ---- the model's own modules called directly, one ragged batch
 
     def _fused(self):
         """Per layer: (q|k|v weight, gate|up weight) concatenated along the output dim, so each
@@ -518,23 +563,26 @@ class ReferenceEngine:
         inter = gu.shape[-1] // 2
         return mlp.down_proj(mlp.act_fn(gu[..., :inter]) * gu[..., inter:])
 
-    def _kv_buffers(self, rows: int, capacity: int) -> tuple[list, list]:
-        """Per-layer K and V storage [rows, kv heads, capacity, head dim], kept between
-        calls (a fresh multi-MB tensor per batch costs page faults on CPU). Zeroed when
+    def _kv_storage(self, capacity: int, keep_rows: int) -> tuple[list, list]:
+        """Per-layer K and V storage [max_batch_size, kv heads, capacity, head dim], kept between
+        requests (a fresh multi-MB tensor per batch costs page faults on CPU). Grown (the first
+        ``keep_rows`` rows copied over) when a request needs more positions. Zeroed when
         allocated, afterwards only ever holding K/V values this engine computed, so the
         masked positions a decode step reads are finite."""
+        if self._kv is not None and self._kv[2] >= capacity:
+            return self._kv[0], self._kv[1]
         hq, hkv, d, _ = self._heads
         body = self.model.model
         dtype = body.embed_tokens.weight.dtype
-        buf = self._kv_buf
-        if buf is None or buf[0][0].shape[0] < rows or buf[0][0].shape[2] < capacity:
-            size = (rows, capacity) if buf is None else \
-                (max(rows, buf[0][0].shape[0]), max(capacity, buf[0][0].shape[2]))
-            self._kv_buf = buf = None  # free the old storage before the new is allocated
-            buf = tuple([torch.zeros((size[0], hkv, size[1], d), dtype=dtype, device=self.device)
-                         for _ in body.layers] for _ in range(2))
-            self._kv_buf = buf
-        return [k[:rows, :, :capacity] for k in buf[0]], [v[:rows, :, :capacity] for v in buf[1]]
+        old = self._kv
+        capacity = -(-max(capacity, old[2] * 5 // 4 if old else 0) // 64) * 64  # grow rarely
+        new = tuple([torch.zeros((self.max_batch_size, hkv, capacity, d), dtype=dtype, device=self.device)
+                     for _ in body.layers] for _ in range(2))
+        if old is not None and keep_rows:
+            for dst, src in zip(new[0] + new[1], old[0] + old[1]):
+                dst[:keep_rows, :, :old[2]] = src[:keep_rows]
+        self._kv = (new[0], new[1], capacity)
+        return new
 
     @staticmethod
     def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -551,10 +599,7 @@ class ReferenceEngine:
         body, dev = self.model.model, self.device
         g, width = len(prompts), len(prompts[0])
         hq, hkv, d, scale = self._heads
-        ids = torch.full((g, width), self.pad_id, dtype=torch.long)
-        for row, p in enumerate(prompts):
-            ids[row, :len(p)] = torch.tensor(p)
-        ids = ids.to(dev)
+        ids, _ = pad_batch(prompts, self.pad_id, side="right", device=dev)
         last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
         rows = torch.arange(g, device=dev)
         pos = torch.arange(width, device=dev).unsqueeze(0).expand(g, width)
@@ -600,117 +645,66 @@ class ReferenceEngine:
                 h = h + self._mlp(li, layer, layer.post_attention_layernorm(h))
         return self.model.lm_head(body.norm(h))
 
-    @torch.inference_mode()
-    def _generate_batch_llama(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy decoding of one batch (prompts longest first) with a ragged KV cache: row i
-        holds its own positions 0..len_i+step, so no left padding; decode attention is two
-        matmuls and a softmax under a per-row length mask, in up to 4 bands of rows, each
-        over its own longest row. A finished row leaves the batch at once: the last live
-        rows move into the finished rows' places (only their KV is copied), so no step
-        computes a finished row."""
+    def _decode_step(self, tokens: list[int], size: list[int]) -> torch.Tensor:
+        """One step for every running row: row i's token ``tokens[i]`` goes to position
+        ``size[i]`` (a ragged KV cache: row i holds its own positions 0..size[i], no left
+        padding). Decode attention is two matmuls and a softmax under a per-row length mask,
+        in up to 4 bands of rows, each over its own longest row. Returns the next logits."""
         body, dev = self.model.model, self.device
         hq, hkv, d, scale = self._heads
         g = hq // hkv
-        n, lengths = len(prompts), [len(p) for p in prompts]
-        capacity = lengths[0] + max_new_tokens
-        K, V = self._kv_buffers(n, capacity)
-        groups = self._prefill_groups(lengths)
-        logits = [self._prefill_llama(prompts[grp[0]:grp[-1] + 1], K, V, grp[0]) for grp in groups]
-        logits = torch.cat(logits) if len(logits) > 1 else logits[0]
+        b = len(tokens)
+        K, V = [k[:b] for k in self._kv[0]], [v[:b] for v in self._kv[1]]
         ks, vs = self._kv_scales or (None, None)
         # a power-of-two softmax scale is applied to the query (exact) instead of the scores
         scale_q = float(scale) if scale > 0 and math.frexp(scale)[0] == 0.5 else None
-        eos = set(self.eos_ids)
-        orig = list(range(n))            # cache row -> prompt
-        size = list(lengths)             # cache row -> positions held (prompt + generated so far)
-        pos = torch.tensor(lengths, device=dev)  # where each row's next token goes
-        positions = torch.arange(capacity, device=dev)
-        generated = [[] for _ in range(n)]
-        for step in range(max_new_tokens):
-            tokens = logits.argmax(-1)
-            done = []
-            for row, tok in enumerate(tokens.tolist()):
-                if tok in eos:
-                    done.append(row)
+        pos = torch.tensor(size, device=dev)  # where each row's token goes
+        span = max(size) + 1
+        chunk = max(8, -(-b // 4))
+        bands = [(r, min(r + chunk, b), max(size[r:r + chunk]) + 1) for r in range(0, b, chunk)]
+        rows = torch.arange(b, device=dev)
+        bias = torch.zeros((b, span), dtype=torch.float32, device=dev)
+        bias.masked_fill_(torch.arange(span, device=dev).unsqueeze(0) > pos.unsqueeze(1), float("-inf"))
+        bias = bias[:, None, None, :]
+        h = body.embed_tokens(torch.tensor(tokens, device=dev))
+        cos, sin = body.rotary_emb(h, pos.unsqueeze(1))  # [b, 1, d]: over heads
+        for li, layer in enumerate(body.layers):
+            x = layer.input_layernorm(h)
+            qk, v = self._qkv(li, layer, x)
+            qk = self._rotary(qk.view(b, hq + hkv, d), cos, sin)
+            q, k, v = qk[:, :hq].view(b, hkv, g, d), qk[:, hq:], v.reshape(b, hkv, d)
+            if ks is not None:
+                k, v = nvfp4.fake_quantize_fp8(k, ks[li]), nvfp4.fake_quantize_fp8(v, vs[li])
+            K[li][rows, :, pos] = k
+            V[li][rows, :, pos] = v
+            if scale_q is not None:
+                q = q * scale_q
+            o = q.new_empty(q.shape) if len(bands) > 1 else None
+            for r0, r1, width in bands:
+                scores = torch.matmul(q[r0:r1], K[li][r0:r1, :, :width].transpose(-1, -2))
+                if scale_q is None:
+                    scores = scores * scale
+                mask = bias[r0:r1, ..., :width]
+                scores = scores.add_(mask) if scores.dtype == mask.dtype else scores + mask
+                probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+                if o is None:
+                    o = torch.matmul(probs, V[li][r0:r1, :, :width])
                 else:
-                    generated[orig[row]].append(tok)
-            if step == max_new_tokens - 1:
-                break
-            b = len(orig)
-            if done:
-                b -= len(done)
-                if b == 0:
-                    break
-                holes = [r for r in done if r < b]
-                gone = set(done)
-                movers = [r for r in range(b, len(orig)) if r not in gone]
-                if holes:  # the last live rows fill the finished rows' places
-                    dst, src = torch.tensor(holes, device=dev), torch.tensor(movers, device=dev)
-                    used = max(size[r] for r in movers)
-                    for buf in K + V:
-                        buf[dst, :, :used] = buf[src, :, :used]
-                    for h_, m_ in zip(holes, movers):
-                        orig[h_], size[h_] = orig[m_], size[m_]
-                    perm = torch.arange(len(orig), device=dev)
-                    perm[dst] = src
-                    perm = perm[:b]
-                    tokens, pos = tokens[perm], pos[perm]
-                else:
-                    tokens, pos = tokens[:b], pos[:b]
-                del orig[b:], size[b:]
-                K, V = [k[:b] for k in K], [v[:b] for v in V]
-            span = max(size) + 1
-            # attend in up to 4 bands of rows (rows are mostly longest first), each band over
-            # its own longest row
-            chunk = max(8, -(-b // 4))
-            bands = [(r, min(r + chunk, b), max(size[r:r + chunk]) + 1) for r in range(0, b, chunk)]
-            rows = torch.arange(b, device=dev)
-            bias = torch.zeros((b, span), dtype=torch.float32, device=dev)
-            bias.masked_fill_(positions[:span].unsqueeze(0) > pos.unsqueeze(1), float("-inf"))
-            bias = bias[:, None, None, :]
-            h = body.embed_tokens(tokens)
-            cos, sin = body.rotary_emb(h, pos.unsqueeze(1))  # [b, 1, d]: over heads
-            for li, layer in enumerate(body.layers):
-                x = layer.input_layernorm(h)
-                qk, v = self._qkv(li, layer, x)
-                qk = self._rotary(qk.view(b, hq + hkv, d), cos, sin)
-                q, k, v = qk[:, :hq].view(b, hkv, g, d), qk[:, hq:], v.reshape(b, hkv, d)
-                if ks is not None:
-                    k, v = nvfp4.fake_quantize_fp8(k, ks[li]), nvfp4.fake_quantize_fp8(v, vs[li])
-                K[li][rows, :, pos] = k
-                V[li][rows, :, pos] = v
-                if scale_q is not None:
-                    q = q * scale_q
-                o = q.new_empty(q.shape) if len(bands) > 1 else None
-                for r0, r1, width in bands:
-                    scores = torch.matmul(q[r0:r1], K[li][r0:r1, :, :width].transpose(-1, -2))
-                    if scale_q is None:
-                        scores = scores * scale
-                    mask = bias[r0:r1, ..., :width]
-                    scores = scores.add_(mask) if scores.dtype == mask.dtype else scores + mask
-                    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-                    if o is None:
-                        o = torch.matmul(probs, V[li][r0:r1, :, :width])
-                    else:
-                        torch.matmul(probs, V[li][r0:r1, :, :width], out=o[r0:r1])
-                h = h + layer.self_attn.o_proj(o.reshape(b, hq * d))
-                h = h + self._mlp(li, layer, layer.post_attention_layernorm(h))
-            logits = self.model.lm_head(body.norm(h))
-            pos = pos + 1
-            size = [s + 1 for s in size]
-        return generated
+                    torch.matmul(probs, V[li][r0:r1, :, :width], out=o[r0:r1])
+            h = h + layer.self_attn.o_proj(o.reshape(b, hq * d))
+            h = h + self._mlp(li, layer, layer.post_attention_layernorm(h))
+        return self.model.lm_head(body.norm(h))
 
     @torch.inference_mode()
     def logits(self, prompt: Sequence[int]) -> torch.Tensor:
-        """Full-sequence logits of one prompt (float32, CPU): for accuracy checks."""
+        """Full-sequence logits of one prompt (float32, CPU) through the model's own forward
+        (FP8-KV rounding as in the cache): for accuracy checks."""
+        from transformers.cache_utils import Cache
+        layer = _kv_layer_class()
+        ks, vs = self._kv_scales or ([None] * self._layers, [None] * self._layers)
+        cache = Cache(layers=[layer(ks[i], vs[i]) for i in range(self._layers)])
         ids = torch.tensor([list(prompt)], device=self.device)
-        return self.model(input_ids=ids, past_key_values=self._new_cache(), use_cache=True).logits[0].float().cpu()
-
-    def close(self) -> None:
-        self.model = None
-        self._kv_buf = None
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        return self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0].float().cpu()
 
 
 def _add_activation_quant(model, extras) -> int:

@@ -2,9 +2,10 @@
 
 A shard that owns ``n * gpus_per_replica`` GPUs runs ``n`` replicas, each in
 its own worker process with ``CUDA_VISIBLE_DEVICES`` set to its GPUs *before*
-the backend (and so CUDA) is imported. ``generate`` splits a batch into
-contiguous chunks, sends them to all replicas at once, and concatenates the
-answers in input order, so the one LoadGen in front sees one engine.
+the backend (and so CUDA) is imported. The pool is one Engine (the asynchronous
+contract of ``rackbench.engines``): each submitted request goes to the replica
+with the fewest pending, and its callbacks come back from that replica, so the
+one LoadGen in front sees one engine.
 
 Workers are started with the ``spawn`` method: no CUDA state is inherited.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import importlib
 import multiprocessing as mp
 import os
+import threading
 import traceback
 from typing import Sequence
 
@@ -33,23 +35,13 @@ def visible_devices(gpu_ids: Sequence[int], parent_visible: str | None) -> str:
     return ",".join(str(i) for i in gpu_ids)
 
 
-def split_batch(n_items: int, n_parts: int) -> list[tuple[int, int]]:
-    """Contiguous [start, stop) chunks, sizes differing by at most one; empty ones dropped."""
-    base, extra = divmod(n_items, n_parts)
-    bounds, start = [], 0
-    for i in range(n_parts):
-        stop = start + base + (1 if i < extra else 0)
-        if stop > start:
-            bounds.append((start, stop))
-        start = stop
-    return bounds
-
-
 def _worker_main(conn, backend: str, loader: str, engine_dir, record, settings,
                  n_gpus: int, cuda_visible: str | None) -> None:
     if cuda_visible is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible
     os.environ["RACKBENCH_REPLICA_DEVICES"] = cuda_visible or ""
+    from rackbench.engines import BatchedEngine, max_in_flight
+
     engine = None
     try:
         module = importlib.import_module(backend)
@@ -59,11 +51,27 @@ def _worker_main(conn, backend: str, loader: str, engine_dir, record, settings,
                           settings={**settings, "in_process": True})
         else:
             engine = load(engine_dir, record=record, settings=settings)
-        conn.send(("ready", int(engine.max_batch_size)))
+        engine = BatchedEngine.wrap(engine, owns=True)
+        conn.send(("ready", max_in_flight(engine), int(getattr(engine, "max_batch_size", max_in_flight(engine)))))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         conn.close()
         return
+    send_lock = threading.Lock()
+
+    def send(message) -> None:   # from the engine's threads
+        try:
+            with send_lock:
+                conn.send(message)
+        except (OSError, ValueError):   # the parent is gone: nobody to tell
+            pass
+
+    def callbacks(rid: int, want_first: bool):
+        def on_error(exc):
+            send(("error", rid, "".join(traceback.format_exception(exc))))
+        return {"on_done": lambda tokens: send(("done", rid, list(tokens))), "on_error": on_error,
+                "on_first_token": (lambda token: send(("first", rid, int(token)))) if want_first else None}
+
     try:
         while True:
             try:
@@ -72,11 +80,12 @@ def _worker_main(conn, backend: str, loader: str, engine_dir, record, settings,
                 break
             if msg[0] == "close":
                 break
-            _, prompts, max_new_tokens = msg
+            _, rid, prompt, max_new_tokens, want_first = msg
+            cbs = callbacks(rid, want_first)
             try:
-                conn.send(("ok", engine.generate(prompts, max_new_tokens)))
-            except BaseException:
-                conn.send(("error", traceback.format_exc()))
+                engine.submit(prompt, max_new_tokens, **cbs)
+            except BaseException as exc:
+                cbs["on_error"](exc)
     finally:
         try:
             engine.close()
@@ -94,7 +103,13 @@ class ReplicaPool:
     ``backend`` is a module name; each worker calls ``<backend>.<loader>``:
     ``loader="load"`` calls ``load(engine_dir, record=, gpu_ids=[0..k-1], settings=)``
     (the worker only sees its own GPUs); any other name is called as
-    ``loader(engine_dir, record=, settings=)``.
+    ``loader(engine_dir, record=, settings=)``. A worker whose engine has only a blocking
+    ``generate`` runs it through ``rackbench.engines.BatchedEngine``.
+
+    ``submit`` sends each request to the live replica with the fewest requests pending
+    (ties: the lowest index); one reader thread per replica calls the request's callbacks
+    as the replica reports them. A replica that dies fails its pending requests with a
+    ReplicaError naming it; the others go on.
     """
 
     def __init__(self, backend: str, engine_dir, *, record: dict, settings: dict,
@@ -108,7 +123,13 @@ class ReplicaPool:
         ctx = mp.get_context("spawn")
         parent_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         self.replica_devices: list[str] = []
-        self._procs, self._conns = [], []
+        self._procs, self._conns, self._readers = [], [], []
+        self._lock = threading.Lock()
+        self._pending: list[dict[int, tuple]] = []
+        self._send_locks: list[threading.Lock] = []
+        self._alive: list[bool] = []
+        self._next_id = 0
+        self._closing = False
         try:
             for r in range(len(gpu_ids) // gpus_per_replica):
                 ids = gpu_ids[r * gpus_per_replica:(r + 1) * gpus_per_replica]
@@ -122,65 +143,122 @@ class ReplicaPool:
                 self._procs.append(proc)
                 self._conns.append(parent)
                 self.replica_devices.append(devices)
-            sizes = []
+            in_flight, batch = [], []
             for r, conn in enumerate(self._conns):
                 if start_timeout_s is not None and not conn.poll(start_timeout_s):
                     raise ReplicaError(f"replica {r} did not start within {start_timeout_s}s")
-                kind, payload = self._recv(r)
-                if kind != "ready":
-                    raise ReplicaError(f"replica {r} ({self.replica_devices[r]}) failed to load:\n{payload}")
-                sizes.append(payload)
+                reply = self._recv(r)
+                if reply[0] != "ready":
+                    raise ReplicaError(f"replica {r} ({self.replica_devices[r]}) failed to load:\n{reply[1]}")
+                in_flight.append(reply[1])
+                batch.append(reply[2])
         except BaseException:
             self.close()
             raise
-        self.replica_max_batch_size = min(sizes)
-        self.max_batch_size = self.replica_max_batch_size * len(self._conns)
+        n = len(self._conns)
+        self._pending = [{} for _ in range(n)]
+        self._send_locks = [threading.Lock() for _ in range(n)]
+        self._alive = [True] * n
+        self.replica_max_in_flight = in_flight
+        self.max_in_flight = sum(in_flight)
+        self.replica_max_batch_size = min(batch)
+        self.max_batch_size = self.replica_max_batch_size * n
+        for r in range(n):
+            reader = threading.Thread(target=self._read, args=(r,), name=f"rackbench-replica{r}-reader", daemon=True)
+            reader.start()
+            self._readers.append(reader)
 
     @property
     def num_replicas(self) -> int:
         return len(self._conns)
 
+    def pending(self) -> list[int]:
+        """Requests pending on each replica."""
+        with self._lock:
+            return [len(p) for p in self._pending]
+
     def _recv(self, r: int):
         try:
             return self._conns[r].recv()
-        except EOFError:
+        except (EOFError, OSError):
             code = self._procs[r].exitcode
             return ("error", f"replica {r} exited (exit code {code}) without answering")
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-        prompts = [list(map(int, p)) for p in prompts]
-        if not prompts:
-            return []
-        chunks = split_batch(len(prompts), len(self._conns))
-        for r, (a, b) in enumerate(chunks):      # all replicas work at once
-            self._conns[r].send(("generate", prompts[a:b], int(max_new_tokens)))
-        results, errors = [], []
-        for r, (a, b) in enumerate(chunks):      # collect every answer, in order
-            kind, payload = self._recv(r)
-            if kind != "ok":
-                errors.append(f"replica {r} ({self.replica_devices[r]}):\n{payload}")
-            elif len(payload) != b - a:
-                errors.append(f"replica {r} returned {len(payload)} outputs for {b - a} prompts")
+    # ---- the Engine contract
+
+    def submit(self, prompt, max_new_tokens, *, on_done, on_error, on_first_token=None) -> None:
+        with self._lock:
+            live = [r for r in range(len(self._conns)) if self._alive[r]]
+            if self._closing or not live:
+                raise ReplicaError("the replica pool is closed" if self._closing else "no replica is left")
+            r = min(live, key=lambda i: len(self._pending[i]))
+            rid = self._next_id
+            self._next_id += 1
+            self._pending[r][rid] = (on_done, on_error, on_first_token)
+        message = ("submit", rid, [int(t) for t in prompt], int(max_new_tokens), on_first_token is not None)
+        try:
+            with self._send_locks[r]:
+                self._conns[r].send(message)
+        except (OSError, ValueError) as exc:   # the replica died meanwhile: its reader fails the rest
+            with self._lock:
+                lost = self._pending[r].pop(rid, None)
+            if lost is not None:
+                on_error(ReplicaError(f"replica {r} ({self.replica_devices[r]}): {exc!r}"))
+
+    def _read(self, r: int) -> None:
+        conn, pending = self._conns[r], self._pending[r]
+        while True:
+            try:
+                kind, rid, payload = conn.recv()
+            except (EOFError, OSError):
+                break
+            with self._lock:
+                cbs = pending.get(rid) if kind == "first" else pending.pop(rid, None)
+            if cbs is None:
+                continue
+            if kind == "first":
+                cbs[2](payload)
+            elif kind == "done":
+                cbs[0](payload)
             else:
-                results.extend(payload)
-        if errors:
-            raise ReplicaError("\n".join(errors))
-        return results
+                cbs[1](ReplicaError(f"replica {r} ({self.replica_devices[r]}):\n{payload}"))
+        with self._lock:
+            self._alive[r] = False
+            lost = list(pending.values())
+            pending.clear()
+        if lost:
+            self._procs[r].join(timeout=5)
+            why = "closed" if self._closing else f"exited (exit code {self._procs[r].exitcode})"
+            for cbs in lost:
+                cbs[1](ReplicaError(f"replica {r} ({self.replica_devices[r]}) {why} with the request pending"))
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        """Blocking: every prompt's tokens, in order (``rackbench.engines.generate``)."""
+        from rackbench.engines import generate
+        return generate(self, prompts, max_new_tokens)
 
     def close(self) -> None:
-        for conn in self._conns:
+        with self._lock:
+            self._closing = True
+        for r, conn in enumerate(self._conns):
             try:
-                conn.send(("close",))
-            except (OSError, BrokenPipeError):
+                if self._send_locks:
+                    with self._send_locks[r]:
+                        conn.send(("close",))
+                else:
+                    conn.send(("close",))
+            except (OSError, BrokenPipeError, ValueError):
                 pass
         for proc in self._procs:
             proc.join(timeout=60)
             if proc.is_alive():
                 proc.terminate()
                 proc.join(timeout=10)
+        for reader in self._readers:
+            reader.join(timeout=10)
         for conn in self._conns:
             conn.close()
-        self._procs, self._conns = [], []
+        self._procs, self._conns, self._readers = [], [], []
 
     def __enter__(self):
         return self

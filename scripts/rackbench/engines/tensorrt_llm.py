@@ -26,12 +26,15 @@ This module never imports ``tensorrt_llm`` at import time.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import os
 import shutil
 import subprocess
+import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -316,38 +319,102 @@ def _warmup(checkpoint_dir: Path, engine_dir: Path, s: dict, *, gpu_type: str, g
 # --------------------------------------------------------------------------- load / run
 
 class TrtllmEngine:
-    """One LLM-API instance (one replica) driven in-process."""
+    """One LLM-API instance (one replica) driven in-process, on the Engine contract.
+
+    ``submit`` schedules one coroutine per request on an asyncio event loop that runs in
+    this engine's own thread. The coroutine calls ``LLM.generate_async`` there: a
+    GenerationResult has its asyncio queue only when it is created inside a running event
+    loop (tensorrt_llm/executor/result.py, ``has_event_loop()``), and the LLM API offers no
+    completion callback. With ``on_first_token`` the request is streamed (``streaming=True``,
+    ``async for`` over the result: the first chunk's ``outputs[0].token_ids[0]`` is the first
+    token); otherwise it is not (``await result.aresult()``), as NVIDIA's harness streams only
+    Server and Interactive. TensorRT-LLM's in-flight batching decides what runs together.
+    """
 
     def __init__(self, llm, sampling_params_cls, *, max_batch_size: int, end_id: int):
         self.llm = llm
         self._sampling_params_cls = sampling_params_cls
         self.max_batch_size = max_batch_size
+        self.max_in_flight = max_batch_size
         self.end_id = end_id
+        self._tasks: set = set()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="rackbench-trtllm-loop", daemon=True)
+        self._thread.start()
 
     def sampling_params(self, max_new_tokens: int):
         # Greedy (top_k=1), token ids only, Llama-2 </s> as end id.
         return self._sampling_params_cls(max_tokens=int(max_new_tokens), end_id=self.end_id,
                                          pad_id=self.end_id, top_k=1, detokenize=False)
 
+    def answer(self, token_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+        """The contract's tokens: generated ids before the end id, at most ``max_new_tokens``."""
+        ids = [int(t) for t in token_ids]
+        if self.end_id in ids:
+            ids = ids[:ids.index(self.end_id)]
+        return ids[:max_new_tokens]
+
+    def submit(self, prompt: Sequence[int], max_new_tokens: int, *, on_done, on_error, on_first_token=None) -> None:
+        if self.llm is None:
+            raise RuntimeError("the TensorRT-LLM engine is closed")
+        request = self._request([int(t) for t in prompt], int(max_new_tokens), on_done, on_error, on_first_token)
+        asyncio.run_coroutine_threadsafe(request, self._loop)
+
+    async def _request(self, prompt, max_new_tokens, on_done, on_error, on_first_token) -> None:
+        task = asyncio.current_task()
+        self._tasks.add(task)
+        try:
+            result = self.llm.generate_async(prompt, sampling_params=self.sampling_params(max_new_tokens),
+                                             streaming=on_first_token is not None)
+            if on_first_token is None:
+                await result.aresult()
+            else:
+                reported = False
+                async for partial in result:
+                    ids = partial.outputs[0].token_ids
+                    if not reported and ids:
+                        reported = True
+                        if int(ids[0]) != self.end_id and max_new_tokens > 0:  # an answer of 0 tokens has none
+                            _call(on_first_token, int(ids[0]))
+            tokens = self.answer(result.outputs[0].token_ids, max_new_tokens)
+        except asyncio.CancelledError:
+            _call(on_error, RuntimeError("the TensorRT-LLM engine was closed before the request finished"))
+            return
+        except Exception as exc:  # noqa: BLE001 - the request fails, the engine goes on
+            _call(on_error, exc)
+            return
+        finally:
+            self._tasks.discard(task)
+        _call(on_done, tokens)
+
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-        if not prompts:
-            return []
-        batch = [[int(t) for t in p] for p in prompts]
-        outputs = self.llm.generate(batch, self.sampling_params(max_new_tokens), use_tqdm=False)
-        if len(outputs) != len(batch):
-            raise RuntimeError(f"TensorRT-LLM returned {len(outputs)} outputs for {len(batch)} prompts")
-        result = []
-        for out in outputs:
-            ids = [int(t) for t in out.outputs[0].token_ids]
-            if self.end_id in ids:
-                ids = ids[:ids.index(self.end_id)]
-            result.append(ids[:max_new_tokens])
-        return result
+        """Blocking: every prompt's tokens, in order (``rackbench.engines.generate``)."""
+        from rackbench.engines import generate
+        return generate(self, prompts, max_new_tokens)
+
+    async def _cancel_all(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def close(self) -> None:
         llm, self.llm = self.llm, None
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._cancel_all(), self._loop).result(timeout=60)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=60)
+            self._loop.close()
         if llm is not None:
             llm.shutdown()
+
+
+def _call(callback, *args) -> None:
+    """A caller's callback; its failure must not stop the engine's event loop."""
+    try:
+        callback(*args)
+    except BaseException:  # noqa: BLE001 - reported, then the engine goes on
+        traceback.print_exc()
 
 
 def _open_llm(model: str, s: dict, *, mode: str, options: dict | None = None) -> TrtllmEngine:

@@ -2,9 +2,16 @@
 
 It implements only the surface rackbench documents and uses
 (tests/contracts/trtllm_1_2_spec.yaml): ``LLM(model=..., **llm_args)``,
-``LLM.generate(token_id_batch, sampling_params, use_tqdm=...)`` returning
-objects whose ``.outputs[0].token_ids`` are the generated ids,
+``LLM.generate_async(token_ids, sampling_params=..., streaming=...)`` returning a
+``RequestOutput`` (a GenerationResult: ``result()``, ``aresult()``, ``await``, sync
+and async iteration, one step per response; ``.outputs[0].token_ids`` accumulating
+the generated ids), ``LLM.generate(token_id_batch, sampling_params, use_tqdm=...)``
+(generate_async per prompt with streaming=False, then ``result()``, as the real one),
 ``LLM.shutdown()``, ``SamplingParams`` and ``_tensorrt_engine.LLM``.
+A fake executor thread answers the requests: a streamed request gets one response
+per token, a non-streamed one a single final response. As in TensorRT-LLM, the
+asyncio side (``aresult``, ``async for``) works only for a result created inside a
+running event loop.
 Every keyword rackbench passes is checked against the spec file, so an
 argument the real 1.2.x API would reject fails here too.
 
@@ -16,7 +23,10 @@ case for the caller, which must strip it).
 
 from __future__ import annotations
 
+import asyncio
 import os
+import queue
+import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -81,11 +91,84 @@ class CompletionOutput:
     finish_reason: str | None = None
 
 
-@dataclass
 class RequestOutput:
-    request_id: int
-    prompt_token_ids: list
-    outputs: list
+    """Fake of ``tensorrt_llm.llmapi.llm.RequestOutput`` (a ``GenerationResult``)."""
+
+    def __init__(self, request_id: int, prompt_token_ids: list, params: "SamplingParams", streaming: bool):
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.sampling_params = params
+        self._streaming = streaming
+        self._done = False
+        self.outputs = [CompletionOutput(0)]
+        try:  # GenerationResultBase: an AsyncQueue only under a running event loop
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+        self.aqueue = asyncio.Queue() if self._loop is not None else None
+        self.queue = queue.Queue() if self._loop is None else None
+
+    @property
+    def finished(self) -> bool:
+        return self._done
+
+    # the fake executor's side
+    def _deliver(self, response) -> None:
+        if self.aqueue is not None:
+            self._loop.call_soon_threadsafe(self.aqueue.put_nowait, response)
+        else:
+            self.queue.put(response)
+
+    def _handle_response(self, response) -> None:
+        token_ids, is_final, finish_reason = response
+        if isinstance(token_ids, BaseException):
+            raise token_ids
+        self.outputs[0].token_ids.extend(token_ids)   # non-beam: output.token_ids.extend(...)
+        self._done = is_final
+        if is_final:
+            self.outputs[0].finish_reason = finish_reason
+
+    # GenerationResult
+    def result(self, timeout: float | None = None) -> "RequestOutput":
+        while not self._done:
+            if self.aqueue is not None:   # the real one reads aqueue.sync_q
+                response = asyncio.run_coroutine_threadsafe(self.aqueue.get(), self._loop).result(timeout)
+            else:
+                response = self.queue.get(timeout=timeout)
+            self._handle_response(response)
+        return self
+
+    async def _aresult_step(self) -> None:
+        assert self.aqueue is not None, ("The asyncio event loop was not present during initialization, "
+                                         "so async operations are not available.")
+        self._handle_response(await self.aqueue.get())
+
+    async def aresult(self) -> "RequestOutput":
+        while not self._done:
+            await self._aresult_step()
+        return self
+
+    def __await__(self):
+        return self.aresult().__await__()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._done:
+            raise StopIteration
+        self._handle_response(self.queue.get() if self.queue is not None else
+                              asyncio.run_coroutine_threadsafe(self.aqueue.get(), self._loop).result())
+        return self
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self._done:
+            raise StopAsyncIteration
+        await self._aresult_step()
+        return self
 
 
 def fake_answer(prompt, params: SamplingParams) -> tuple[list[int], str]:
@@ -110,23 +193,51 @@ class LLM:
         self.cuda_visible_devices = os.environ.get("CUDA_VISIBLE_DEVICES")
         self.closed = False
         self.calls = 0
+        self.async_requests: list = []   # (prompt, streaming) per generate_async call
+        self._next_id = 0
+        self._requests: queue.Queue = queue.Queue()
+        self._executor = threading.Thread(target=self._execute, name="fake-trtllm-executor", daemon=True)
+        self._executor.start()
         CONSTRUCTED.append((type(self).__name__, dict(kwargs), self.cuda_visible_devices))
 
-    def generate(self, inputs, sampling_params=None, use_tqdm=True):
+    def generate_async(self, inputs, sampling_params=None, lora_request=None, prompt_adapter_request=None,
+                       streaming=False, kv_cache_retention_config=None, disaggregated_params=None,
+                       _postproc_params=None, scheduling_params=None, cache_salt=None):
         if self.closed:
-            raise RuntimeError("LLM is shut down")
+            raise RuntimeError("LLM is shutting down")
+        if not isinstance(inputs, list) or not all(isinstance(t, int) for t in inputs):
+            raise TypeError("fake LLM.generate_async only takes one token-id prompt (list[int])")
         params = sampling_params or SamplingParams()
+        result = RequestOutput(self._next_id, inputs, params, bool(streaming))
+        self._next_id += 1
+        self.async_requests.append((list(inputs), bool(streaming)))
+        self._requests.put(result)
+        return result
+
+    def _execute(self):
+        """The fake executor: answers each request as fake_answer says, streamed or not."""
+        while (result := self._requests.get()) is not None:
+            ids, reason = fake_answer(result.prompt_token_ids, result.sampling_params)
+            if result._streaming:
+                for k, token in enumerate(ids):
+                    result._deliver(([token], k == len(ids) - 1, reason))
+                if not ids:
+                    result._deliver(([], True, reason))
+            else:
+                result._deliver((ids, True, reason))
+
+    def generate(self, inputs, sampling_params=None, use_tqdm=True):
+        """As BaseLLM.generate: generate_async(streaming=False) per prompt, then result() of each."""
         unbatched = not isinstance(inputs, list) or (inputs and isinstance(inputs[0], int))
         batch = [inputs] if unbatched else inputs
-        outs = []
-        for i, prompt in enumerate(batch):
-            if not isinstance(prompt, list) or not all(isinstance(t, int) for t in prompt):
-                raise TypeError("fake LLM.generate only takes token-id prompts (list[int])")
-            ids, reason = fake_answer(prompt, params)
-            outs.append(RequestOutput(request_id=self.calls * 100000 + i, prompt_token_ids=prompt,
-                                      outputs=[CompletionOutput(0, ids, reason)]))
+        futures = [self.generate_async(prompt, sampling_params=sampling_params, streaming=False) for prompt in batch]
+        for future in futures:
+            future.result()
         self.calls += 1
-        return outs[0] if unbatched else outs
+        return futures[0] if unbatched else futures
 
     def shutdown(self):
-        self.closed = True
+        if not self.closed:
+            self.closed = True
+            self._requests.put(None)
+            self._executor.join()
