@@ -48,6 +48,18 @@ from typing import Callable, Sequence
 
 import aiohttp
 
+try:                      # 5-10x faster for token-id lists; the stdlib is the fallback
+    import orjson
+
+    _loads, _dumps = orjson.loads, orjson.dumps
+except ImportError:       # pragma: no cover
+    _loads = json.loads
+
+    def _dumps(obj) -> bytes:
+        return json.dumps(obj).encode()
+
+_JSON_HEADERS = {"Content-Type": "application/json"}
+
 BALANCERS = ("isl", "round_robin", "least_pending")
 APIS = ("token_ids", "text")
 HEALTH_ROUTE = "/health"
@@ -100,6 +112,13 @@ class _Request:
 
 def choose_endpoint(stats: Sequence[EndpointStats], balance: str, counter: int) -> int:
     """The endpoint index for the next request (dead endpoints are skipped while any live one is left)."""
+    if balance == "isl" and not any(s.dead for s in stats):
+        best, key = 0, stats[0].dispatched_input_tokens
+        for i in range(1, len(stats)):
+            k = stats[i].dispatched_input_tokens
+            if k < key:
+                best, key = i, k
+        return best
     live = [i for i, s in enumerate(stats) if s.dead is None] or list(range(len(stats)))
     if balance == "isl":
         return min(live, key=lambda i: stats[i].dispatched_input_tokens)
@@ -160,8 +179,7 @@ class EndpointPool:
         async def make_session():
             connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=None)
             timeout = aiohttp.ClientTimeout(total=None, sock_read=self.request_timeout)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=timeout,
-                                                  json_serialize=json.dumps)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
 
         self._loop.run_until_complete(make_session())
         started.set()
@@ -236,7 +254,7 @@ class EndpointPool:
 
     def _body(self, batch: list[_Request]) -> dict:
         if self.api == "token_ids":
-            prompts = [list(r.prompt) for r in batch]
+            prompts = [r.prompt if type(r.prompt) is list else list(r.prompt) for r in batch]
             body = {"model": self.model, "prompt": prompts[0] if len(prompts) == 1 else prompts,
                     "max_tokens": batch[0].max_new_tokens, "stream": self.stream, "temperature": 0.0,
                     "detokenize": False}
@@ -259,7 +277,8 @@ class EndpointPool:
     async def _send(self, i: int, batch: list[_Request]):
         url = self.urls[i]
         try:
-            async with self._session.post(url + COMPLETIONS_ROUTE, json=self._body(batch)) as resp:
+            async with self._session.post(url + COMPLETIONS_ROUTE, data=_dumps(self._body(batch)),
+                                          headers=_JSON_HEADERS) as resp:
                 if resp.status != 200:
                     detail = (await resp.text())[:500]
                     raise EndpointError(url, f"HTTP {resp.status} from {COMPLETIONS_ROUTE}: {detail}",
@@ -267,7 +286,7 @@ class EndpointPool:
                 if self.stream:
                     outputs = await self._read_stream(url, resp, batch)
                 else:
-                    data = await resp.json(loads=json.loads, content_type=None)
+                    data = _loads(await resp.read())
                     outputs = self._outputs_of(url, data, len(batch))
         except Exception as exc:
             err = exc if isinstance(exc, EndpointError) else EndpointError(url, f"request failed: {exc!r}")
@@ -309,43 +328,20 @@ class EndpointPool:
         texts: list[list[str]] = [[] for _ in range(n)]
         finished = [False] * n
         done = False
-        async for raw in resp.content:
-            line = raw.strip()
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                done = True
+        buf = b""
+        async for data in resp.content.iter_any():     # whole reads, split here: far cheaper than readline
+            buf += data
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                if not line.startswith(b"data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    done = True
+                    break
+                self._stream_event(url, _loads(payload), batch, ids, texts, finished)
+            if done:
                 break
-            obj = json.loads(payload)
-            if "error" in obj or obj.get("object") == "error":
-                raise EndpointError(url, f"stream error: {str(obj)[:300]}")
-            for choice in obj.get("choices") or ():
-                idx = choice.get("index", 0)
-                if not 0 <= idx < n:
-                    raise EndpointError(url, f"stream choice index {idx} out of range for {n} prompt(s)")
-                chunk_ids = choice.get("token_ids")
-                if chunk_ids is not None:
-                    ids[idx].extend(chunk_ids)
-                    first = chunk_ids[0] if chunk_ids else None
-                else:
-                    text = choice.get("text") or ""
-                    if text:
-                        texts[idx].append(text)
-                    first = None
-                    if text and not batch[idx].first_sent:
-                        if self.tokenizer is None:
-                            raise EndpointError(url, "stream carries text without token_ids and the pool "
-                                                     "has no tokenizer")
-                        enc = self.tokenizer.encode(text)
-                        first = enc[0] if enc else None
-                req = batch[idx]
-                if first is not None and not req.first_sent:
-                    req.first_sent = True
-                    if req.on_first_token is not None:
-                        req.on_first_token(first)
-                if choice.get("finish_reason") is not None:
-                    finished[idx] = True
         if not done and not all(finished):
             raise EndpointError(url, "stream ended before every prompt finished (server died?)")
         out = []
@@ -355,6 +351,36 @@ class EndpointPool:
             else:
                 out.append(ids[idx])
         return out
+
+    def _stream_event(self, url, obj, batch, ids, texts, finished):
+        n = len(batch)
+        if "error" in obj or obj.get("object") == "error":
+            raise EndpointError(url, f"stream error: {str(obj)[:300]}")
+        for choice in obj.get("choices") or ():
+            idx = choice.get("index", 0)
+            if not 0 <= idx < n:
+                raise EndpointError(url, f"stream choice index {idx} out of range for {n} prompt(s)")
+            chunk_ids = choice.get("token_ids")
+            first = None
+            if chunk_ids is not None:
+                ids[idx].extend(chunk_ids)
+                first = chunk_ids[0] if chunk_ids else None
+            else:
+                text = choice.get("text") or ""
+                if text:
+                    texts[idx].append(text)
+                if text and not batch[idx].first_sent:
+                    if self.tokenizer is None:
+                        raise EndpointError(url, "stream carries text without token_ids and the pool has no tokenizer")
+                    enc = self.tokenizer.encode(text)
+                    first = enc[0] if enc else None
+            req = batch[idx]
+            if first is not None and not req.first_sent:
+                req.first_sent = True
+                if req.on_first_token is not None:
+                    req.on_first_token(first)
+            if choice.get("finish_reason") is not None:
+                finished[idx] = True
 
     def _finish_request(self, i):
         st = self._stats[i]
@@ -430,7 +456,9 @@ async def wait_ready(urls: Sequence[str], timeout: float, *, session: aiohttp.Cl
             if not pending:
                 break
             if time.monotonic() >= deadline:
-                detail = "; ".join(f"{u} ({last.get(u)})" for u in pending)
+                detail = "; ".join(f"{u} ({last.get(u)})" for u in pending[:3])
+                if len(pending) > 3:
+                    detail += f"; and {len(pending) - 3} more"
                 raise EndpointError(pending[0], f"not ready after {timeout:g} s: {len(pending)} endpoint(s) "
                                                 f"not ready: {detail}")
             await asyncio.sleep(min(poll_interval, max(0.0, deadline - time.monotonic())))

@@ -65,6 +65,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct free ports (all held open while choosing, so none repeats)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def ensure_port_free(host: str, port: int) -> None:
     """LaunchError naming host:port if something already listens there."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -180,13 +194,14 @@ def local_rackbench_specs(count: int, engine_dir, *, backend: str = "reference",
     """``count`` local rackbench.serve servers; ports free ones unless given (a taken one: LaunchError)."""
     if ports is not None and len(ports) != count:
         raise LaunchError(f"{count} servers but {len(ports)} ports given")
+    if ports is None:
+        ports = free_ports(count, host)
+    else:
+        for port in ports:
+            ensure_port_free(host, port)
     specs = []
     for i in range(count):
-        if ports is not None:
-            ensure_port_free(host, ports[i])
-            port = ports[i]
-        else:
-            port = free_port(host)
+        port = ports[i]
         gpus = list(range(i * gpus_per_server, (i + 1) * gpus_per_server))
         argv = rackbench_serve_command(engine_dir, host=host, port=port, backend=backend, settings=settings,
                                        gpu_ids=list(range(len(gpus))))

@@ -44,6 +44,17 @@ from typing import Callable, Sequence
 
 from aiohttp import web
 
+try:                      # 5-10x faster for token-id lists; the stdlib is the fallback
+    import orjson
+
+    _loads, _dumps = orjson.loads, orjson.dumps
+except ImportError:       # pragma: no cover
+    orjson = None
+    _loads = json.loads
+
+    def _dumps(obj) -> bytes:
+        return json.dumps(obj).encode()
+
 HEALTH_ROUTE = "/health"
 COMPLETIONS_ROUTE = "/v1/completions"
 MODELS_ROUTE = "/v1/models"
@@ -122,20 +133,28 @@ class BlockingEngineAdapter:
 
 
 class InstantEngine:
-    """A zero-cost engine for benchmarking the HTTP path (bench/rack_client.py): it
-    answers at once with ``min(max_new_tokens, output_len)`` tokens, each the prompt's
-    last id plus its position. Never used for results."""
+    """A zero-cost engine for benchmarking and testing the HTTP path (bench/rack_client.py,
+    tests): it answers with ``min(max_new_tokens, output_len)`` tokens, each the prompt's
+    last id plus its position; at once, or after ``delay_s`` from a timer thread (so a
+    test can kill a server while requests are open). Never used for results."""
 
-    def __init__(self, output_len: int = 1, max_in_flight: int = 1 << 20):
+    def __init__(self, output_len: int = 1, max_in_flight: int = 1 << 20, delay_s: float = 0.0):
         self.output_len = output_len
         self.max_in_flight = max_in_flight
+        self.delay_s = delay_s
 
-    def submit(self, prompt, max_new_tokens, *, on_done, on_error, on_first_token=None):
+    def _answer(self, prompt, max_new_tokens, on_done, on_first_token):
         last = prompt[-1] if prompt else 0
         tokens = [last + i + 1 for i in range(min(max_new_tokens, self.output_len))]
         if tokens and on_first_token is not None:
             on_first_token(tokens[0])
         on_done(tokens)
+
+    def submit(self, prompt, max_new_tokens, *, on_done, on_error, on_first_token=None):
+        if self.delay_s > 0:
+            threading.Timer(self.delay_s, self._answer, (prompt, max_new_tokens, on_done, on_first_token)).start()
+        else:
+            self._answer(prompt, max_new_tokens, on_done, on_first_token)
 
     def close(self):
         pass
@@ -148,7 +167,8 @@ def as_async_engine(engine):
 
 def load_engine(backend: str, engine_dir, *, settings: dict | None = None, gpu_ids=None):
     if backend == "instant":
-        return InstantEngine(output_len=int((settings or {}).get("output_len", 1)))
+        settings = settings or {}
+        return InstantEngine(output_len=int(settings.get("output_len", 1)), delay_s=float(settings.get("delay_s", 0)))
     from rackbench.engines import backend_module
 
     record_path = Path(engine_dir) / "engine.json"
@@ -164,6 +184,13 @@ class BadRequest(ValueError):
     pass
 
 
+def _token_ids(p) -> bool:
+    """Whether ``p`` looks like a non-empty list of token ids. Only the ends are checked:
+    a full scan costs more than everything else a zero-cost server does per sample, and
+    a non-int inside still fails, as an engine error (HTTP 500) instead of a 400."""
+    return type(p) is list and bool(p) and type(p[0]) is int and type(p[-1]) is int
+
+
 def _parse_request(body) -> tuple[list[list[int]], int, bool, bool]:
     """(prompts, max_tokens, stream, detokenize) from a completions body; BadRequest names the problem."""
     if not isinstance(body, dict):
@@ -172,10 +199,9 @@ def _parse_request(body) -> tuple[list[list[int]], int, bool, bool]:
     if unknown:
         raise BadRequest(f"unsupported request field(s) {unknown}; this server accepts {sorted(REQUEST_FIELDS)}")
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+    if type(prompt) is list and prompt and type(prompt[0]) is int and _token_ids(prompt):
         prompts = [prompt]
-    elif (isinstance(prompt, list) and prompt
-          and all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt)):
+    elif type(prompt) is list and prompt and all(_token_ids(p) for p in prompt):
         prompts = prompt
     else:
         raise BadRequest("prompt must be token ids: a non-empty list of ints or a list of such lists "
@@ -230,18 +256,26 @@ class CompletionServer:
     def _submit(self, loop, prompt, max_tokens, on_first=None):
         """Submit to the engine; an asyncio future of the tokens (callbacks come from the engine's thread)."""
         fut = loop.create_future()
+        loop_thread = threading.get_ident()
 
         def settle(ok, value):
             if not fut.done():
                 (fut.set_result if ok else fut.set_exception)(value)
 
+        def on_loop(fn, *args):
+            # Engines that answer on this thread (InstantEngine) need no cross-thread wake-up.
+            if threading.get_ident() == loop_thread:
+                fn(*args)
+            else:
+                loop.call_soon_threadsafe(fn, *args)
+
         first = None
         if on_first is not None:
             def first(token_id):
-                loop.call_soon_threadsafe(on_first, token_id)
+                on_loop(on_first, token_id)
         self.engine.submit(prompt, max_tokens,
-                           on_done=lambda toks: loop.call_soon_threadsafe(settle, True, list(toks)),
-                           on_error=lambda exc: loop.call_soon_threadsafe(settle, False, exc),
+                           on_done=lambda toks: on_loop(settle, True, list(toks)),
+                           on_error=lambda exc: on_loop(settle, False, exc),
                            on_first_token=first)
         return fut
 
@@ -249,7 +283,7 @@ class CompletionServer:
         if self.engine is None:
             return web.json_response(_error("engine is not loaded yet", 503), status=503)
         try:
-            body = await request.json(loads=json.loads)
+            body = _loads(await request.read())
         except ValueError as exc:
             return web.json_response(_error(f"request body is not JSON: {exc}", 400), status=400)
         try:
@@ -266,7 +300,7 @@ class CompletionServer:
             except Exception as exc:
                 return web.json_response(_error(f"engine error: {exc!r}", 500), status=500)
             completion = sum(map(len, outs))
-            return web.json_response({
+            return _json_response({
                 "id": rid, "object": "text_completion", "created": created, "model": self.model_name,
                 "choices": [self._choice(i, t, max_tokens, detokenize) for i, t in enumerate(outs)],
                 "usage": {"prompt_tokens": usage_prompt, "completion_tokens": completion,
@@ -283,39 +317,45 @@ class CompletionServer:
             pending.append(fut)
 
         def chunk(choice):
-            return ("data: " + json.dumps({"id": rid, "object": "text_completion", "created": created,
-                                           "model": self.model_name, "choices": [choice]}) + "\n\n").encode()
+            return b"data: " + _dumps({"id": rid, "object": "text_completion", "created": created,
+                                       "model": self.model_name, "choices": [choice]}) + b"\n\n"
 
         remaining = len(prompts)
         completion = 0
         while remaining:
-            kind, i, value = await events.get()
-            if kind == "first":
-                if not sent_first[i]:
-                    sent_first[i] = True
-                    await resp.write(chunk(self._choice(i, [value], max_tokens, detokenize, finished=False)))
-                continue
-            remaining -= 1
-            if value.exception() is not None:
-                await resp.write(("data: " + json.dumps(_error(f"engine error: {value.exception()!r}", 500))
-                                  + "\n\n").encode())
-                await resp.write(b"data: [DONE]\n\n")
-                return resp
-            tokens = value.result()
-            completion += len(tokens)
-            rest = tokens[1:] if sent_first[i] else tokens
-            choice = self._choice(i, rest, max_tokens, detokenize)
-            choice["finish_reason"] = "length" if len(tokens) >= max_tokens else "stop"
-            await resp.write(chunk(choice))
+            batch = [await events.get()]
+            while not events.empty():            # everything ready now goes out in one write
+                batch.append(events.get_nowait())
+            out = []
+            for kind, i, value in batch:
+                if kind == "first":
+                    if not sent_first[i]:
+                        sent_first[i] = True
+                        out.append(chunk(self._choice(i, [value], max_tokens, detokenize, finished=False)))
+                    continue
+                remaining -= 1
+                if value.exception() is not None:
+                    out.append(b"data: " + _dumps(_error(f"engine error: {value.exception()!r}", 500)) + b"\n\n")
+                    out.append(b"data: [DONE]\n\n")
+                    await resp.write(b"".join(out))
+                    return resp
+                tokens = value.result()
+                completion += len(tokens)
+                choice = self._choice(i, tokens[1:] if sent_first[i] else tokens, max_tokens, detokenize)
+                choice["finish_reason"] = "length" if len(tokens) >= max_tokens else "stop"
+                out.append(chunk(choice))
+            await resp.write(b"".join(out))
         if (body.get("stream_options") or {}).get("include_usage"):
-            await resp.write(("data: " + json.dumps({"id": rid, "object": "text_completion", "created": created,
-                                                     "model": self.model_name, "choices": [],
-                                                     "usage": {"prompt_tokens": usage_prompt,
-                                                               "completion_tokens": completion,
-                                                               "total_tokens": usage_prompt + completion}})
-                              + "\n\n").encode())
+            await resp.write(b"data: " + _dumps({"id": rid, "object": "text_completion", "created": created,
+                                                 "model": self.model_name, "choices": [],
+                                                 "usage": {"prompt_tokens": usage_prompt, "completion_tokens": completion,
+                                                           "total_tokens": usage_prompt + completion}}) + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         return resp
+
+
+def _json_response(obj, status=200):
+    return web.Response(body=_dumps(obj), status=status, content_type="application/json")
 
 
 def _error(message: str, code: int) -> dict:
