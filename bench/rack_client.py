@@ -11,8 +11,8 @@ Targets (issue 10): >= 20,000 samples/s Offline, >= 8,000 samples/s Server with
 first-token events. Figures are LoadGen's own (mlperf_log_summary.txt), so they count
 only completed samples over LoadGen's timed span.
 
-    python bench/rack_client.py [--endpoints 72] [--offline-samples 200000] [--offline-batch 64]
-                                [--server-qps 8000] [--server-seconds 20] [--server-batch 8] [--profile]
+    python bench/rack_client.py [--endpoints 72] [--offline-samples 200000] [--offline-batch 256]
+                                [--server-qps 8000] [--server-seconds 20] [--server-batch 32] [--profile]
 
 ``--offline-batch`` / ``--server-batch``: samples waiting for one endpoint go out as
 one completions request with a list of prompts (the OpenAI API allows it; trtllm-serve's
@@ -189,11 +189,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--endpoints", type=int, default=72)
     p.add_argument("--offline-samples", type=int, default=200_000)
-    p.add_argument("--offline-batch", type=int, default=64)
-    p.add_argument("--offline-concurrency", type=int, default=2, help="open requests per endpoint, Offline")
+    p.add_argument("--offline-batch", type=int, default=256)
+    p.add_argument("--offline-concurrency", type=int, default=1, help="open requests per endpoint, Offline")
     p.add_argument("--server-qps", type=float, default=8_000)
     p.add_argument("--server-seconds", type=float, default=20)
-    p.add_argument("--server-batch", type=int, default=8)
+    p.add_argument("--server-batch", type=int, default=32)
     p.add_argument("--server-concurrency", type=int, default=64, help="open requests per endpoint, Server")
     p.add_argument("--output-len", type=int, default=2, help="tokens each stub answers (>= 2: first + rest)")
     p.add_argument("--num-prompts", type=int, default=24_576)
