@@ -450,7 +450,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if server.engine is not None:
             server.engine.close()
 
-    asyncio.run(run())
+    from rackbench.endpoints import new_event_loop
+
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(run())
+    finally:
+        loop.close()
     return 1 if server.load_error else 0
 
 
