@@ -53,14 +53,40 @@ def prompts(demo_model):
 
 @pytest.fixture(scope="module")
 def direct(demo_model, prompts):
-    """The engine's own tokens, in this process (16 new tokens per prompt)."""
-    from rackbench.serve import load_engine
+    """The engine's own tokens, in this process, without the server's adapter (16 new tokens per prompt)."""
+    from rackbench.engines import reference
 
-    engine = load_engine("reference", demo_model, settings=SETTINGS)
+    engine = reference.load(demo_model, record={}, gpu_ids=[], settings=SETTINGS)
     try:
-        return generate(engine, prompts, 16)
+        return engine.generate(prompts, 16) if hasattr(engine, "generate") else generate(engine, prompts, 16)
     finally:
         engine.close()
+
+
+def test_blocking_engine_adapter_gives_the_engine_tokens(demo_model, prompts, direct):
+    from rackbench.engines import reference
+    from rackbench.serve import BlockingEngineAdapter
+
+    engine = reference.load(demo_model, record={}, gpu_ids=[], settings=SETTINGS)
+    if not hasattr(engine, "generate"):
+        pytest.skip("the reference engine has no blocking generate() any more; the adapter is not used")
+    adapter = BlockingEngineAdapter(engine)
+    try:
+        firsts = {}
+        got = [None] * len(prompts)
+        import threading
+
+        left = threading.Semaphore(0)
+        for i, p in enumerate(prompts):
+            adapter.submit(p, 16, on_done=lambda t, i=i: (got.__setitem__(i, t), left.release()),
+                           on_error=lambda e: (got.append(e), left.release()),
+                           on_first_token=lambda tok, i=i: firsts.__setitem__(i, tok))
+        for _ in prompts:
+            assert left.acquire(timeout=120)
+    finally:
+        adapter.close()
+    assert got == direct
+    assert firsts == {i: t[0] for i, t in enumerate(direct) if t}
 
 
 @pytest.fixture(scope="module")
