@@ -123,10 +123,11 @@ def test_unreachable_endpoint_fails_fast_naming_it():
     assert stats["dead"] and stats["errors"] == 4
 
 
-def test_server_killed_mid_run_gives_errors_naming_it_and_no_hang(tmp_path):
+@pytest.mark.parametrize("stream", [False, True], ids=["offline", "streamed"])
+def test_server_killed_mid_run_gives_errors_naming_it_and_no_hang(tmp_path, stream):
     prompts = [[i + 1] * 4 for i in range(24)]
     group = _instant_group(2, tmp_path, delay_s=3.0)             # requests stay open for 3 s
-    with group, EndpointPool(group.urls, balance="round_robin") as pool:
+    with group, EndpointPool(group.urls, balance="round_robin", stream=stream) as pool:
         pool.wait_ready(60)
         victim = group.specs[1]
         results: dict = {}

@@ -99,7 +99,7 @@ def test_template_command_for_other_servers():
 
 # --------------------------------------------------------------------------- ports
 
-def test_a_port_in_use_is_a_clear_error():
+def test_a_port_in_use_is_a_clear_error(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
@@ -109,10 +109,10 @@ def test_a_port_in_use_is_a_clear_error():
         # the server itself, started on the taken port anyway, exits at once naming it
         spec = launch.ServerSpec("server0", [sys.executable, "-m", "rackbench.serve", "--backend", "instant",
                                              "--port", str(port)], "127.0.0.1", port, env=_env())
-        group = launch.ServerGroup([spec], log_dir=None)
-        group.logs = {}
-        with group, pytest.raises(EndpointError, match="exited with code"):
+        group = launch.ServerGroup([spec], log_dir=tmp_path)
+        with group, pytest.raises(EndpointError, match="exited with code") as err:
             group.wait_ready(60)
+        assert f"cannot bind 127.0.0.1:{port}" in str(err.value)        # the server's own message, from its log
     ports = launch.free_ports(16)
     assert len(set(ports)) == 16
 
