@@ -19,7 +19,8 @@ import pytest
 from aiohttp import web
 
 from rackbench import launch
-from rackbench.endpoints import EndpointError, EndpointPool, EndpointStats, choose_endpoint, wait_ready
+from rackbench.endpoints import (EndpointError, EndpointPool, EndpointStats, choose_endpoint, stream_for,
+                                 urls_from_env, wait_ready)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,6 +78,12 @@ def test_balancers_pick_as_documented():
         choose_endpoint(_stats(0), "random", 0)
     with pytest.raises(ValueError, match="tokenizer"):
         EndpointPool(["http://x"], api="text")
+    assert [stream_for(s) for s in ("Offline", "Server", "Interactive")] == [False, True, True]
+    with pytest.raises(ValueError, match="unknown scenario"):
+        stream_for("SingleStream")
+    assert urls_from_env({launch.ENDPOINTS_ENV: "http://a:1,http://b:2"}) == ["http://a:1", "http://b:2"]
+    with pytest.raises(ValueError, match="RACKBENCH_ENDPOINTS"):
+        urls_from_env({})
 
 
 def test_isl_balancing_and_counters_over_http(tmp_path):

@@ -61,6 +61,9 @@ except ImportError:       # pragma: no cover
 _JSON_HEADERS = {"Content-Type": "application/json"}
 
 BALANCERS = ("isl", "round_robin", "least_pending")
+# Which LoadGen scenarios stream (issue 10: Offline is not streamed; Server and Interactive
+# are, and their first chunk is LoadGen's FirstTokenComplete).
+STREAMED_SCENARIOS = {"Offline": False, "Server": True, "Interactive": True}
 APIS = ("token_ids", "text")
 HEALTH_ROUTE = "/health"
 COMPLETIONS_ROUTE = "/v1/completions"
@@ -73,6 +76,26 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def stream_for(scenario: str) -> bool:
+    try:
+        return STREAMED_SCENARIOS[scenario]
+    except KeyError:
+        raise ValueError(f"unknown scenario {scenario!r}; known: {sorted(STREAMED_SCENARIOS)}") from None
+
+
+def urls_from_env(env=None) -> list[str]:
+    """The endpoint URLs ``python -m rackbench.launch`` hands its command (``$RACKBENCH_ENDPOINTS``)."""
+    import os
+
+    from rackbench.launch import ENDPOINTS_ENV
+
+    value = (env if env is not None else os.environ).get(ENDPOINTS_ENV, "")
+    urls = [u for u in value.split(",") if u]
+    if not urls:
+        raise ValueError(f"${ENDPOINTS_ENV} is empty: run under `python -m rackbench.launch ... -- CMD`")
+    return urls
 
 
 class EndpointError(RuntimeError):
