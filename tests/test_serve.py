@@ -7,7 +7,6 @@ here; the tokens that come back must equal the engine's own, generated in-proces
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
