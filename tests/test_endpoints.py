@@ -99,6 +99,7 @@ def test_isl_balancing_and_counters_over_http(tmp_path):
     assert max(loads) - min(loads) <= max(map(len, prompts))     # isl: no endpoint ahead by more than one prompt
     assert [s["dispatched_input_tokens"] for s in stats] == loads
     assert sum(s["samples"] for s in stats) == len(prompts)
+    assert all(s["pending"] == 0 and s["open_requests"] == 0 for s in stats)
     assert sum(s["output_tokens"] for s in stats) == 3 * len(prompts)
     import json
 

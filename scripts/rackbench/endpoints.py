@@ -330,9 +330,10 @@ class EndpointPool:
             return
         self._finish_request(i)
         st = self._stats[i]
+        with self._lock:                     # pending is also counted up by submit() on the caller's thread
+            st.pending -= len(batch)
         for r, tokens in zip(batch, outputs):
             st.samples += 1
-            st.pending -= 1
             st.input_tokens += len(r.prompt)
             st.output_tokens += len(tokens)
             if tokens and r.on_first_token is not None and not r.first_sent:
@@ -424,7 +425,8 @@ class EndpointPool:
     def _fail(self, i, req: _Request, err: BaseException):
         st = self._stats[i]
         st.errors += 1
-        st.pending -= 1
+        with self._lock:
+            st.pending -= 1
         req.on_error(err)
 
     def _mark_dead(self, i, why: str):
