@@ -1,0 +1,227 @@
+"""EndpointPool over real HTTP: balancing, counters, and faults (dead, killed, never ready).
+
+The servers are rackbench.serve processes with the zero-cost ``instant`` engine (no model,
+so they start in about a second), and for the never-ready case a small aiohttp app whose
+/health answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from rackbench import launch
+from rackbench.endpoints import (EndpointError, EndpointPool, EndpointStats, choose_endpoint, stream_for,
+                                 urls_from_env, wait_ready)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _instant_group(n, tmp_path, **settings):
+    import json
+
+    ports = launch.free_ports(n)
+    specs = [launch.ServerSpec(f"server{i}", [sys.executable, "-m", "rackbench.serve", "--backend", "instant",
+                                             "--host", "127.0.0.1", "--port", str(port),
+                                             "--settings", json.dumps({"output_len": 3, **settings})],
+                               "127.0.0.1", port,
+                               env={"PYTHONPATH": str(ROOT / "scripts") + os.pathsep + os.environ.get("PYTHONPATH", "")})
+             for i, port in enumerate(ports)]
+    return launch.ServerGroup(specs, log_dir=tmp_path, term_grace_s=5)
+
+
+def _run_all(pool, prompts, n=3, timeout=60, stream_first=False):
+    """Submit every prompt; wait for every callback; (results-or-errors, first tokens)."""
+    out: dict = {}
+    firsts: dict = {}
+    lock = threading.Lock()
+    all_done = threading.Event()
+
+    def cb(i):
+        def settle(value):
+            with lock:
+                out[i] = value
+                if len(out) == len(prompts):
+                    all_done.set()
+        return settle
+
+    for i, p in enumerate(prompts):
+        pool.submit(p, n, on_done=cb(i), on_error=cb(i),
+                    on_first_token=(lambda t, i=i: firsts.__setitem__(i, t)) if stream_first else None)
+    assert all_done.wait(timeout), f"only {len(out)} of {len(prompts)} requests finished within {timeout} s (hang)"
+    return [out[i] for i in range(len(prompts))], firsts
+
+
+def _stats(*dispatched, pending=None, dead=None):
+    rows = [EndpointStats(f"http://e{i}", dispatched_input_tokens=d) for i, d in enumerate(dispatched)]
+    for i, p in enumerate(pending or []):
+        rows[i].pending = p
+    for i in dead or []:
+        rows[i].dead = "killed"
+    return rows
+
+
+def test_balancers_pick_as_documented():
+    assert choose_endpoint(_stats(300, 100, 200), "isl", 0) == 1
+    assert choose_endpoint(_stats(300, 100, 200, dead=[1]), "isl", 0) == 2          # dead ones skipped
+    assert choose_endpoint(_stats(0, 0, 0, pending=[5, 2, 9]), "least_pending", 0) == 1
+    assert [choose_endpoint(_stats(0, 0, 0), "round_robin", k) for k in range(4)] == [0, 1, 2, 0]
+    with pytest.raises(ValueError, match="unknown balance"):
+        choose_endpoint(_stats(0), "random", 0)
+    with pytest.raises(ValueError, match="tokenizer"):
+        EndpointPool(["http://x"], api="text")
+    assert [stream_for(s) for s in ("Offline", "Server", "Interactive")] == [False, True, True]
+    with pytest.raises(ValueError, match="unknown scenario"):
+        stream_for("SingleStream")
+    assert urls_from_env({launch.ENDPOINTS_ENV: "http://a:1,http://b:2"}) == ["http://a:1", "http://b:2"]
+    with pytest.raises(ValueError, match="RACKBENCH_ENDPOINTS"):
+        urls_from_env({})
+
+
+def test_isl_balancing_and_counters_over_http(tmp_path):
+    prompts = [[7] * n for n in [500, 20, 30, 400, 15, 60, 250, 90, 10, 300, 45, 120]]
+    with _instant_group(3, tmp_path) as group, EndpointPool(group.urls, balance="isl") as pool:
+        pool.wait_ready(60)
+        results, _ = _run_all(pool, prompts)
+        stats = pool.stats()
+        pool.write_stats(tmp_path / "endpoints.json")
+    assert results == [[8, 9, 10]] * len(prompts)                # the instant engine: last id + 1, + 2, + 3
+    loads = [s["input_tokens"] for s in stats]
+    assert sum(loads) == sum(map(len, prompts))
+    assert max(loads) - min(loads) <= max(map(len, prompts))     # isl: no endpoint ahead by more than one prompt
+    assert [s["dispatched_input_tokens"] for s in stats] == loads
+    assert sum(s["samples"] for s in stats) == len(prompts)
+    assert all(s["pending"] == 0 and s["open_requests"] == 0 for s in stats)
+    assert sum(s["output_tokens"] for s in stats) == 3 * len(prompts)
+    import json
+
+    written = json.loads((tmp_path / "endpoints.json").read_text())
+    assert written["balance"] == "isl" and [e["url"] for e in written["endpoints"]] == group.urls
+
+
+def test_streamed_first_tokens_and_batches(tmp_path):
+    prompts = [[i + 1] * 5 for i in range(40)]
+    with _instant_group(2, tmp_path) as group, EndpointPool(group.urls, stream=True, batch_size=8,
+                                                           concurrency=1) as pool:
+        pool.wait_ready(60)
+        results, firsts = _run_all(pool, prompts, stream_first=True)
+        stats = pool.stats()
+    assert results == [[p[-1] + 1, p[-1] + 2, p[-1] + 3] for p in prompts]
+    assert firsts == {i: p[-1] + 1 for i, p in enumerate(prompts)}
+    assert sum(s["requests"] for s in stats) < len(prompts)
+
+
+def test_unreachable_endpoint_fails_fast_naming_it():
+    port = launch.free_port()                                    # nothing listens there
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.monotonic()
+    with EndpointPool([url]) as pool:
+        results, _ = _run_all(pool, [[1, 2, 3]] * 4, timeout=20)
+        stats = pool.stats()[0]
+    assert time.monotonic() - t0 < 20
+    assert all(isinstance(r, EndpointError) and url in str(r) for r in results)
+    assert stats["dead"] and stats["errors"] == 4
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["offline", "streamed"])
+def test_server_killed_mid_run_gives_errors_naming_it_and_no_hang(tmp_path, stream):
+    prompts = [[i + 1] * 4 for i in range(24)]
+    group = _instant_group(2, tmp_path, delay_s=3.0)             # requests stay open for 3 s
+    with group, EndpointPool(group.urls, balance="round_robin", stream=stream) as pool:
+        pool.wait_ready(60)
+        victim = group.specs[1]
+        results: dict = {}
+        done = threading.Event()
+
+        def cb(i):
+            def settle(v):
+                results[i] = v
+                if len(results) == len(prompts):
+                    done.set()
+            return settle
+
+        for i, p in enumerate(prompts):
+            pool.submit(p, 3, on_done=cb(i), on_error=cb(i))
+        time.sleep(1.0)
+        os.killpg(group.procs[victim.name].pid, signal.SIGKILL)
+        assert done.wait(30), "requests to the killed server hung"
+        assert group.exited(victim.url) is not None
+        assert victim.url in "; ".join(group.dead())
+    errors = [results[i] for i in range(1, len(prompts), 2)]
+    oks = [results[i] for i in range(0, len(prompts), 2)]
+    assert all(isinstance(e, EndpointError) and victim.url in str(e) for e in errors)
+    assert all(r == [p[-1] + 1, p[-1] + 2, p[-1] + 3] for r, p in zip(oks, prompts[0::2]))
+    pids = [p.pid for p in group.procs.values()]
+    assert all(_gone(pid) for pid in pids), "a server outlived the teardown"
+
+
+def _gone(pid):
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+class _NeverReady:
+    """An aiohttp server on a thread whose /health always answers 503."""
+
+    def __init__(self):
+        self.port = launch.free_port()
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(started,), daemon=True)
+        self.thread.start()
+        started.wait()
+
+    def _run(self, started):
+        asyncio.set_event_loop(self.loop)
+        app = web.Application()
+        async def health(request):
+            return web.Response(status=503)
+
+        app.router.add_get("/health", health)
+        self.runner = web.AppRunner(app)
+        self.loop.run_until_complete(self.runner.setup())
+        self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", self.port).start())
+        started.set()
+        self.loop.run_forever()
+
+    def stop(self):
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_never_ready_endpoint_times_out_with_a_clear_error():
+    srv = _NeverReady()
+    url = f"http://127.0.0.1:{srv.port}"
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(EndpointError) as err:
+            asyncio.run(wait_ready([url], 2.0, poll_interval=0.2))
+        elapsed = time.monotonic() - t0
+    finally:
+        srv.stop()
+    assert 2.0 <= elapsed < 6.0
+    assert url in str(err.value) and "not ready after 2 s" in str(err.value) and "HTTP 503" in str(err.value)
+
+
+def test_a_server_process_that_exits_fails_readiness_at_once(tmp_path):
+    spec = launch.ServerSpec("server0", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"],
+                             "127.0.0.1", launch.free_port())
+    group = launch.ServerGroup([spec], log_dir=tmp_path)
+    t0 = time.monotonic()
+    with group, pytest.raises(EndpointError) as err:
+        group.wait_ready(60)
+    assert time.monotonic() - t0 < 30
+    assert spec.url in str(err.value) and "exited with code 3" in str(err.value) and "boom" in str(err.value)
