@@ -44,7 +44,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pyarrow.compute as pc
 
-from rackbench import figures, ingest, provenance
+from rackbench import figures, ingest, provenance, records
 from rackbench.atomic import atomic_path, write_text_atomic
 
 STATUS_VALID = "VALID"
@@ -393,7 +393,7 @@ def _efficiency(cfg: dict, rows: list[dict], gpu: dict, models: dict, shard_dir:
 
 
 def published_records(gpu_types: dict) -> dict:
-    recs = {k: dict(v) for k, v in figures.PUBLISHED_RECORDS.items()}
+    recs = records.by_gpu_type()     # rackbench.records: sources and verification status
     for name, spec in sorted((gpu_types or {}).items()):
         pub = (spec or {}).get("published")
         if pub and pub.get("tokens_per_s_per_gpu"):
@@ -495,7 +495,7 @@ def _public(cfg: dict) -> dict:
     return out
 
 
-def render_markdown(configs, shards, prov, figure_inputs, min_overlap) -> str:
+def render_markdown(configs, shards, prov, figure_inputs, min_overlap, extra_sections=()) -> str:
     md = ["# rackbench report", "",
           "Throughput counts **output tokens**, as MLPerf does. Each throughput figure names its method:", "",
           "- **(a) sum**: the sum of the shards' own LoadGen tokens/s (how a rack figure made of separate "
@@ -565,7 +565,7 @@ def render_markdown(configs, shards, prov, figure_inputs, min_overlap) -> str:
                         rrows))
     md += ["", "Efficiency = (input + output tokens)/s per GPU x 2 x parameters / peak dense FLOP/s for the "
            "recipe's precision (GPU-type table). Published records are Llama-2-70B; compare only like models.",
-           "", "## Provenance", ""]
+           "", records.markdown_section(), *extra_sections, "## Provenance", ""]
     md.append(_md_table(list(provenance.SUMMARY_COLUMNS),
                         [[_fmt(r[c]) if r[c] is not None else "-" for c in provenance.SUMMARY_COLUMNS]
                          for r in prov]) if prov else "No provenance.json found near the inputs.")
@@ -576,7 +576,8 @@ def render_markdown(configs, shards, prov, figure_inputs, min_overlap) -> str:
 
 
 def build_report(shard_dirs, accuracy_files, gpu_types: dict, models: dict, out_dir,
-                 *, min_overlap: float = 0.9, table_sources=("gpu-types table", "models table")) -> dict:
+                 *, min_overlap: float = 0.9, table_sources=("gpu-types table", "models table"),
+                 test06_dirs=(), checker_verdicts=()) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = [read_shard(d) for d in sorted(set(map(str, shard_dirs)))]
@@ -605,7 +606,9 @@ def build_report(shard_dirs, accuracy_files, gpu_types: dict, models: dict, out_
     _write_csv(out_dir / "throughput.csv", [_public(c) for c in configs], THROUGHPUT_COLUMNS)
     _write_csv(out_dir / "shards.csv", shards, SHARD_COLUMNS)
     _write_csv(out_dir / "provenance.csv", prov, list(provenance.SUMMARY_COLUMNS))
-    write_text_atomic(out_dir / "report.md", render_markdown(configs, shards, prov, fig_inputs, min_overlap))
+    from rackbench.submission import report_sections   # TEST06 and the checker's verdicts, rendered there
+    extra = report_sections(test06_dirs, checker_verdicts) if test06_dirs or checker_verdicts else ()
+    write_text_atomic(out_dir / "report.md", render_markdown(configs, shards, prov, fig_inputs, min_overlap, extra))
     return {"configs": configs, "shards": shards, "provenance": prov}
 
 
@@ -629,12 +632,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output dir (results/report)")
     parser.add_argument("--min-overlap", type=float, default=0.9,
                         help="fraction of a shard's run time all others must share (default 0.9)")
+    parser.add_argument("--test06", nargs="*", default=[], help="TEST06/ folders (python -m rackbench.compliance)")
+    parser.add_argument("--checker-verdicts", nargs="*", default=[],
+                        help="verdict JSON files (python -m rackbench.submission check)")
     args = parser.parse_args(argv)
     sources = tuple(v if _is_json_file(v) else f"{flag} (inline)"
                     for v, flag in ((args.gpu_types_json, "--gpu-types-json"), (args.models_json, "--models-json")))
     result = build_report(args.shard_dirs, args.accuracy, _load_json_arg(args.gpu_types_json),
                           _load_json_arg(args.models_json), args.out, min_overlap=args.min_overlap,
-                          table_sources=sources)
+                          table_sources=sources, test06_dirs=args.test06, checker_verdicts=args.checker_verdicts)
     for c in result["configs"]:
         print(f"{c['config']}: {c['status']}  (a) {_fmt(c['a_sum_tokens_per_s'])}  "
               f"(b) {_fmt(c['b_concurrent_tokens_per_s'])} tokens/s  concurrent={c['concurrent']}")

@@ -364,6 +364,22 @@ def markdown_section(verdicts: dict[str, dict], no_tree: dict[str, str] | None =
     return "\n".join(lines) + "\n"
 
 
+def report_sections(test06_dirs=(), verdict_files=(), departures: dict | None = DEMO_DEPARTURES) -> list[str]:
+    """Markdown for the report: TEST06 results (``TEST06/`` folders, labelled by their parent path)
+    and the checker's verdicts (``check --out-json`` files, labelled by their parent folder)."""
+    from rackbench import compliance
+    sections = []
+    if test06_dirs:
+        sections.append(compliance.markdown_section({str(Path(d).parent): compliance.read_result(d)
+                                                     for d in test06_dirs}))
+    if verdict_files:
+        verdicts = {str(Path(f).parent): json.loads(Path(f).read_text()) for f in verdict_files}
+        no_tree = {name: v["no_tree_reason"] for name, v in verdicts.items() if v.get("no_tree_reason")}
+        sections.append(markdown_section({k: v for k, v in verdicts.items() if k not in no_tree}, no_tree,
+                                         departures))
+    return sections
+
+
 # --------------------------------------------------------------------------- CLI
 
 def _json_arg(value: str):
