@@ -16,15 +16,12 @@ rule accuracy:
         ),
         txt="results/accuracy/{model}/{recipe}/{backend}/{gpu}/bs{bs}/{layout}/accuracy.txt",
     params:
-        reference=lambda wc: as_json(MODELS[wc.model]["accuracy"]["reference"]),
-        fraction=lambda wc: MODELS[wc.model]["accuracy"]["target_fraction"],
-        tolerance=lambda wc: MODELS[wc.model]["accuracy"].get("tokens_per_sample_tolerance", 0.1),
+        accuracy=lambda wc: as_json(MODELS[wc.model]["accuracy"]),
     log:
         "results/logs/accuracy/{model}-{recipe}-{backend}-{gpu}-bs{bs}-{layout}.log",
     conda:
         RUN_ENV
     shell:
         "python -m rackbench.accuracy --dataset {input.dataset} --tokenizer {input.tokenizer}"
-        " --shard-dirs {input.shards} --reference-json {params.reference}"
-        " --target-fraction {params.fraction} --tokens-tolerance {params.tolerance}"
+        " --shard-dirs {input.shards} --accuracy-json {params.accuracy}"
         " --out-json {output.json} --out-txt {output.txt} > {log} 2>&1"
