@@ -7,7 +7,6 @@ only where that folder is absent.
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import re
@@ -18,7 +17,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from rackbench import accuracy, benchmarks, compliance, submission
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,7 +214,7 @@ def test_demo_test06_passes(demo_single):
 
 @pytest.mark.slow
 def test_demo_tree_is_refused_for_exactly_its_departures(demo_single, tmp_path):
-    out, work = demo_single["out"], demo_single["work"]
+    out = demo_single["out"]
     assert demo_single["test06"].returncode == 0
     tree = tmp_path / "tree"
     assert submission.main([

@@ -75,7 +75,7 @@ def checkout(path) -> Path:
 def checkout_revision(root) -> str | None:
     """The checkout's git commit where it is a git clone (None for an unpacked copy)."""
     try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
                              timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None

@@ -496,7 +496,7 @@ def format_rack(rack: dict) -> str:
                      " (per GPU: give --gpus-per-run)"),
                   f"- spread ({sp['unit']}): mean {sp['mean']:,.0f}, min {sp['min']:,.0f}, max {sp['max']:,.0f}, "
                   f"CV {sp['cv']:.3f}; slowest node: {fig['slowest_node']}",
-                  f"- (b) concurrent: " + (f"{conc:,.0f} tokens/s over {fig['window_s']:,.0f} s" if conc else "not given")
+                  "- (b) concurrent: " + (f"{conc:,.0f} tokens/s over {fig['window_s']:,.0f} s" if conc else "not given")
                   + f"; overlap {fig['overlap']}",
                   "", "| what the runs claim | what MLPerf would accept |", "|---|---|",
                   f"| {fig['claim']} | {fig['mlperf_accepts']} |", ""]
