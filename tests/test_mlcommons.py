@@ -313,3 +313,17 @@ def test_reference_scorer_agrees(demo_single, tmp_path, rotate):
         assert ours["rouge1"] < 90     # the synthetic language shares many words; 100 only for a copy
     else:
         assert ours["gen_num"] == 48
+
+
+def test_report_sections_from_files(nvidia_tree, tmp_path):
+    """What report.py calls: TEST06 folders and `check --out-json` verdict files -> markdown sections."""
+    verdict = tmp_path / "x72" / "verdict.json"
+    assert submission.main(["check", "--tree", str(nvidia_tree), "--inference-dir", str(INFERENCE), "--version",
+                            "v6.0", "--submitter", "NVIDIA", "--out-json", str(verdict)]) == 0
+    test06 = NVIDIA_RESULTS / "Server" / "TEST06"
+    md = "\n".join(submission.report_sections([test06], [verdict]))
+    assert "## MLPerf compliance: TEST06" in md and "| pass | pass | pass | PASS |" in md
+    assert "## MLPerf submission checker" in md and "**PASS**" in md and "1126850.0" in md
+    # the CLI's verify subcommand on the same published logs
+    assert compliance.main(["verify", "--inference-dir", str(INFERENCE), "--scenario", "Server",
+                            "--compliance-dir", str(test06 / "accuracy"), "--out", str(tmp_path / "v")]) == 0
