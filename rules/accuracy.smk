@@ -20,12 +20,9 @@ rule accuracy:
     conda:
         RUN_ENV
     params:
-        reference=lambda wc: as_json(MODELS[wc.model]["accuracy"]["reference"]),
-        fraction=lambda wc: MODELS[wc.model]["accuracy"]["target_fraction"],
-        tolerance=lambda wc: MODELS[wc.model]["accuracy"]["tokens_per_sample_tolerance"],
+        accuracy=lambda wc: as_json(MODELS[wc.model]["accuracy"]),
         settings=write_settings(lambda wc: plan.accuracy_settings(config, fields_of(wc))),
     shell:
         "{params.settings} > {log} 2>&1 && python -m rackbench.accuracy --dataset {input.dataset}"
-        " --tokenizer {input.tokenizer} --shard-dirs {input.shards} --reference-json {params.reference}"
-        " --target-fraction {params.fraction} --tokens-tolerance {params.tolerance}"
+        " --tokenizer {input.tokenizer} --shard-dirs {input.shards} --accuracy-json {params.accuracy}"
         " --out-json {output.json} --out-txt {output.txt} >> {log} 2>&1"

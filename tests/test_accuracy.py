@@ -178,6 +178,27 @@ def test_accuracy_txt_format_and_cli(tmp_path, tokenizer_dir):
     assert sorted(p.name for p in out_json.parent.iterdir()) == ["accuracy.json", "accuracy.txt", "provenance.json"]
 
 
+def test_cli_gate_names_the_benchmark_target(tmp_path, tokenizer_dir):
+    """--accuracy-json {benchmark: ...} applies that MLPerf target (rackbench.benchmarks) and names it."""
+    outputs = ["the cat sat", "a dog ran"]
+    ds = tmp_path / "ds.parquet"
+    write_dataset(ds, outputs)
+    write_shard(tmp_path / "s0", 0, [ids(o) for o in outputs])
+    base = ["--dataset", str(ds), "--tokenizer", str(tokenizer_dir), "--shard-dirs", str(tmp_path / "s0"),
+            "--out-txt", str(tmp_path / "a.txt")]
+    for name, fraction in (("llama2-70b-99.9", 0.999), ("llama2-70b-99", 0.99)):
+        out = tmp_path / f"{name}.json"
+        assert accuracy.main([*base, "--accuracy-json", json.dumps({"benchmark": name}), "--out-json", str(out)]) == 0
+        data = json.loads(out.read_text())
+        assert data["target_name"] == name and data["target_fraction"] == fraction
+        assert data["targets"]["rouge1"] == pytest.approx(44.4312 * fraction)
+        assert data["valid"] is False                  # 3 tokens/sample is far from 294.45
+        assert any(f.startswith("tokens_per_sample 3.0 outside [265.00, 323.90]") for f in data["failures"])
+    with pytest.raises(SystemExit):
+        accuracy.main([*base, "--accuracy-json", json.dumps({"benchmark": "llama2-70b-99"}), "--target-fraction",
+                       "0.9", "--out-json", str(tmp_path / "x.json")])
+
+
 class CopyEngine:
     """Answers each prompt with the dataset's reference output tokens (a perfect model)."""
 

@@ -22,7 +22,9 @@ Punkt algorithm with untrained default parameters (``PunktSentenceTokenizer()``:
 splits after ``.?!`` but knows no abbreviations), and ``accuracy.json`` says so
 in ``sentence_splitter``.
 
-Targets, as MLPerf's submission checker applies them to the printed (rounded)
+Targets (``--accuracy-json``: a benchmark name of rackbench.benchmarks, e.g.
+``llama2-70b-99.9``, or a custom reference; accuracy.json names the one applied in
+``target_name``), as MLPerf's submission checker applies them to the printed (rounded)
 values: each ROUGE >= reference x target_fraction; tokens/sample within
 [ref x (1 - tol), ref x (1 + tol)]. Every dataset sample must be scored exactly
 once across the shards.
@@ -151,7 +153,7 @@ def reference_tokens_per_sample(dataset: "pd.DataFrame", tokenizer) -> tuple[flo
 
 
 def evaluate(*, dataset, tokenizer, shard_dirs, reference: dict, target_fraction: float,
-             tokens_tolerance: float) -> dict:
+             tokens_tolerance: float, target_name: str | None = None) -> dict:
     import pandas as pd
 
     frame = pd.read_parquet(dataset, columns=None)
@@ -231,6 +233,8 @@ def evaluate(*, dataset, tokenizer, shard_dirs, reference: dict, target_fraction
 
     return {
         **result,
+        # which target was applied: an MLPerf benchmark name (rackbench.benchmarks) or a custom one
+        "target_name": target_name or f"custom (x{target_fraction} of the given reference)",
         "targets": targets_out,
         "valid": not failures,
         "failures": failures,
@@ -264,10 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="dataset parquet (output, optional tok_output)")
     p.add_argument("--tokenizer", required=True, help="directory with the model's tokenizer")
     p.add_argument("--shard-dirs", nargs="+", required=True, help="accuracy-mode shard output dirs")
-    p.add_argument("--reference-json", required=True,
+    p.add_argument("--accuracy-json", default=None,
+                   help="JSON (or file): the model's config accuracy block, {benchmark: llama2-70b-99.9} or "
+                        "{reference, target_fraction, tokens_per_sample_tolerance} (instead of the three below)")
+    p.add_argument("--reference-json", default=None,
                    help='JSON (or file): {"rouge1":..,"rouge2":..,"rougeL":..,"tokens_per_sample":.. or null}')
-    p.add_argument("--target-fraction", type=float, required=True, help="0.99 for -99, 0.999 for -99.9")
-    p.add_argument("--tokens-tolerance", type=float, required=True,
+    p.add_argument("--target-fraction", type=float, default=None, help="0.99 for -99, 0.999 for -99.9")
+    p.add_argument("--tokens-tolerance", type=float, default=None,
                    help="tokens/sample tolerance around the reference (config models.<m>.accuracy)")
     p.add_argument("--out-json", required=True)
     p.add_argument("--out-txt", required=True)
@@ -276,18 +283,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    reference = json_arg(args.reference_json)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from rackbench import benchmarks
+    if args.accuracy_json is not None:
+        if args.reference_json is not None or args.target_fraction is not None:
+            parser.error("give --accuracy-json or --reference-json/--target-fraction, not both")
+        try:
+            gate = benchmarks.gate(json_arg(args.accuracy_json))
+        except benchmarks.BenchmarkError as err:
+            parser.error(str(err))
+    elif args.reference_json is None or args.target_fraction is None or args.tokens_tolerance is None:
+        parser.error("give --accuracy-json, or all of --reference-json, --target-fraction and --tokens-tolerance")
+    else:
+        gate = benchmarks.gate({"reference": json_arg(args.reference_json), "target_fraction": args.target_fraction,
+                                "tokens_per_sample_tolerance": args.tokens_tolerance})
+    reference = gate["reference"]
+    args.target_fraction, args.tokens_tolerance = gate["target_fraction"], gate["tokens_per_sample_tolerance"]
     result = evaluate(dataset=args.dataset, tokenizer=args.tokenizer, shard_dirs=args.shard_dirs,
                       reference=reference, target_fraction=args.target_fraction,
-                      tokens_tolerance=args.tokens_tolerance)
+                      tokens_tolerance=args.tokens_tolerance, target_name=gate["target_name"])
     write_outputs(result, args.out_json, args.out_txt)
     write_provenance(Path(args.out_json).parent / "provenance.json", step="accuracy",
-                     config_fragment={"reference": reference, "target_fraction": args.target_fraction,
+                     config_fragment={"target_name": gate["target_name"], "reference": reference,
+                                      "target_fraction": args.target_fraction,
                                       "tokens_tolerance": args.tokens_tolerance})
     print(accuracy_txt(result), end="")
     status = "VALID" if result["valid"] else "INVALID: " + "; ".join(result["failures"])
-    print(f"accuracy gate: {status}", file=sys.stderr)
+    print(f"accuracy gate ({gate['description']}): {status}", file=sys.stderr)
     print(f"sentence splitter: {result['sentence_splitter']}", file=sys.stderr)
     return 1 if (args.fail_on_invalid and not result["valid"]) else 0
 

@@ -23,17 +23,7 @@ from rackbench.atomic import atomic_path  # noqa: E402
 FORMATS = ("pdf", "svg", "png")
 WIDTH_IN = 3.4          # one column of a two-column paper
 
-# Published Llama-2-70B (99%) Offline results, tokens/s per GPU, and where each is from.
-# The B200, GB200 and H100 values are the shared published logs' tokens/s / GPUs
-# (101527/8, 51736.9/4, 24524.9/8). A GPU type's ``published`` entry overrides these.
-PUBLISHED_RECORDS = {
-    "H100": {"tokens_per_s_per_gpu": 3066, "source": "NVIDIA v4.1"},
-    "H200": {"tokens_per_s_per_gpu": 4415, "source": "best v5.1"},
-    "B200": {"tokens_per_s_per_gpu": 12691, "source": "NVIDIA v5.1"},
-    "GB200": {"tokens_per_s_per_gpu": 12934, "source": "NVIDIA v5.1"},
-    "GB300": {"tokens_per_s_per_gpu": 15291, "source": "Azure, unverified"},
-}
-
+# Published records (tokens/s per GPU, sources, verification): rackbench.records.
 RC = {
     "svg.hashsalt": "rackbench",
     "svg.fonttype": "path",

@@ -47,7 +47,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rackbench import figures, ingest, paths, provenance
+from rackbench import figures, ingest, paths, provenance, records
 from rackbench.args import is_json_file, json_arg
 from rackbench.atomic import atomic_path, write_text_atomic
 from rackbench.config import CONFIG_FIELDS
@@ -435,7 +435,7 @@ def _efficiency(cfg: dict, rows: list[dict], gpu: dict, models: dict, snapshot_d
 
 
 def published_records(gpu_types: dict) -> dict:
-    recs = {k: dict(v) for k, v in figures.PUBLISHED_RECORDS.items()}
+    recs = records.by_gpu_type()  # rackbench.records: sources and verification status
     for name, spec in sorted((gpu_types or {}).items()):
         pub = (spec or {}).get("published")
         if pub and pub.get("tokens_per_s_per_gpu"):
@@ -655,7 +655,7 @@ def _public(cfg: dict) -> dict:
     return out
 
 
-def render_markdown(configs, shards, prov, figure_inputs, min_overlap, variants=()) -> str:
+def render_markdown(configs, shards, prov, figure_inputs, min_overlap, variants=(), extra_sections=()) -> str:
     md = [
         "# rackbench report",
         "",
@@ -827,6 +827,8 @@ def render_markdown(configs, shards, prov, figure_inputs, min_overlap, variants=
         "Efficiency = (input + output tokens)/s per GPU x 2 x parameters / peak dense FLOP/s for the "
         "recipe's precision (GPU-type table). Published records are Llama-2-70B; compare only like models.",
         "",
+        records.markdown_section(),
+        *extra_sections,
         "## Provenance",
         "",
     ]
@@ -879,10 +881,13 @@ def build_report(
     results_root=None,
     min_overlap: float = 0.9,
     table_sources=("gpu-types table", "models table"),
+    test06_dirs=(),
+    checker_verdicts=(),
 ) -> dict:
     """The whole report for the configurations ``entries`` (Configuration.report_entry:
     fields, variant, shard_dirs, accuracy_json, and the engine/checkpoint/snapshot dirs).
-    ``results_root``: where to list every run variant on disk (None: only the given ones)."""
+    ``results_root``: where to list every run variant on disk (None: only the given ones).
+    ``test06_dirs`` / ``checker_verdicts``: TEST06 folders and submission-checker verdicts to report."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not entries:
@@ -904,9 +909,12 @@ def build_report(
     _write_csv(out_dir / paths.REPORT_TABLES["shards"], shards, SHARD_COLUMNS)
     _write_csv(out_dir / paths.REPORT_TABLES["provenance"], prov, list(provenance.SUMMARY_COLUMNS))
     _write_csv(out_dir / paths.REPORT_TABLES["variants"], variants, VARIANT_COLUMNS)
+    from rackbench.submission import report_sections  # TEST06 and the checker's verdicts, rendered there
+
+    extra = report_sections(test06_dirs, checker_verdicts) if test06_dirs or checker_verdicts else ()
     write_text_atomic(
         out_dir / paths.REPORT_TABLES["markdown"],
-        render_markdown(configs, shards, prov, fig_inputs, min_overlap, variants),
+        render_markdown(configs, shards, prov, fig_inputs, min_overlap, variants, extra),
     )
     return {"configs": configs, "shards": shards, "provenance": prov, "variants": variants}
 
@@ -953,6 +961,10 @@ def main(argv=None) -> int:
         default=0.9,
         help="fraction of a shard's run time all others must share (default 0.9)",
     )
+    parser.add_argument("--test06", nargs="*", default=[], help="TEST06/ folders (python -m rackbench.compliance)")
+    parser.add_argument(
+        "--checker-verdicts", nargs="*", default=[], help="verdict JSON files (python -m rackbench.submission check)"
+    )
     args = parser.parse_args(argv)
     sources = tuple(
         v if is_json_file(v) else f"{flag} (inline)"
@@ -967,6 +979,8 @@ def main(argv=None) -> int:
             results_root=args.results,
             min_overlap=args.min_overlap,
             table_sources=sources,
+            test06_dirs=args.test06,
+            checker_verdicts=args.checker_verdicts,
         )
     except ReportInputError as err:
         raise SystemExit(f"report: {err}") from None
