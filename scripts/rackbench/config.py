@@ -164,7 +164,9 @@ def _semantic_checks(config: dict) -> None:
 def _check_trtllm(settings: dict, config: dict) -> None:
     """Backend options that contradict each other or the run."""
     from rackbench.engines.tensorrt_llm import replica_size, resolve_settings
+    from rackbench.trtllm_options import refuse_bad_options
 
+    refuse_bad_options(settings)  # every option against the TensorRT-LLM contract data (package data)
     try:
         resolved = resolve_settings(settings)
     except ValueError as err:
