@@ -1,6 +1,8 @@
 # run_shard: one MLPerf LoadGen Offline run per shard, each its own job (its own
 # Slurm job on a cluster), so all shards of a configuration can run at once.
 
+from rackbench.trtllm_launch import launch_prefix  # noqa: E402
+
 
 rule run_shard:
     input:
@@ -9,6 +11,7 @@ rule run_shard:
     output:
         directory("results/runs/{model}/{recipe}/{backend}/{gpu}/bs{bs}/{layout}/{mode}/shard{shard}"),
     params:
+        launch=lambda wc: launch_prefix(wc.backend),  # trtllm-llmapi-launch for TensorRT-LLM (rackbench.trtllm_launch)
         num_shards=lambda wc: parse_layout(wc.layout)[0],
         gpus_per_shard=shard_gpus,
         shard_mode=shard_mode,
@@ -34,7 +37,7 @@ rule run_shard:
     container:
         engine_container
     shell:
-        "python -m rackbench.harness --engine-dir {input.engine} --dataset {input.dataset} --out {output}"
+        "{params.launch}python -m rackbench.harness --engine-dir {input.engine} --dataset {input.dataset} --out {output}"
         " --mode {wildcards.mode} --shard-index {wildcards.shard} --num-shards {params.num_shards}"
         " --shard-mode {params.shard_mode} --gpus-per-shard {params.gpus_per_shard}"
         " --batch-size {wildcards.bs} --max-new-tokens {params.max_new_tokens}"
