@@ -279,9 +279,22 @@ def test_real_config_engine_settings_and_gpu_table():
     cfg = yaml.safe_load((ROOT / "config/llama2-70b-gb300.yaml").read_text())
     s = trt.resolve_settings(cfg["engines"]["tensorrt-llm"])
     _check_fields(trt.llm_api_options(s), SPEC["llm_args"]["fields"], "llm_args")
-    assert (s["tensor_parallel_size"], s["pipeline_parallel_size"], s["max_batch_size"]) == (1, 1, 2048)
+    assert (s["tensor_parallel_size"], s["pipeline_parallel_size"], s["max_batch_size"]) == (1, 1, 3072)
+    assert (s["max_num_tokens"], s["runtime_max_num_tokens"], s["max_seq_len"]) == (4608, 4608, 2048)
+    options = trt.llm_api_options(s)
+    assert options["cuda_graph_config"] is None  # NVIDIA's use_graphs False
+    assert options["torch_compile_config"]["enable_piecewise_cuda_graph"] is True
+    assert options["torch_compile_config"]["capture_num_tokens"][-1] == 4608
+    assert cfg["run"]["rack_target_qps"] == {"Offline": 4320, "Server": 3200}
+    assert cfg["run"]["offline_expected_qps"] * cfg["rack"]["nodes"] * cfg["rack"]["gpus_per_node"] == 4320
+    text = (ROOT / "config/llama2-70b-gb300.yaml").read_text()
+    assert "feat/1.2-mlpinf" in text and "GB300-NVL72_GB300-288GB_aarch64x1/Offline/llama2-70b.py" in text
     gpus = cfg["gpu_types"]
     assert set(gpus) == {"H100", "H200", "B200", "GB200", "GB300"}
+    system = json.loads((ROOT.parent / "shared/mlperf-logs/v6.0_NVIDIA_GB300-NVL72_x72_TRT_submission/closed/NVIDIA/"
+                         "systems/GB300-NVL72_GB300-288GB_aarch64x72_TRT.json").read_text()) \
+        if (ROOT.parent / "shared/mlperf-logs").is_dir() else {"accelerator_memory_capacity": "288 GB"}
+    assert gpus["GB300"]["memory_gb"] == float(system["accelerator_memory_capacity"].split()[0])
     for name, g in gpus.items():
         assert g["runs_nvfp4"] == name.startswith(("B", "GB")), name
         assert (g["peak_dense_flops"]["fp4"] is None) == (not g["runs_nvfp4"]), name

@@ -73,8 +73,11 @@ def _find_secrets(node, path=()):
 
 
 def _is_produced_by_workflow(path: str, config: dict) -> bool:
-    # The demo makes its own model and dataset under results/demo/.
-    return bool(config.get("demo", {}).get("enabled")) and Path(path).as_posix().startswith("results/demo/")
+    # The demo makes its own model and dataset under results/demo/; download_dataset its files.
+    from rackbench.dataset_download import is_downloaded
+
+    return (bool(config.get("demo", {}).get("enabled")) and Path(path).as_posix().startswith("results/demo/")) \
+        or is_downloaded(path, config)
 
 
 def num_shards(config: dict, gpus_per_shard: int) -> int:
