@@ -150,7 +150,7 @@ def test_build_pytorch_mode_writes_options_and_warmup(tmp_path, fake_trtllm):
     assert (tmp_path / "eng" / trt.EXTRA_OPTIONS_FILE).is_file()
     warm = json.loads((tmp_path / "eng" / trt.WARMUP_FILE).read_text())
     assert warm["gpu"]["compute_capability"] == "10.3" and warm["gpu_type"] == "GB300"
-    assert warm["tensorrt_llm_version"] == "1.2.0" and warm["generated_tokens"] > 0
+    assert warm["tensorrt_llm_version"] == "1.2.1" and warm["generated_tokens"] > 0
     assert facts["mode"] == "pytorch" and facts["model_dir"] == str(ckpt.resolve())
     assert facts["compute_capability"] == "10.3"
     name, kwargs, _ = fake_trtllm.CONSTRUCTED[-1]
@@ -183,7 +183,7 @@ def test_build_tensorrt_mode_runs_export_then_trtllm_build(tmp_path, fake_trtllm
     assert calls[0] == ("export", trt.TRT_CHECKPOINT_SUBDIR, 2, 1)
     cmd = calls[1][1]
     assert cmd[:2] == ["trtllm-build", "--checkpoint_dir"] and "--workers" in cmd
-    assert facts["trtllm_build_command"] == cmd and facts["tensorrt_llm_version"] == "1.2.0"
+    assert facts["trtllm_build_command"] == cmd and facts["tensorrt_llm_version"] == "1.2.1"
     assert not (tmp_path / "eng" / trt.TRT_CHECKPOINT_SUBDIR).exists()
     assert (tmp_path / "eng" / "trtllm-build.log").read_text().startswith("$ trtllm-build")
 
@@ -196,10 +196,10 @@ def test_build_tensorrt_mode_reports_failure(tmp_path, fake_trtllm):
 
 
 def test_tensorrt_engine_refused_on_other_gpu_or_version():
-    facts = {"compute_capability": "10.3", "tensorrt_llm_version": "1.2.0", "gpu_type": "GB300"}
-    trt.check_runtime(facts, gpu={"compute_capability": "10.3"}, version="1.2.0")
+    facts = {"compute_capability": "10.3", "tensorrt_llm_version": "1.2.1", "gpu_type": "GB300"}
+    trt.check_runtime(facts, gpu={"compute_capability": "10.3"}, version="1.2.1")
     with pytest.raises(trt.EngineMismatch, match="compute capability"):
-        trt.check_runtime(facts, gpu={"compute_capability": "10.0"}, version="1.2.0")
+        trt.check_runtime(facts, gpu={"compute_capability": "10.0"}, version="1.2.1")
     with pytest.raises(trt.EngineMismatch, match="TensorRT-LLM 1.3.0"):
         trt.check_runtime(facts, gpu={"compute_capability": "10.3"}, version="1.3.0")
 
@@ -240,7 +240,7 @@ def test_tensorrt_mode_uses_the_trt_engine_class(tmp_path, fake_trtllm, monkeypa
     eng.mkdir(parents=True)
     (eng / "config.json").write_text("{}")
     monkeypatch.setattr(trt, "gpu_facts", _gpu)
-    facts = {"mode": "tensorrt", "compute_capability": "10.3", "tensorrt_llm_version": "1.2.0",
+    facts = {"mode": "tensorrt", "compute_capability": "10.3", "tensorrt_llm_version": "1.2.1",
              "tensor_parallel_size": 1, "pipeline_parallel_size": 1, "engine_subdir": trt.TRT_ENGINE_SUBDIR}
     engine = trt.load(tmp_path / "eng", record={"backend_facts": facts}, gpu_ids=[0], settings={})
     assert engine.generate([[4, 4, 4]], 16)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-__version__ = "1.2.0"
+__version__ = "1.2.1"
 FAKE = True
 
 SPEC_PATH = Path(__file__).resolve().parents[3] / "scripts" / "rackbench" / "contracts" / "trtllm_1_2.yaml"
