@@ -151,8 +151,11 @@ def save_modelopt_state(model, path: Path) -> None:
     import modelopt.torch.opt as mto
     import torch
 
+    import modelopt
+
     torch.save({"modelopt_state": mto.modelopt_state(model),
-                "quantizer_state_dict": quantizer_state_dict(model)}, path)
+                "quantizer_state_dict": quantizer_state_dict(model),
+                "modelopt_version": modelopt.__version__}, path)
 
 
 def quantizer_state_dict(model) -> dict:
@@ -182,12 +185,27 @@ def load_quantizer_state_dict(model, state: dict) -> None:
         quantizers[name].load_state_dict(values)
 
 
+def check_same_modelopt(saved: str | None, running: str, path) -> None:
+    """Refuse a state saved by another ModelOpt minor release: the config layout inside it
+    changed between 0.37 and 0.47 (contracts/modelopt.yaml config_layout), so a cross-version
+    restore fails deep inside ModelOpt or, worse, restores the wrong quantizers."""
+    if saved is None:
+        return  # saved before rackbench recorded the version
+    if saved.split(".")[:2] != running.split(".")[:2]:
+        raise QuantizeError(f"{path} was saved by ModelOpt {saved} but this environment has {running}: "
+                            "run quantize where build_engine runs (the TensorRT-LLM container), "
+                            "e.g. snakemake -R quantize ...")
+
+
 def restore_modelopt_state(model, path: Path):
     """Make ``model`` (the unquantized base) the calibrated quantized model again."""
     import modelopt.torch.opt as mto
     import torch
 
+    import modelopt
+
     saved = torch.load(path, map_location="cpu", weights_only=False)
+    check_same_modelopt(saved.get("modelopt_version"), modelopt.__version__, path)
     model = mto.restore_from_modelopt_state(model, saved["modelopt_state"])
     load_quantizer_state_dict(model, saved["quantizer_state_dict"])
     return model
