@@ -3,14 +3,7 @@
 # one). A localrule: login nodes have the network. Only for datasets with a `download`
 # section whose paths are the files this rule makes; a config naming a local copy skips it.
 
-from rackbench.dataset_download import download_dir  # noqa: E402
-
-
-def dataset_download_args(wildcards):
-    spec = config["datasets"][wildcards.dataset]["download"]
-    args = [f"--uri {spec['r2_uri']}"] + [f"--file {role}={name}" for role, name in spec["files"].items()]
-    args += [f"--sha256 {role}={digest}" for role, digest in (spec.get("sha256") or {}).items()]
-    return " ".join(args)
+from rackbench.dataset_download import download_args, download_dir  # noqa: E402
 
 
 rule download_dataset:
@@ -19,7 +12,7 @@ rule download_dataset:
         calibration="results/datasets/{dataset}/download/calibration.pkl",
         checksums="results/datasets/{dataset}/download/SHA256SUMS",
     params:
-        args=dataset_download_args,
+        args=lambda wc: download_args(config["datasets"][wc.dataset]["download"]),
         out=lambda wc: download_dir(wc.dataset),
     log:
         "results/logs/download_dataset/{dataset}.log",

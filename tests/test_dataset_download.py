@@ -143,7 +143,7 @@ def test_real_config_plans_on_a_fresh_clone_without_the_data(tmp_path):
     assert re.search(r"^(local)?rule download_dataset:", out, re.M), out[:3000]
     assert "localrule: True" in (ROOT / "rules/dataset_download.smk").read_text()  # the login node, as download_model
     assert "python -m rackbench.dataset_download --uri https://inference.mlcommons-storage.org/metadata/" \
-           "llama-2-70b-open-orca-dataset.uri --file samples=" + SAMPLES in out
+           "llama-2-70b-open-orca-dataset.uri --file=samples=" + SAMPLES in out
     assert "--pickle results/datasets/open-orca/download/samples.pkl" in out
     assert re.search(r"trtllm-llmapi-launch python -m rackbench\.harness ", out)
     assert re.search(r"trtllm-llmapi-launch python -m rackbench\.build_engine ", out)

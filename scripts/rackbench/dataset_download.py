@@ -80,6 +80,15 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_NoRedirect)
 
 
+def download_args(spec: dict) -> str:
+    """The command-line arguments for a config's ``datasets.<name>.download`` section (shell-quoted)."""
+    import shlex
+
+    args = ["--uri", spec["r2_uri"]] + [f"--file={role}={name}" for role, name in spec["files"].items()]
+    args += [f"--sha256={role}={digest}" for role, digest in (spec.get("sha256") or {}).items()]
+    return " ".join(shlex.quote(a) for a in args)
+
+
 def _open(url: str, timeout: float = 60):
     headers = {"User-Agent": "rackbench-dataset-download"}
     token = os.environ.get(TOKEN_ENV)
