@@ -29,6 +29,7 @@ wildcard_constraints:
 
 include: "rules/demo.smk"
 include: "rules/download.smk"
+include: "rules/dataset_download.smk"
 include: "rules/dataset.smk"
 include: "rules/quantize.smk"
 include: "rules/engine.smk"

@@ -1,6 +1,8 @@
 # run_shard: one MLPerf LoadGen Offline run per shard, each its own job (its own
 # Slurm job on a cluster), so all shards of a configuration can run at once.
 
+from rackbench.trtllm_launch import launch_prefix  # noqa: E402
+
 
 rule run_shard:
     input:
@@ -18,6 +20,7 @@ rule run_shard:
     resources:
         **job_resources(lambda wc: wc.gpu_type, shard_gpus),
     params:
+        launch=lambda wc: launch_prefix(wc.backend),  # trtllm-llmapi-launch for TensorRT-LLM (rackbench.trtllm_launch)
         num_shards=lambda wc: parse_layout(wc.layout)[0],
         gpus_per_shard=shard_gpus,
         shard_mode=shard_mode,
@@ -36,7 +39,7 @@ rule run_shard:
         " {wildcards.backend}/{wildcards.gpu_type} (layout {wildcards.layout}, batch {wildcards.batch_size}):"
         " {params.placement}"
     shell:
-        "{params.settings} > {log} 2>&1 && python -m rackbench.harness --engine-dir {input.engine}"
+        "{params.settings} > {log} 2>&1 && {params.launch}python -m rackbench.harness --engine-dir {input.engine}"
         " --dataset {input.dataset} --out {output}"
         " --mode {wildcards.mode} --shard-index {wildcards.shard} --num-shards {params.num_shards}"
         " --shard-mode {params.shard_mode} --gpus-per-shard {params.gpus_per_shard}"

@@ -45,7 +45,7 @@ def test_corpus_is_large_enough():
 
 def test_real_config_is_valid():
     check_config(copy.deepcopy(REAL))
-    assert [c.key for c in configurations(REAL)] == ["llama2-70b/nvfp4/tensorrt-llm/GB300/bs2048/18x4"]
+    assert [c.key for c in configurations(REAL)] == ["llama2-70b/nvfp4/tensorrt-llm/GB300/bs3072/72x1"]
 
 
 def test_demo_config_is_valid():

@@ -239,3 +239,15 @@ def test_modelopt_state_restores_the_calibrated_quantizers(assets, checkpoints, 
     for name in want:
         torch.testing.assert_close(got[name], want[name], msg=name)
     assert quantize.MODELOPT_STATE not in [p.name for p in checkpoints["none"].iterdir()]
+
+
+def test_modelopt_state_from_another_modelopt_is_refused(checkpoints, assets, tmp_path):
+    import modelopt
+    from transformers import LlamaForCausalLM
+
+    saved = torch.load(checkpoints["fp8"] / quantize.MODELOPT_STATE, weights_only=False)
+    assert saved["modelopt_version"] == modelopt.__version__
+    saved["modelopt_version"] = "0.37.0" if not modelopt.__version__.startswith("0.37.") else "0.47.0"
+    torch.save(saved, tmp_path / "other.pth")
+    with pytest.raises(quantize.QuantizeError, match=r"saved by ModelOpt 0\.\d+\.0 but this environment has"):
+        quantize.restore_modelopt_state(LlamaForCausalLM.from_pretrained(assets["model"]), tmp_path / "other.pth")

@@ -6,6 +6,7 @@ module implementing only the documented surface.
 
 import importlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,16 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = yaml.safe_load((ROOT / "tests/contracts/trtllm_1_2_spec.yaml").read_text())
 FAKES = ROOT / "tests" / "fakes"
 
+from rackbench import trtllm_launch, trtllm_options  # noqa: E402
 from rackbench.engines import tensorrt_llm as trt  # noqa: E402
+
+# The facts are package data (what the config check reads); sections still in the tests'
+# own spec file are merged over them.
+PACKAGE_SPEC = ROOT / "scripts/rackbench/contracts/trtllm_1_2.yaml"
+SPEC = {**yaml.safe_load(PACKAGE_SPEC.read_text()),
+        **(yaml.safe_load((ROOT / "tests/contracts/trtllm_1_2_spec.yaml").read_text()) or {})}
 
 GB300 = {"compute_capability": "10.3", "runs_nvfp4": True}
 
@@ -98,6 +105,8 @@ def _check_fields(values, fields, where):
         assert key in fields, f"{where}.{key} is not a TensorRT-LLM 1.2 LLM-API field"
         spec = fields[key]
         assert "source" in spec
+        if value is None and spec.get("nullable"):
+            continue
         if spec["type"] == "object":
             _check_fields(value, spec["fields"], f"{where}.{key}")
         elif spec["type"] == "choice":
@@ -141,7 +150,7 @@ def test_build_pytorch_mode_writes_options_and_warmup(tmp_path, fake_trtllm):
     assert (tmp_path / "eng" / trt.EXTRA_OPTIONS_FILE).is_file()
     warm = json.loads((tmp_path / "eng" / trt.WARMUP_FILE).read_text())
     assert warm["gpu"]["compute_capability"] == "10.3" and warm["gpu_type"] == "GB300"
-    assert warm["tensorrt_llm_version"] == "1.2.0" and warm["generated_tokens"] > 0
+    assert warm["tensorrt_llm_version"] == "1.2.1" and warm["generated_tokens"] > 0
     assert facts["mode"] == "pytorch" and facts["model_dir"] == str(ckpt.resolve())
     assert facts["compute_capability"] == "10.3"
     name, kwargs, _ = fake_trtllm.CONSTRUCTED[-1]
@@ -174,7 +183,7 @@ def test_build_tensorrt_mode_runs_export_then_trtllm_build(tmp_path, fake_trtllm
     assert calls[0] == ("export", trt.TRT_CHECKPOINT_SUBDIR, 2, 1)
     cmd = calls[1][1]
     assert cmd[:2] == ["trtllm-build", "--checkpoint_dir"] and "--workers" in cmd
-    assert facts["trtllm_build_command"] == cmd and facts["tensorrt_llm_version"] == "1.2.0"
+    assert facts["trtllm_build_command"] == cmd and facts["tensorrt_llm_version"] == "1.2.1"
     assert not (tmp_path / "eng" / trt.TRT_CHECKPOINT_SUBDIR).exists()
     assert (tmp_path / "eng" / "trtllm-build.log").read_text().startswith("$ trtllm-build")
 
@@ -187,10 +196,10 @@ def test_build_tensorrt_mode_reports_failure(tmp_path, fake_trtllm):
 
 
 def test_tensorrt_engine_refused_on_other_gpu_or_version():
-    facts = {"compute_capability": "10.3", "tensorrt_llm_version": "1.2.0", "gpu_type": "GB300"}
-    trt.check_runtime(facts, gpu={"compute_capability": "10.3"}, version="1.2.0")
+    facts = {"compute_capability": "10.3", "tensorrt_llm_version": "1.2.1", "gpu_type": "GB300"}
+    trt.check_runtime(facts, gpu={"compute_capability": "10.3"}, version="1.2.1")
     with pytest.raises(trt.EngineMismatch, match="compute capability"):
-        trt.check_runtime(facts, gpu={"compute_capability": "10.0"}, version="1.2.0")
+        trt.check_runtime(facts, gpu={"compute_capability": "10.0"}, version="1.2.1")
     with pytest.raises(trt.EngineMismatch, match="TensorRT-LLM 1.3.0"):
         trt.check_runtime(facts, gpu={"compute_capability": "10.3"}, version="1.3.0")
 
@@ -288,7 +297,7 @@ def test_tensorrt_mode_uses_the_trt_engine_class(tmp_path, fake_trtllm, monkeypa
     eng.mkdir(parents=True)
     (eng / "config.json").write_text("{}")
     monkeypatch.setattr(trt, "gpu_facts", _gpu)
-    facts = {"mode": "tensorrt", "compute_capability": "10.3", "tensorrt_llm_version": "1.2.0",
+    facts = {"mode": "tensorrt", "compute_capability": "10.3", "tensorrt_llm_version": "1.2.1",
              "tensor_parallel_size": 1, "pipeline_parallel_size": 1, "engine_subdir": trt.TRT_ENGINE_SUBDIR}
     engine = trt.load(tmp_path / "eng", record={"backend_facts": facts}, gpu_ids=[0], settings={})
     assert engine.generate([[4, 4, 4]], 16)
@@ -327,11 +336,111 @@ def test_real_config_engine_settings_and_gpu_table():
     cfg = yaml.safe_load((ROOT / "config/llama2-70b-gb300.yaml").read_text())
     s = trt.resolve_settings(cfg["engines"]["tensorrt-llm"])
     _check_fields(trt.llm_api_options(s), SPEC["llm_args"]["fields"], "llm_args")
-    assert (s["tensor_parallel_size"], s["pipeline_parallel_size"], s["max_batch_size"]) == (1, 1, 2048)
+    assert (s["tensor_parallel_size"], s["pipeline_parallel_size"], s["max_batch_size"]) == (1, 1, 3072)
+    assert (s["max_num_tokens"], s["runtime_max_num_tokens"], s["max_seq_len"]) == (4608, 4608, 2048)
+    options = trt.llm_api_options(s)
+    assert options["cuda_graph_config"] is None  # NVIDIA's use_graphs False
+    assert options["torch_compile_config"]["enable_piecewise_cuda_graph"] is True
+    assert options["torch_compile_config"]["capture_num_tokens"][-1] == 4608
+    assert cfg["run"]["rack_target_qps"] == {"Offline": 4320, "Server": 3200}
+    assert cfg["run"]["offline_expected_qps"] * cfg["rack"]["nodes"] * cfg["rack"]["gpus_per_node"] == 4320
+    text = (ROOT / "config/llama2-70b-gb300.yaml").read_text()
+    assert "feat/1.2-mlpinf" in text and "GB300-NVL72_GB300-288GB_aarch64x1/Offline/llama2-70b.py" in text
     gpus = cfg["gpu_types"]
     assert set(gpus) == {"H100", "H200", "B200", "GB200", "GB300"}
+    system = json.loads((ROOT.parent / "shared/mlperf-logs/v6.0_NVIDIA_GB300-NVL72_x72_TRT_submission/closed/NVIDIA/"
+                         "systems/GB300-NVL72_GB300-288GB_aarch64x72_TRT.json").read_text()) \
+        if (ROOT.parent / "shared/mlperf-logs").is_dir() else {"accelerator_memory_capacity": "288 GB"}
+    assert gpus["GB300"]["memory_gb"] == float(system["accelerator_memory_capacity"].split()[0])
     for name, g in gpus.items():
         assert g["runs_nvfp4"] == name.startswith(("B", "GB")), name
         assert (g["peak_dense_flops"]["fp4"] is None) == (not g["runs_nvfp4"]), name
         assert g["peak_dense_flops"]["source"] and g["published"]["source"]
         assert g["slurm"]["gpu_model"] == name.lower()
+
+
+# ----------------------------------------------------------------- contract data = config check
+
+def test_config_check_reads_the_same_facts_as_these_tests():
+    assert trtllm_options.CONTRACTS_DIR / "trtllm_1_2.yaml" == PACKAGE_SPEC
+    data = trtllm_options.trtllm_contract()
+    assert data["trtllm_build"] == SPEC["trtllm_build"] and data["llm_args"] == SPEC["llm_args"]
+    assert trt.SCHEDULER_POLICIES == tuple(
+        SPEC["llm_args"]["fields"]["scheduler_config"]["fields"]["capacity_scheduler_policy"]["choices"])
+    assert data["target_release"] == "1.2.1"
+    assert data["container"]["image"] == "nvcr.io/nvidia/tensorrt-llm/release:1.2.1"
+    # the ModelOpt TensorRT-LLM's requirements.txt pins is the one contracts/modelopt.yaml calls the container's
+    modelopt = trtllm_options.load_contract("modelopt")
+    pin = data["requirements"]["pins"]["nvidia-modelopt"]
+    assert pin == "nvidia-modelopt[torch]~=0.37.0" and modelopt["container_version"].startswith("0.37.")
+
+
+def _walk_sources(node, path=()):
+    if isinstance(node, dict):
+        if "type" in node and node.get("type") != "object" and path and path[-2:-1] in (("flags",), ("fields",)):
+            yield path, node
+        for key, value in node.items():
+            yield from _walk_sources(value, path + (key,))
+
+
+def test_every_fact_names_its_source_file():
+    facts = list(_walk_sources({k: SPEC[k] for k in ("trtllm_build", "llm_args", "sampling_params")}))
+    assert len(facts) > 40
+    for path, fact in facts:
+        assert fact.get("source"), ".".join(path)
+        assert re.search(r"(\.py|build\.py|plugin\.py|llm_args)", fact["source"]), ".".join(path)
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"mode": "tensorrt", "trtllm_build_extra_flags": {"warp_speed": 9}},
+     "trtllm_build_extra_flags.warp_speed: not a trtllm-build 1.2 flag; allowed flags: context_fmha,"),
+    ({"mode": "tensorrt", "trtllm_build_extra_flags": {"gemm_plugin": "int3"}},
+     "gemm_plugin: 'int3' is not one of auto, float16, float32, bfloat16, int32, fp8, nvfp4, disable"),
+    ({"mode": "tensorrt", "trtllm_build_extra_flags": {"use_fp8_kv_cache": "enable"}},
+     "use_fp8_kv_cache: not a trtllm-build 1.2 flag (a TensorRT-LLM PluginConfig field, but not a trtllm-build argument)"),
+    ({"mode": "tensorrt", "trtllm_build_extra_flags": {"reduce_fusion": "on"}},
+     "reduce_fusion: 'on' is not one of enable, disable"),
+    ({"mode": "tensorrt", "trtllm_build_extra_flags": {"output_dir": "/x"}}, "output_dir: set by rackbench itself"),
+    ({"torch_compile_config": {"enable_piecewise_cuda_graph": "yes"}},
+     "torch_compile_config.enable_piecewise_cuda_graph: 'yes' is not true or false"),
+    ({"cuda_graph_config": {"batch_sizes": [0, 8]}}, "cuda_graph_config.batch_sizes: [0, 8] is not a non-empty list"),
+    ({"scheduler_policy": "max_util"}, "scheduler_policy 'max_util' not in ('MAX_UTILIZATION', 'GUARANTEED_NO_EVICT', 'STATIC_BATCH')"),
+])
+def test_config_time_check_names_option_and_allowed_values(settings, message):
+    with pytest.raises(trtllm_options.OptionError) as err:
+        trtllm_options.check_engine_options(settings)
+    assert str(err.value).startswith("engines.tensorrt-llm") and message in str(err.value)
+
+
+def test_good_options_pass_the_config_time_check():
+    trtllm_options.check_engine_options({"mode": "tensorrt", "trtllm_build_extra_flags": {"reduce_fusion": "enable"}})
+    trtllm_options.check_engine_options({"cuda_graph_config": None,
+                                         "torch_compile_config": {"enable_piecewise_cuda_graph": True,
+                                                                  "capture_num_tokens": [1, 2, 4]}})
+    assert trtllm_options.main([str(ROOT / "config/llama2-70b-gb300.yaml")]) == 0
+
+
+# ----------------------------------------------------------------- trtllm-llmapi-launch
+
+def test_launch_command_follows_the_llmapi_launch_contract():
+    facts = SPEC["llmapi_launch"]
+    assert facts["source"] == "tensorrt_llm/llmapi/trtllm-llmapi-launch"
+    assert trtllm_launch.launcher() == facts["executable"] == "trtllm-llmapi-launch"
+    # the launcher takes the whole command line after it (task_with_command="${@:1}")
+    serve = ["trtllm-serve", "/models/llama", "--port", "8000", "--config", "/e/extra_llm_api_options.yaml"]
+    assert trtllm_launch.launch_command(serve) == ["trtllm-llmapi-launch", *serve]
+    assert trtllm_launch.launch_command(trtllm_launch.launch_command(serve)) == ["trtllm-llmapi-launch", *serve]
+    assert trtllm_launch.launch_prefix("tensorrt-llm") == "trtllm-llmapi-launch "
+    assert trtllm_launch.launch_prefix("reference") == ""
+    # world size = Slurm tasks = tp x pp (examples/llm-api/llm_mgmn_*.sh)
+    assert trtllm_launch.slurm_tasks({"tensor_parallel_size": 2, "pipeline_parallel_size": 2}) == 4
+    assert trtllm_launch.slurm_tasks({}) == 1
+    assert "SLURM_PROCID" in facts["rank_from"] and "SLURM_NTASKS" in facts["world_size_from"]
+
+
+def test_rules_launch_tensorrt_llm_jobs_through_the_launcher():
+    """run_shard and build_engine (whose pytorch-mode warm-up creates an LLM) prefix their command."""
+    for rule in ("rules/run.smk", "rules/engine.smk"):
+        text = (ROOT / rule).read_text()
+        assert "launch=lambda wc: launch_prefix(wc.backend)" in text, rule
+        assert '"{params.launch}python -m rackbench.' in text, rule

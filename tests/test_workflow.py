@@ -25,17 +25,18 @@ def test_real_config_plans_the_whole_rack(tmp_path):
     config = real_config_with_local_data(tmp_path)
     proc = snakemake(ROOT, "-n", "--configfile", str(config), timeout=300)
     counts = job_counts(proc.stdout)
-    # 18 nodes x 4 GPUs, 4 GPUs per shard: 18 performance + 18 accuracy shards
-    assert counts["run_shard"] == 36
+    # 18 nodes x 4 GPUs, one engine (one shard) per GPU: 72 performance + 72 accuracy shards
+    assert counts["run_shard"] == 144
     for rule in ("download_model", "prepare_dataset", "quantize", "build_engine", "accuracy", "report"):
         assert counts[rule] == 1, rule
     assert "demo_model" not in counts
-    assert re.search(r"results/runs/llama2-70b/nvfp4/tensorrt-llm/GB300/bs2048/18x4/[0-9a-f]{8}/performance/shard17",
+    assert "download_dataset" not in counts  # the config names local copies: no download
+    assert re.search(r"results/runs/llama2-70b/nvfp4/tensorrt-llm/GB300/bs3072/72x1/[0-9a-f]{8}/performance/shard71",
                      proc.stdout)
     # the TensorRT-LLM jobs show their GPU request and container
     shard_jobs = [line for line in proc.stdout.splitlines() if ": run_shard " in line]
-    assert len(shard_jobs) == 36
-    assert all(line.endswith("on tensorrt-llm/GB300 (layout 18x4, batch 2048): 4 x gb300 GPU(s), "
+    assert len(shard_jobs) == 144
+    assert all(line.endswith("on tensorrt-llm/GB300 (layout 72x1, batch 3072): 1 x gb300 GPU(s), "
                              "container envs/trtllm.sif") for line in shard_jobs), shard_jobs[:2]
     assert re.search(r"build_engine tensorrt-llm engine of llama2-70b/nvfp4 for GB300: 1 x gb300 GPU\(s\), "
                      r"container envs/trtllm.sif", proc.stdout)
@@ -43,11 +44,11 @@ def test_real_config_plans_the_whole_rack(tmp_path):
     assert re.search(r"rule quantize:(.|\n)*?resources: .*gpu=1, gpu_model=gb300, cpus_per_gpu=18", proc.stdout)
 
 
-def test_real_config_one_gpu_shards(tmp_path):
-    config = real_config_with_local_data(tmp_path, **{"benchmarks.gpus_per_shard": [1]})
+def test_real_config_four_gpu_shards(tmp_path):
+    config = real_config_with_local_data(tmp_path, **{"benchmarks.gpus_per_shard": [4]})
     proc = snakemake(ROOT, "-n", "--configfile", str(config), timeout=300)
-    assert job_counts(proc.stdout)["run_shard"] == 144  # 72 performance + 72 accuracy
-    assert re.search(r"/72x1/[0-9a-f]{8}/performance/shard71", proc.stdout)
+    assert job_counts(proc.stdout)["run_shard"] == 36  # 18 performance + 18 accuracy
+    assert re.search(r"/18x4/[0-9a-f]{8}/performance/shard17", proc.stdout)
 
 
 # ---- the demo, end to end --------------------------------------------------------

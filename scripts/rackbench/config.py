@@ -128,8 +128,11 @@ def _find_secrets(node, path=()):
 
 
 def _is_produced_by_workflow(path: str, config: dict) -> bool:
-    # The demo makes its own model and dataset under results/demo/.
-    return bool(config.get("demo", {}).get("enabled")) and Path(path).as_posix().startswith(paths.DEMO_SOURCE + "/")
+    # The demo makes its own model and dataset under results/demo/; download_dataset its files.
+    from rackbench.dataset_download import is_downloaded
+
+    demo = bool(config.get("demo", {}).get("enabled")) and Path(path).as_posix().startswith(paths.DEMO_SOURCE + "/")
+    return demo or is_downloaded(path, config)
 
 
 def num_shards(config: dict, gpus_per_shard: int) -> int:
@@ -229,7 +232,9 @@ def _semantic_checks(config: dict) -> None:
 def _check_trtllm(settings: dict, config: dict) -> None:
     """Backend options that contradict each other or the run."""
     from rackbench.engines.tensorrt_llm import replica_size, resolve_settings
+    from rackbench.trtllm_options import refuse_bad_options
 
+    refuse_bad_options(settings)  # every option against the TensorRT-LLM contract data (package data)
     try:
         resolved = resolve_settings(settings)
     except ValueError as err:

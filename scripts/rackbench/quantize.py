@@ -3,11 +3,17 @@
 ``python -m rackbench.quantize --model-dir DIR --calibration PARQUET --recipe {nvfp4,fp8,none}
 --out DIR [--calib-samples N --calib-batch-size B --calib-max-seq-len L --device auto|cpu|cuda]``
 
-Recipes (the configs ``examples/llm_ptq/hf_ptq.py`` builds in NVIDIA/Model-Optimizer,
-``quantize_main`` -> ``mtq.update_quant_cfg_with_kv_cache_quant(quant_cfg,
-getattr(mtq, KV_QUANT_CFG_CHOICES[kv_cache_qformat])["quant_cfg"])``; for a Llama
+Recipes (the configs ``examples/llm_ptq/hf_ptq.py`` builds in NVIDIA/Model-Optimizer:
+the model preset plus ``FP8_KV_CFG["quant_cfg"]``, merged as its ``apply_kv_cache_quant``
+(0.37) / ``mtq.update_quant_cfg_with_kv_cache_quant`` (0.40+) do; for a Llama
 ``example_utils.build_quant_cfg`` adds nothing, and ``--kv_cache_qformat fp8``
 (not ``fp8_cast``) keeps the data-calibrated KV amax rather than a constant one):
+
+ModelOpt versions: this module runs under the TensorRT-LLM container's ModelOpt
+(``nvidia-modelopt[torch]~=0.37.0``, pinned by TensorRT-LLM 1.2.1's requirements.txt)
+and under the rackbench environment's 0.47. It uses only the API both have; every
+ModelOpt name it touches is listed in ``rackbench/contracts/modelopt.yaml`` and
+tests/test_modelopt_compat.py fails on one that 0.37 lacks.
 
 * ``nvfp4``: ``hf_ptq.py --qformat nvfp4 --kv_cache_qformat fp8``
   = ``NVFP4_DEFAULT_CFG`` + ``FP8_KV_CFG["quant_cfg"]``, algorithm ``max``.
@@ -48,8 +54,33 @@ def quant_config(recipe: str) -> dict:
     import modelopt.torch.quantization as mtq
 
     base = {"nvfp4": mtq.NVFP4_DEFAULT_CFG, "fp8": mtq.FP8_DEFAULT_CFG}[recipe]
-    # Returns a deep copy: the library's presets stay untouched.
-    return mtq.update_quant_cfg_with_kv_cache_quant(base, mtq.FP8_KV_CFG["quant_cfg"])
+    return with_kv_cache_quant(base, mtq.FP8_KV_CFG["quant_cfg"])
+
+
+def with_kv_cache_quant(quant_cfg: dict, kv_cache_quant_cfg) -> dict:
+    """A deep copy of ``quant_cfg`` with the KV-cache quantizer entries added (presets stay untouched).
+
+    ModelOpt changed the shape of ``quant_cfg["quant_cfg"]``: up to 0.4x a dict
+    pattern -> attributes (0.37 ``examples/llm_ptq/example_utils.py apply_kv_cache_quant``:
+    ``dict.update``), later an ordered list of ``QuantizerCfgEntry`` dicts (0.47
+    ``modelopt/torch/quantization/utils/core_utils.py update_quant_cfg_with_kv_cache_quant``:
+    list concatenation, later entries win). Each version's presets come in its own
+    shape, so the merge follows the shape it is given.
+    """
+    import copy
+
+    merged = copy.deepcopy(quant_cfg)
+    inner, kv = merged.get("quant_cfg"), copy.deepcopy(kv_cache_quant_cfg)
+    if isinstance(inner, dict) and isinstance(kv, dict):
+        inner.update(kv)
+    elif isinstance(inner, (list, tuple)) and isinstance(kv, (list, tuple)):
+        merged["quant_cfg"] = list(inner) + list(kv)
+    else:
+        raise TypeError(f"cannot merge a KV-cache quant_cfg of type {type(kv).__name__} into one of type "
+                        f"{type(inner).__name__}: this ModelOpt's config layout is not one rackbench knows")
+    if not merged.get("algorithm"):
+        merged["algorithm"] = "max"
+    return merged
 
 
 def read_calibration(path: Path, num_samples: int, max_seq_len: int) -> list[list[int]]:
@@ -112,21 +143,64 @@ def save_modelopt_state(model, path: Path) -> None:
     """
     import modelopt.torch.opt as mto
     import torch
-    from modelopt.torch.quantization.utils.core_utils import get_quantizer_state_dict
+
+    import modelopt
 
     torch.save({"modelopt_state": mto.modelopt_state(model),
-                "quantizer_state_dict": get_quantizer_state_dict(model)}, path)
+                "quantizer_state_dict": quantizer_state_dict(model),
+                "modelopt_version": modelopt.__version__}, path)
+
+
+def quantizer_state_dict(model) -> dict:
+    """``{module name: TensorQuantizer.state_dict()}``, as ModelOpt's ``get_quantizer_state_dict``.
+
+    ModelOpt's own helper moved (0.37 ``modelopt/torch/quantization/utils.py``, 0.43+
+    ``.../utils/core_utils.py``); ``TensorQuantizer`` (``modelopt.torch.quantization.nn``)
+    is where it is in both, so this walks the modules itself. Plain HF models only:
+    no DDP/FSDP wrapper names to unwrap.
+    """
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return {name: module.state_dict() for name, module in model.named_modules()
+            if isinstance(module, TensorQuantizer)}
+
+
+def load_quantizer_state_dict(model, state: dict) -> None:
+    """The inverse of ``quantizer_state_dict`` (ModelOpt's ``set_quantizer_state_dict``)."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    quantizers = {name: m for name, m in model.named_modules() if isinstance(m, TensorQuantizer)}
+    missing = sorted(set(state) - set(quantizers))
+    if missing:
+        raise ValueError(f"saved quantizer state names {len(missing)} quantizer(s) the restored model lacks, "
+                         f"e.g. {missing[0]}: the base model differs from the one quantized")
+    for name, values in state.items():
+        quantizers[name].load_state_dict(values)
+
+
+def check_same_modelopt(saved: str | None, running: str, path) -> None:
+    """Refuse a state saved by another ModelOpt minor release: the config layout inside it
+    changed between 0.37 and 0.47 (contracts/modelopt.yaml config_layout), so a cross-version
+    restore fails deep inside ModelOpt or, worse, restores the wrong quantizers."""
+    if saved is None:
+        return  # saved before rackbench recorded the version
+    if saved.split(".")[:2] != running.split(".")[:2]:
+        raise QuantizeError(f"{path} was saved by ModelOpt {saved} but this environment has {running}: "
+                            "run quantize where build_engine runs (the TensorRT-LLM container), "
+                            "e.g. snakemake -R quantize ...")
 
 
 def restore_modelopt_state(model, path: Path):
     """Make ``model`` (the unquantized base) the calibrated quantized model again."""
     import modelopt.torch.opt as mto
     import torch
-    from modelopt.torch.quantization.utils.core_utils import set_quantizer_state_dict
+
+    import modelopt
 
     saved = torch.load(path, map_location="cpu", weights_only=False)
+    check_same_modelopt(saved.get("modelopt_version"), modelopt.__version__, path)
     model = mto.restore_from_modelopt_state(model, saved["modelopt_state"])
-    set_quantizer_state_dict(model, saved["quantizer_state_dict"])
+    load_quantizer_state_dict(model, saved["quantizer_state_dict"])
     return model
 
 

@@ -19,8 +19,11 @@ Two modes, chosen by ``settings["mode"]``:
 One replica = tp x pp GPUs. A shard that owns more GPUs gets a
 :class:`rackbench.engines.replicas.ReplicaPool` of replicas.
 
-Every flag and LLM-API field emitted here is checked by
-tests/test_tensorrt_llm_backend.py against tests/contracts/trtllm_1_2_spec.yaml.
+Every flag and LLM-API field emitted here is checked against the TensorRT-LLM
+1.2.1 facts in ``rackbench/contracts/trtllm_1_2.yaml``: at config time by
+``rackbench.trtllm_options`` (before any job) and by tests/test_tensorrt_llm_backend.py.
+On a Slurm GPU node every process that creates an ``LLM`` is started through
+``trtllm-llmapi-launch`` (``rackbench.trtllm_launch``).
 This module never imports ``tensorrt_llm`` at import time.
 """
 
@@ -41,6 +44,7 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from rackbench.config import schema_defaults
+from rackbench.trtllm_options import choices
 
 MODES = ("pytorch", "tensorrt")
 EXTRA_OPTIONS_FILE = "extra_llm_api_options.yaml"
@@ -49,8 +53,13 @@ TRT_CHECKPOINT_SUBDIR = "trtllm_checkpoint"
 TRT_ENGINE_SUBDIR = "engine"
 LLAMA2_EOS_ID = 2  # Llama-2 tokenizer </s>; MLPerf generation_config eos_token_id
 
-SCHEDULER_POLICIES = ("MAX_UTILIZATION", "GUARANTEED_NO_EVICT", "STATIC_BATCH")
-CHUNKING_POLICIES = ("FIRST_COME_FIRST_SERVED", "EQUAL_PROGRESS")
+# The allowed values come from the contract data (llm_args.py SchedulerConfig enums).
+SCHEDULER_POLICIES = choices("scheduler_config.capacity_scheduler_policy")
+CHUNKING_POLICIES = choices("scheduler_config.context_chunking_policy")
+# LLM-API objects passed through as given when the settings name them (null included:
+# ``cuda_graph_config: null`` turns TensorRT-LLM's decode CUDA graphs off, as NVIDIA's
+# v6.0 GB300 llama2-70b configs do with use_graphs False); absent = TensorRT-LLM's default.
+PASSTHROUGH_LLM_API_OBJECTS = ("cuda_graph_config", "torch_compile_config")
 
 # The defaults live in the config schema (engines.tensorrt-llm; they reproduce the
 # NVIDIA v5.1 code Azure shipped, closed/Azure/configs/ND_GB200_v6/Offline/llama2-70b.py).
@@ -93,6 +102,9 @@ def resolve_settings(settings: dict | None) -> dict:
         raise ValueError(f"context_chunking_policy {s['context_chunking_policy']!r} not in {CHUNKING_POLICIES}")
     if not isinstance(s["trtllm_build_extra_flags"], dict):
         raise ValueError("trtllm_build_extra_flags must be a mapping flag -> value")
+    for key in PASSTHROUGH_LLM_API_OBJECTS:
+        if key in s and s[key] is not None and not isinstance(s[key], dict):
+            raise ValueError(f"{key} must be a mapping or null, got {s[key]!r}")
     return s
 
 
@@ -128,6 +140,7 @@ def llm_api_options(settings: dict) -> dict:
             "enable_block_reuse": bool(s["kv_cache"]["enable_block_reuse"]),
         },
         "scheduler_config": scheduler,
+        **{key: copy.deepcopy(s[key]) for key in PASSTHROUGH_LLM_API_OBJECTS if key in s},
     }
 
 

@@ -1,7 +1,7 @@
 """FAKE ``tensorrt_llm`` for CPU tests. It is NOT TensorRT-LLM.
 
 It implements only the surface rackbench documents and uses
-(tests/contracts/trtllm_1_2_spec.yaml): ``LLM(model=..., **llm_args)``,
+(scripts/rackbench/contracts/trtllm_1_2.yaml): ``LLM(model=..., **llm_args)``,
 ``LLM.generate_async(token_ids, sampling_params=..., streaming=...)`` returning a
 ``RequestOutput`` (a GenerationResult: ``result()``, ``aresult()``, ``await``, sync
 and async iteration, one step per response; ``.outputs[0].token_ids`` accumulating
@@ -32,10 +32,10 @@ from pathlib import Path
 
 import yaml
 
-__version__ = "1.2.0"
+__version__ = "1.2.1"
 FAKE = True
 
-SPEC_PATH = Path(__file__).resolve().parents[2] / "contracts" / "trtllm_1_2_spec.yaml"
+SPEC_PATH = Path(__file__).resolve().parents[3] / "scripts" / "rackbench" / "contracts" / "trtllm_1_2.yaml"
 _SPEC = yaml.safe_load(SPEC_PATH.read_text())
 
 #: Every LLM constructed in this process, for assertions: (class name, kwargs, CUDA_VISIBLE_DEVICES)
@@ -47,6 +47,8 @@ def _check_fields(values: dict, spec_fields: dict, where: str) -> None:
         if key not in spec_fields:
             raise TypeError(f"{where}: unexpected argument {key!r} (extra='forbid')")
         spec = spec_fields[key]
+        if value is None and spec.get("nullable"):
+            continue
         if spec.get("type") == "object":
             if not isinstance(value, dict):
                 raise TypeError(f"{where}.{key} must be a mapping")

@@ -1,0 +1,23 @@
+# download_dataset: MLPerf's processed OpenOrca files via MLCommons' R2 distribution,
+# checked against the published MD5 list (and a recorded SHA-256 where the config pins
+# one). A localrule: login nodes have the network. Only for datasets with a `download`
+# section whose paths are the files this rule makes; a config naming a local copy skips it.
+
+from rackbench.dataset_download import download_args, download_dir  # noqa: E402
+
+
+rule download_dataset:
+    output:
+        samples="results/datasets/{dataset}/download/samples.pkl",
+        calibration="results/datasets/{dataset}/download/calibration.pkl",
+        checksums="results/datasets/{dataset}/download/SHA256SUMS",
+    params:
+        args=lambda wc: download_args(config["datasets"][wc.dataset]["download"]),
+        out=lambda wc: download_dir(wc.dataset),
+    log:
+        "results/logs/download_dataset/{dataset}.log",
+    localrule: True
+    conda:
+        RUN_ENV
+    shell:
+        "python -m rackbench.dataset_download {params.args} --out {params.out} > {log} 2>&1"
