@@ -6,6 +6,7 @@ rule run_shard:
     input:
         engine=lambda wc: engine_dir(wc.model, wc.recipe, wc.backend, wc.gpu),
         dataset=lambda wc: f"results/datasets/{dataset_of(wc.model)}/samples.parquet",
+        orphans=settle_orphaned_slurm_jobs,  # a shard as target: wait for an earlier run's jobs first
     output:
         directory("results/runs/{model}/{recipe}/{backend}/{gpu}/bs{bs}/{layout}/{mode}/shard{shard}"),
     params:
