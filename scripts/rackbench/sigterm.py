@@ -135,9 +135,14 @@ def _install() -> None:
             read_fd, write_fd = os.pipe()
             os.set_blocking(write_fd, False)
             try:
-                signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+                other = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
             except ValueError:
-                os.close(read_fd), os.close(write_fd)
+                other = None
+            if other is None or other != -1:  # failed, or someone else's (an event loop's): leave theirs
+                if other is not None:
+                    signal.set_wakeup_fd(other)
+                os.close(read_fd)
+                os.close(write_fd)
             else:
                 _installed["wakeup_fd"] = write_fd
                 threading.Thread(target=_watch, args=(read_fd,), name="rackbench-sigterm", daemon=True).start()
