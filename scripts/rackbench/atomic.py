@@ -96,16 +96,27 @@ def atomic_path(final: str | os.PathLike, *, directory: bool = False) -> Iterato
         sigterm.unregister(tmp)
 
 
-# Below this many free bytes the filesystem counts as full: writers such as
-# safetensors and torch.save report ENOSPC in errors that are not OSErrors.
+# Below this many free bytes the filesystem counts as full: torch.save reports ENOSPC as
+# "file write failed", in an error that is no OSError and names no errno.
 FULL_BELOW_BYTES = 1 << 20
 
 
+# How writers that wrap the OS error say ENOSPC / EDQUOT (safetensors: "I/O error: No space
+# left on device (os error 28)", and it removes its partial file, so the space is free again).
+_FULL_MESSAGES = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT), f"os error {errno.ENOSPC}",
+                  f"os error {errno.EDQUOT}")
+
+
 def _out_of_space(err: BaseException, final: Path) -> bool:
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
     if not isinstance(err, Exception):
         return False  # KeyboardInterrupt, SystemExit: not a write failure
+    cause = err
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(cause) for text in _FULL_MESSAGES):
+            return True
+        cause = cause.__cause__ or cause.__context__
     try:
         return shutil.disk_usage(final.parent).free < FULL_BELOW_BYTES
     except OSError:
