@@ -42,3 +42,4 @@ rule all:
     default_target: True
     input:
         rules.report.output,
+        settle_orphaned_slurm_jobs,  # first: wait for an earlier run's Slurm jobs (rules/common.smk)

@@ -177,6 +177,8 @@ def job_resources(gpu_type_of, count_of):
     """
 
     def lookup(key):
+        if key == "runtime":  # a retry (after a time limit, say) asks for more time: runtime x attempt
+            return lambda wildcards, attempt: slurm_resources(gpu_type_of(wildcards), count_of(wildcards))[key] * attempt
         return lambda wildcards: slurm_resources(gpu_type_of(wildcards), count_of(wildcards)).get(key)
 
     keys = ("gpu", "gpu_model", "cpus_per_gpu", "cpus_per_task", "mem_mb", "runtime", "slurm_partition")
@@ -222,3 +224,25 @@ def shard_threads(wildcards):
 
 
 QUANT_GPU = QUANT.get("gpu_type") or next(iter(GPU_TYPES))
+
+
+# ---- orphaned Slurm jobs (rackbench.slurm_jobs) ----------------------------
+# A run killed while its Slurm jobs ran leaves them running. Before Snakemake
+# checks incomplete outputs (input functions run while the DAG is built, after
+# the executor is known, so dry runs and --unlock are told apart), wait for
+# them: each that completes records its own output as done, so it is adopted,
+# not submitted a second time. Skipped where the directory is locked (a live
+# run's jobs are not orphans; Snakemake then refuses this run anyway).
+_ORPHANS_SETTLED = []
+
+
+def settle_orphaned_slurm_jobs(wildcards):
+    if not _ORPHANS_SETTLED and workflow.is_main_process and not workflow.dryrun:
+        _ORPHANS_SETTLED.append(True)
+        if not any(Path(".snakemake", "locks").glob("*.lock")):
+            from snakemake.logging import logger
+
+            from rackbench.slurm_jobs import settle_orphans
+
+            settle_orphans(os.getcwd(), log=logger.info)
+    return []

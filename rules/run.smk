@@ -8,6 +8,7 @@ rule run_shard:
     input:
         engine=lambda wc: configuration_of(wc).engine_dir,
         dataset=lambda wc: configuration_of(wc).dataset_file("samples"),
+        orphans=settle_orphaned_slurm_jobs,  # a shard as target: wait for an earlier run's jobs first
     output:
         directory(paths.SHARD_PATTERN),
     log:

@@ -143,3 +143,32 @@ def chromium():
     if path is None:
         pytest.skip("Debian chromium is not installed and cannot be installed here")
     return path
+
+
+# ---- no test-cluster daemon outlives the test run (tests/slurm/cluster.py) ----
+# Daemons inherit this marker from the session that started them (directly or
+# through another daemon), so the check sees this session's leftovers only, not a
+# cluster someone else runs on the same machine.
+SESSION_MARKER = "RACKBENCH_TEST_SESSION"
+
+
+def pytest_sessionstart(session):
+    import uuid
+
+    os.environ[SESSION_MARKER] = uuid.uuid4().hex
+
+
+@pytest.hookimpl(trylast=True)  # after the session fixtures' teardown
+def pytest_sessionfinish(session, exitstatus):
+    from slurm import cluster
+
+    if os.environ.get("RACKBENCH_SLURM_KEEP"):
+        return  # asked to leave the cluster running
+    left = cluster.daemons_with_env(SESSION_MARKER, os.environ[SESSION_MARKER])
+    if left:
+        listing = ", ".join(f"{name} (pid {pid})" for pid, name in sorted(left.items()))
+        print(f"\nERROR: the test run left daemons running: {listing}; stopping them now", file=sys.stderr)
+        order = ["slurmstepd", *reversed(cluster.DAEMONS)]  # job steps first, munged last
+        for pid, name in sorted(left.items(), key=lambda item: order.index(item[1])):
+            cluster.kill_pid(name, pid)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

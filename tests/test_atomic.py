@@ -42,3 +42,40 @@ def test_stale_temporaries_of_a_killed_attempt_are_removed(tmp_path):
     with atomic_path(final, directory=True) as tmp:
         (tmp / "shard.json").write_text("{}")
     assert not stale.exists() and other.exists()
+
+
+WRITER = """
+import ctypes, sys
+from rackbench.atomic import atomic_path
+with atomic_path(sys.argv[1], directory=True) as tmp:
+    (tmp / "partial").write_text("half of it")
+    print("writing", flush=True)
+    while True:
+        ctypes.CDLL(None).sleep(30)  # native code, as LoadGen's StartTest: Python's handlers wait for it
+"""
+
+
+def test_sigterm_says_why_removes_the_partial_output_and_exits_143(tmp_path):
+    """As Slurm ends a job past its time limit (SIGTERM, then SIGKILL KillWait seconds later):
+    the writer says so on stderr at once, even while in native code, and leaves nothing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    final = tmp_path / "shard0"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "scripts")
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(final)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline() == "writing\n"
+    assert list(tmp_path.glob(".shard0.tmp-*/partial"))
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=10)
+    assert time.monotonic() - t0 < 5, "not within Slurm's KillWait"
+    assert proc.returncode == 143, err
+    assert f"rackbench: received SIGTERM: {final} not finished; partial output removed, nothing counts as done" in err
+    assert list(tmp_path.iterdir()) == []

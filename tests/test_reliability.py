@@ -190,3 +190,55 @@ def test_second_invocation_is_refused(demo_copy):
     out, _ = first.communicate(timeout=600)
     assert first.returncode == 0, out[-3000:]
     assert json.loads((demo_copy / STEP_OUTPUTS["accuracy"]).read_text())["valid"]
+
+
+def _file_hashes(root: Path) -> dict[str, str]:
+    from rackbench.atomic import sha256_file
+
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def test_full_disk_stops_the_step_names_the_path_and_keeps_earlier_results(demo_copy, tmp_path):
+    """Issue 14, item 4. results/ is a tmpfs with room for everything made so far and
+    half of the quantized checkpoint; quantize (safetensors' writer, whose ENOSPC is no
+    OSError) must stop with an error that says the disk is full and names the output,
+    leave nothing at or beside its output, and change no earlier result. With room
+    again, the same command makes it."""
+    results = demo_copy / "results"
+    target = STEP_OUTPUTS["quantize"]
+    needed = _tree_bytes(demo_copy / target)
+    saved = tmp_path / "results-before"
+    shutil.move(results, saved)
+    results.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m", "tmpfs", str(results)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        shutil.copytree(saved, results, symlinks=True, dirs_exist_ok=True,
+                        ignore=lambda d, names: [n for n in names if Path(d, n) == saved / Path(target).relative_to("results")])
+        assert not (demo_copy / target).exists()
+        before = _file_hashes(results)
+        room = shutil.disk_usage(results).used + needed // 2
+        subprocess.run(["mount", "-o", f"remount,size={room // 4096 * 4096}", str(results)], check=True)
+        assert shutil.disk_usage(results).free < needed
+
+        full = snakemake(demo_copy, "--cores", "2", target, check=False)
+        assert full.returncode != 0, full.stdout[-3000:]
+        log = (results / "logs" / "quantize" / "tiny-llama-nvfp4.log").read_text()
+        assert "no space left on the filesystem of" in log and f"while writing {target}" in log, log[-3000:]
+        assert not (demo_copy / target).exists() and not _temp_siblings(demo_copy / target)
+        after = _file_hashes(results)
+        after.pop("logs/quantize/tiny-llama-nvfp4.log", None)
+        before.pop("logs/quantize/tiny-llama-nvfp4.log", None)
+        assert after == before, "a full disk changed earlier results"
+
+        subprocess.run(["mount", "-o", "remount,size=512m", str(results)], check=True)
+        snakemake(demo_copy, "--cores", "2", target)
+        assert (demo_copy / target / "config.json").exists() and not _temp_siblings(demo_copy / target)
+    finally:
+        subprocess.run(["umount", "-l", str(results)], capture_output=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -22,13 +24,16 @@ from slurm.helpers import (
     REPO,
     comment_of,
     copy_tiny,
+    queued_jobs,
     run_snakemake,
     sacct,
     sbatch_calls,
     slurm_run_id,
     snakemake_env,
+    start_snakemake,
     tail,
 )
+from rackbench.slurm_jobs import incomplete_markers
 from test_reliability import TIMING_COLUMNS  # the per-shard timing columns of shards.csv
 
 pytestmark = pytest.mark.slurm
@@ -399,3 +404,93 @@ def test_demo_report_through_slurm_equals_a_local_run(demo_run, demo_local):
     assert (pd.read_csv(wd / "results" / "report" / "throughput.csv")["status"] == "VALID").all()
     (acc,) = (p.relative_to(wd) for p in wd.glob(f"results/accuracy/{CFG}/*/accuracy.json"))
     assert json.loads((wd / acc).read_text()) == json.loads((demo_local / acc).read_text())
+
+
+# ---------------------------------------------------------------- faults on the cluster
+
+def wait_until(what, pred, timeout, proc=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = pred()
+        if found:
+            return found
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"snakemake ended ({proc.returncode}) before {what}:\n"
+                                 + "\n".join(proc.log_path.read_text().splitlines()[-60:]))
+        time.sleep(2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def test_rerun_after_a_lost_login_session_waits_for_and_adopts_the_running_shards(
+        slurm_cluster, tmp_path):  # noqa: F811
+    """Issue 14, item 2. SIGKILL of snakemake while the four demo shard jobs run (each held
+    45 s before its output's rename), then `snakemake --unlock` and the same command again:
+    the rerun finds the four orphans (squeue: this working directory, a plugin run ID, a rule
+    comment), waits for them, adopts their outputs, and submits no shard a second time
+    (rackbench.slurm_jobs)."""
+    wd = tmp_path / "demo"
+    wd.mkdir()
+    held = {"RACKBENCH_FAULT_PAUSE_BEFORE_RENAME_S": "45",
+            "RACKBENCH_FAULT_PAUSE_ONLY": f"{wd}/results/runs/*/shard[0-9]"}
+    first = start_snakemake(DEMO_ARGS, cwd=wd, env=snakemake_env(**held))
+    try:
+        def four_shards_running():
+            running = [j for j in queued_jobs(wd)
+                       if j["Comment"].startswith("rule_run_shard_") and j["State"] == "RUNNING"]
+            return running if len(running) == 4 else None
+        orphans = wait_until("four running shard jobs", four_shards_running, DEMO_TIMEOUT, first)
+    finally:
+        os.kill(first.pid, signal.SIGKILL)  # the login session is gone; its Slurm jobs go on
+        first.wait()
+    orphan_ids = sorted(j["JobID"] for j in orphans)
+    assert {j["State"] for j in queued_jobs(wd) if j["JobID"] in orphan_ids} == {"RUNNING"}
+
+    unlock = run_snakemake(["--unlock", *DEMO_ARGS], cwd=wd, timeout=300)
+    assert unlock.returncode == 0, tail(unlock)
+    again = run_snakemake(DEMO_ARGS, cwd=wd, timeout=DEMO_TIMEOUT)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, tail(again)
+    assert "waiting for them and adopting their outputs" in out, tail(again)
+    for job in orphans:
+        assert f"Slurm job {job['JobID']} ({job['Comment']}) COMPLETED: its output is adopted" in out, tail(again)
+    # no shard submitted again: the rerun ran only what came after the shards
+    assert not [c for c in sbatch_calls(again) if rule_of(c) == "run_shard"], sbatch_calls(again)
+    assert {rule_of(c) for c in sbatch_calls(again)} == {"accuracy"}, sbatch_calls(again)
+    # the adopted outputs are the orphans' own, and nothing of them is marked incomplete
+    recs = [json.loads(f.read_text()) for f in wd.glob(f"results/runs/{CFG}/*/shard*/shard.json")]
+    assert sorted(str(r["slurm_job_id"]) for r in recs) == orphan_ids
+    assert not incomplete_markers(wd)
+    assert (wd / "results" / "report" / "report.md").exists()
+
+
+def test_a_shard_past_its_time_limit_says_so_counts_for_nothing_and_its_retry_gets_more_time(
+        slurm_cluster, tmp_path):  # noqa: F811
+    """Issue 14, item 3. GPU jobs get a 2-minute limit (runtime_min: 2; Slurm's shortest is 1,
+    too short for the other shards on 2 shared cores); performance shard 0 is held 200 s
+    before its output's rename on its first attempt only. Slurm ends it (TIMEOUT: SIGTERM,
+    SIGKILL KillWait=5 s later); its Slurm log says it hit the limit, nothing of it is kept,
+    and the retry asks for twice the time (runtime x attempt) and finishes."""
+    wd = tmp_path / "demo"
+    wd.mkdir()
+    short_limit = wd / "short-limit.yaml"
+    short_limit.write_text(yaml.safe_dump({"gpu_types": {"gb300": {"slurm": {"runtime_min": 2}}}}))
+    shard0 = Path("results", "runs", CFG, "performance", "shard0")
+    env = snakemake_env(RACKBENCH_FAULT_PAUSE_BEFORE_RENAME_S="200", RACKBENCH_FAULT_PAUSE_ONLY=str(wd / shard0),
+                        RACKBENCH_FAULT_PAUSE_ONCE=str(wd / "held-once"))
+    p = run_snakemake([*DEMO_ARGS, str(short_limit)], cwd=wd, timeout=DEMO_TIMEOUT + 600, env=env)
+    assert p.returncode == 0, tail(p)
+    assert (wd / "held-once").exists(), "the slow attempt never ran"
+    calls = [c for c in sbatch_calls(p) if rule_of(c) == "run_shard" and comment_of(c).endswith("_performance_0")]
+    assert len(calls) == 2, calls
+    assert "-t 2 " in calls[0] and "-t 4 " in calls[1], calls  # the retry asks for more time
+    jobs = sorted((j for j in sacct(slurm_run_id(p)) if j["Comment"] == comment_of(calls[0])),
+                  key=lambda j: int(j["JobIDRaw"]))
+    assert [j["State"].split()[0] for j in jobs] == ["TIMEOUT", "COMPLETED"], jobs
+    timed_out, retried = (j["JobIDRaw"] for j in jobs)
+    slurm_log = logs_of(wd / ".snakemake" / "slurm_logs" / "rule_run_shard")[timed_out].read_text()
+    assert f"rackbench: Slurm job {timed_out} hit its time limit" in slurm_log, slurm_log[-3000:]
+    assert f"{shard0} not finished; partial output removed, nothing counts as done" in slurm_log
+    # what counts is the retry's output alone
+    assert str(json.loads((wd / shard0 / "shard.json").read_text())["slurm_job_id"]) == retried
+    assert not list((wd / shard0).parent.glob(".shard0.tmp-*"))
+    assert (wd / "results" / "report" / "report.md").exists()

@@ -169,6 +169,8 @@ def _semantic_checks(config: dict) -> None:
                 value = entry.get(key)
                 if value and not Path(value).exists() and not _is_produced_by_workflow(value, config):
                     raise ConfigError(f"datasets.{name}.{part}.{key}: {value} does not exist")
+                if value and Path(value).is_dir():
+                    raise ConfigError(f"datasets.{name}.{part}.{key}: {value} is a directory, not a file")
 
     gpu_types = config["gpu_types"]
     for gpu in bench["gpu_types"]:

@@ -29,6 +29,7 @@ tests turn that into a skip.
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import json
 import os
@@ -189,6 +190,12 @@ def running_pid(name: str) -> int | None:
 
 
 _children: dict[int, subprocess.Popen] = {}
+# Every daemon this process started (name -> pid), across all start() calls (a restart in
+# another configuration included), so that teardown stops them all, whichever fixture or
+# test started them.
+_started_here: dict[str, int] = {}
+# Process names of what the test cluster runs (slurmstepd: one per job step still alive).
+DAEMON_NAMES = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd", "slurmstepd")
 
 
 def kill_pid(name: str, pid: int, timeout: float = 30) -> None:
@@ -217,6 +224,8 @@ def kill_pid(name: str, pid: int, timeout: float = 30) -> None:
             _children.pop(pid).wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
+    if _started_here.get(name) == pid:
+        _started_here.pop(name)
 
 
 # ----------------------------------------------------------------------------- install
@@ -532,6 +541,7 @@ def start(accounting: bool = True, install: bool = True) -> Cluster:
     def note(name, pid):
         if pid:
             started[name] = pid
+            _started_here[name] = pid
             book["pids"][name] = pid
             write_book(book)
             log(f"started {name} (pid {pid})")
@@ -553,11 +563,29 @@ def start(accounting: bool = True, install: bool = True) -> Cluster:
     return c
 
 
+def cancel_all_jobs(timeout: float = 30) -> None:
+    """scancel every job on the test cluster and wait for their job steps (slurmstepd) to end."""
+    if not ctld_ok():
+        return
+    ids = sh(["squeue", "-h", "-o", "%i"], check=False).stdout.split()
+    if ids:
+        log(f"cancelling job(s) {' '.join(ids)}")
+        sh(["scancel", *ids], check=False)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (processes_named("slurmstepd") or
+                                           sh(["squeue", "-h", "-t", "PD,R,CG", "-o", "%i"], check=False).stdout.strip()):
+        time.sleep(0.5)
+
+
 def stop(pids: dict[str, int] | None = None) -> None:
-    """Stop, by PID, the given daemons (default: everything this module started)."""
+    """Stop, by PID, the given daemons (default: everything this module started).
+
+    Jobs still on the cluster are cancelled first, when the controller is among them."""
     book = read_book()
     if pids is None:
         pids = dict(book["pids"])
+    if "slurmctld" in pids and pid_alive(pids["slurmctld"], "slurmctld"):
+        cancel_all_jobs()
     for name in reversed(DAEMONS):
         pid = pids.get(name)
         if pid:
@@ -565,6 +593,70 @@ def stop(pids: dict[str, int] | None = None) -> None:
             if book["pids"].get(name) == pid:
                 book["pids"].pop(name)
     write_book(book)
+
+
+def started_here() -> dict[str, int]:
+    """The daemons this process started and that still run (name -> pid)."""
+    return {name: pid for name, pid in _started_here.items() if pid_alive(pid, name)}
+
+
+def stop_started_here() -> None:
+    if _started_here:
+        stop(dict(_started_here))
+
+
+_at_exit = {"registered": False}
+
+
+def stop_at_exit() -> None:
+    """From now on, whatever this process starts is stopped when it ends: normally (atexit),
+    or on SIGTERM / SIGHUP (then the signal's previous action follows). SIGINT reaches
+    pytest as KeyboardInterrupt, which still runs fixture teardown and atexit. Only
+    SIGKILL escapes; tests/conftest.py's session-finish check reports what is left."""
+    if _at_exit["registered"]:
+        return
+    _at_exit["registered"] = True
+    atexit.register(stop_started_here)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        previous = signal.getsignal(signum)
+
+        def handler(sig, frame, previous=previous):
+            stop_started_here()
+            if callable(previous):
+                previous(sig, frame)
+            else:
+                signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+                os.kill(os.getpid(), sig)
+        signal.signal(signum, handler)
+
+
+def processes_named(*names: str) -> dict[int, str]:
+    """Live processes whose command name is one of `names` (pid -> name)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            comm = (proc / "comm").read_text().strip()
+        except OSError:
+            continue
+        if comm in names and pid_alive(int(proc.name), comm):
+            found[int(proc.name)] = comm
+    return found
+
+
+def daemons_with_env(key: str, value: str) -> dict[int, str]:
+    """Test-cluster daemons (DAEMON_NAMES) whose environment has key=value: those a process
+    with that environment started, directly or through another daemon."""
+    found = {}
+    for pid, comm in processes_named(*DAEMON_NAMES).items():
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"{key}={value}".encode() in env:
+            found[pid] = comm
+    return found
 
 
 def status() -> dict:

@@ -86,3 +86,28 @@ def copy_tiny(dest: Path) -> Path:
     shutil.copytree(TINY, dest)
     (dest / "control").mkdir()
     return dest
+
+
+def start_snakemake(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """`snakemake --executor slurm --workflow-profile profiles/ci-slurm ARGS` in the background,
+    in its own session (so it can be killed like a lost login shell); output to cwd/snakemake-<n>.log."""
+    cmd = [sys.executable, "-m", "snakemake", "--executor", "slurm", "--workflow-profile", str(CI_PROFILE),
+           "--verbose", *args]
+    n = len(list(Path(cwd).glob("snakemake-*.log")))
+    out = open(Path(cwd, f"snakemake-{n}.log"), "w")
+    out.write(f"$ {' '.join(cmd)} (in the background)\n")
+    out.flush()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env or snakemake_env(), stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    out.close()
+    proc.log_path = Path(cwd, f"snakemake-{n}.log")
+    return proc
+
+
+def queued_jobs(workdir: Path) -> list[dict]:
+    """Slurm jobs (pending, running, or finished within MinJobAge) whose working directory is `workdir`."""
+    fields = ["JobID", "State", "Name", "WorkDir", "Comment"]
+    out = subprocess.run(["squeue", "-h", "--states=all", "-o", "\x1f".join(["%i", "%T", "%j", "%Z", "%k"])],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [dict(zip(fields, line.split("\x1f"))) for line in out.splitlines() if line]
+    return [r for r in rows if os.path.realpath(r["WorkDir"]) == os.path.realpath(workdir)]
