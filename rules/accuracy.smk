@@ -23,7 +23,7 @@ rule accuracy:
         reference=lambda wc: as_json(MODELS[wc.model]["accuracy"]["reference"]),
         fraction=lambda wc: MODELS[wc.model]["accuracy"]["target_fraction"],
         tolerance=lambda wc: MODELS[wc.model]["accuracy"]["tokens_per_sample_tolerance"],
-        settings=write_settings(lambda wc: plan.accuracy_settings(config, fields_of(wc))),
+        settings=write_settings("accuracy"),
     shell:
         "{params.settings} > {log} 2>&1 && python -m rackbench.accuracy --dataset {input.dataset}"
         " --tokenizer {input.tokenizer} --shard-dirs {input.shards} --reference-json {params.reference}"
