@@ -21,7 +21,7 @@ rule accuracy:
         RUN_ENV
     params:
         accuracy=lambda wc: as_json(MODELS[wc.model]["accuracy"]),
-        settings=write_settings(lambda wc: plan.accuracy_settings(config, fields_of(wc))),
+        settings=write_settings("accuracy"),
     shell:
         "{params.settings} > {log} 2>&1 && python -m rackbench.accuracy --dataset {input.dataset}"
         " --tokenizer {input.tokenizer} --shard-dirs {input.shards} --accuracy-json {params.accuracy}"

@@ -2,7 +2,10 @@
 # rules use. Paths come from rackbench.paths, the plan from rackbench.config;
 # logic beyond lookups lives in rackbench.
 
+import functools
+import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -35,40 +38,79 @@ RUN_ENV = "../envs/rackbench.yaml"
 
 def as_json(obj):
     """A config fragment as a shell-quoted JSON argument."""
-    import json
-    import shlex
-
     return shlex.quote(json.dumps(obj, sort_keys=True))
 
 
 # ---- variants: each rule's output carries the hash of the settings that make it ----
-def checked(wildcards, settings):
-    """``settings`` if they hash to the job's {variant}; an old variant cannot be remade."""
-    if paths.variant_id(settings) != wildcards.variant:
-        raise WorkflowError(
-            f"variant {wildcards.variant} of {dict(wildcards)} is not the one this config makes "
-            f"({paths.variant_id(settings)}); its settings are in its settings.json"
+# The plan's settings, computed once per step (planning a 3,456-job sweep asks often).
+@functools.lru_cache(maxsize=None)
+def step_settings_json(step, *key):
+    """The canonical JSON of one step's settings; ``key``: the step's own wildcards."""
+    if step in ("run_shard", "accuracy"):
+        fields = dict(zip(plan.CONFIG_FIELDS, key))
+        settings = (plan.run_settings if step == "run_shard" else plan.accuracy_settings)(config, fields)
+    else:
+        settings = STEP_SETTINGS[step](config, *key)
+    return paths.canonical_json(settings)
+
+
+STEP_SETTINGS = {
+    "download_model": plan.snapshot_settings,
+    "prepare_dataset": plan.dataset_settings,
+    "quantize": plan.checkpoint_settings,
+    "build_engine": plan.engine_settings,
+}
+STEP_KEYS = {
+    "download_model": ("model",),
+    "prepare_dataset": ("dataset",),
+    "quantize": ("model", "recipe"),
+    "build_engine": ("model", "recipe", "backend", "gpu_type"),
+    "run_shard": plan.CONFIG_FIELDS,
+    "accuracy": plan.CONFIG_FIELDS,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def step_variant(step, *key):
+    return paths.variant_id(json.loads(step_settings_json(step, *key)))
+
+
+def step_key(step, wildcards):
+    return tuple(int(wildcards[k]) if k == "batch_size" else wildcards[k] for k in STEP_KEYS[step])
+
+
+def write_settings(step):
+    """A params function: the shell command that writes the job's settings.json first.
+    A {variant} that is not the one this config makes is refused (an old variant is
+    never remade with other settings; its own are in its settings.json)."""
+
+    def command(wildcards, output):
+        key = step_key(step, wildcards)
+        if step_variant(step, *key) != wildcards.variant:
+            raise WorkflowError(
+                f"variant {wildcards.variant} of {dict(wildcards)} is not the one this config makes "
+                f"({step_variant(step, *key)}); its settings are in its settings.json"
+            )
+        return (
+            f"python -m rackbench.paths write-settings --out {output[0]}"
+            f" --settings-json {shlex.quote(step_settings_json(step, *key))}"
         )
-    return settings
+
+    return command
 
 
-def write_settings(settings_of):
-    """A params function: the shell command that writes the job's settings.json first."""
-    return lambda wildcards, output: (
-        f"python -m rackbench.paths write-settings --out {output[0]}"
-        f" --settings-json {as_json(checked(wildcards, settings_of(wildcards)))}"
-    )
+CONFIGURATION_BY_FIELDS = {tuple(cfg.fields.values()): cfg for cfg in CONFIGURATIONS}
 
 
 def fields_of(wildcards):
-    return {k: (int(wildcards[k]) if k == "batch_size" else wildcards[k]) for k in plan.CONFIG_FIELDS}
+    return dict(zip(plan.CONFIG_FIELDS, step_key("run_shard", wildcards)))
 
 
 def configuration_of(wildcards):
-    for cfg in CONFIGURATIONS:
-        if cfg.fields == fields_of(wildcards):
-            return cfg
-    raise WorkflowError(f"no configured benchmark matches {dict(wildcards)}")
+    try:
+        return CONFIGURATION_BY_FIELDS[step_key("run_shard", wildcards)]
+    except KeyError:
+        raise WorkflowError(f"no configured benchmark matches {dict(wildcards)}") from None
 
 
 def dataset_of(model):
@@ -76,22 +118,16 @@ def dataset_of(model):
 
 
 def snapshot_of(model):
-    return paths.snapshot_dir(model, paths.variant_id(plan.snapshot_settings(config, model)))
+    return paths.snapshot_dir(model, step_variant("download_model", model))
 
 
 def dataset_file_of(model, part):
     dataset = dataset_of(model)
-    return paths.dataset_file(dataset, paths.variant_id(plan.dataset_settings(config, dataset)), part)
+    return paths.dataset_file(dataset, step_variant("prepare_dataset", dataset), part)
 
 
 def checkpoint_of(model, recipe):
-    variant = paths.variant_id(plan.checkpoint_settings(config, model, recipe))
-    return paths.checkpoint_dir(model, recipe, variant)
-
-
-def engine_of(model, recipe, backend, gpu_type):
-    settings = plan.engine_settings(config, model, recipe, backend, gpu_type)
-    return paths.engine_dir(model, recipe, backend, gpu_type, paths.variant_id(settings))
+    return paths.checkpoint_dir(model, recipe, step_variant("quantize", model, recipe))
 
 
 # ---- input functions ------------------------------------------------------

@@ -17,7 +17,7 @@ rule prepare_dataset:
         samples_checksum=lambda wc: dataset_checksum_arg(wc, "samples"),
         calibration_checksum=lambda wc: dataset_checksum_arg(wc, "calibration"),
         expect_rows=expected_rows,
-        settings=write_settings(lambda wc: plan.dataset_settings(config, wc.dataset)),
+        settings=write_settings("prepare_dataset"),
     shell:
         "{params.settings} > {log} 2>&1 && python -m rackbench.dataset"
         " --pickle {input.samples} --out {output.samples} --checksum {params.samples_checksum}"

@@ -15,6 +15,6 @@ rule download_model:
         RUN_ENV
     params:
         source=model_source_args,
-        settings=write_settings(lambda wc: plan.snapshot_settings(config, wc.model)),
+        settings=write_settings("download_model"),
     shell:
         "{params.settings} > {log} 2>&1" " && python -m rackbench.download {params.source} --out {output} >> {log} 2>&1"

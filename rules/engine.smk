@@ -24,7 +24,7 @@ rule build_engine:
         gpu_spec=lambda wc: as_json(GPU_TYPES[wc.gpu_type]),
         build_settings=lambda wc, input: as_json(engine_build_settings(wc, input)),
         placement=lambda wc: placement(wc, engine_gpus(wc)),
-        settings=write_settings(lambda wc: plan.engine_settings(config, wc.model, wc.recipe, wc.backend, wc.gpu_type)),
+        settings=write_settings("build_engine"),
     message:
         "build_engine {wildcards.backend} engine of {wildcards.model}/{wildcards.recipe} for"
         " {wildcards.gpu_type}: {params.placement}"

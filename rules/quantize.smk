@@ -23,7 +23,7 @@ rule quantize:
         batch_size=QUANT["calibration_batch_size"],
         max_seq_len=QUANT["calibration_max_seq_len"],
         device=QUANT["device"],
-        settings=write_settings(lambda wc: plan.checkpoint_settings(config, wc.model, wc.recipe)),
+        settings=write_settings("quantize"),
     shell:
         "{params.settings} > {log} 2>&1 && python -m rackbench.quantize --model-dir {input.model}"
         " --calibration {input.calibration} --recipe {wildcards.recipe} --out {output}"

@@ -34,7 +34,7 @@ rule run_shard:
         engine_settings=lambda wc: as_json(config["engines"][wc.backend]),
         placement=lambda wc: placement(wc, shard_gpus(wc)),
         meta=lambda wc: as_json({**fields_of(wc), "variant": wc.variant}),
-        settings=write_settings(lambda wc: plan.run_settings(config, fields_of(wc))),
+        settings=write_settings("run_shard"),
     message:
         "run_shard {wildcards.mode} shard {wildcards.shard} of {wildcards.model}/{wildcards.recipe} on"
         " {wildcards.backend}/{wildcards.gpu_type} (layout {wildcards.layout}, batch {wildcards.batch_size}):"

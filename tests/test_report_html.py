@@ -81,7 +81,8 @@ def test_snakemake_report_renders_figures_in_chromium(tmp_path, chromium):
         bench.write_shard(tmp_path / "results", shard=i, num_shards=2, rows=20, started_at=1.7e9 + i, duration=50.0)
     acc = bench.write_accuracy(tmp_path / "results", layout="2x4")
     dirs = sorted((tmp_path / "results" / "runs").glob("*/*/*/*/*/*/*/performance/shard*"))
-    entry = bench.configuration_entry([d.relative_to(tmp_path) for d in dirs], acc.relative_to(tmp_path))
+    entry = {**bench.configuration_entry(dirs, acc), "accuracy_json": str(acc.relative_to(tmp_path)),
+             "shard_dirs": [str(d.relative_to(tmp_path)) for d in dirs]}  # paths as the rule passes them
     (tmp_path / "configurations.json").write_text(json.dumps([entry]))
     (tmp_path / "gpu_types.json").write_text(json.dumps(bench.GPU_TYPES))
     (tmp_path / "models.json").write_text(json.dumps(bench.MODELS))
