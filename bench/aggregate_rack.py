@@ -61,15 +61,36 @@ def configuration_entry(shard_dirs, accuracy_json=None) -> dict:
     for synthetic shard dirs of one configuration (their fields from the first shard.json)."""
     meta = json.loads((Path(shard_dirs[0]) / "shard.json").read_text())
     fields = {k: meta[k] for k in ("model", "recipe", "backend", "gpu_type", "batch_size", "layout")}
-    return {**fields, "key": paths.config_key(fields), "variant": SYNTHETIC_VARIANT,
-            "shard_dirs": [str(d) for d in shard_dirs],
-            "accuracy_json": str(accuracy_json) if accuracy_json else None}
+    return {
+        **fields,
+        "key": paths.config_key(fields),
+        "variant": SYNTHETIC_VARIANT,
+        "shard_dirs": [str(d) for d in shard_dirs],
+        "accuracy_json": str(accuracy_json) if accuracy_json else None,
+    }
 
 
-def write_shard(root, *, model="llama2-70b", recipe="nvfp4", backend="tensorrt-llm", gpu="GB300",
-                bs=16, num_shards=2, gpus_per_shard=4, shard=0, rows=100, started_at=1.7e9,
-                duration=100.0, out_tokens_per_sample=10, in_tokens_per_sample=100,
-                result="VALID", loadgen_tps=None, accuracy_log="[]", seed=0):
+def write_shard(
+    root,
+    *,
+    model="llama2-70b",
+    recipe="nvfp4",
+    backend="tensorrt-llm",
+    gpu="GB300",
+    bs=16,
+    num_shards=2,
+    gpus_per_shard=4,
+    shard=0,
+    rows=100,
+    started_at=1.7e9,
+    duration=100.0,
+    out_tokens_per_sample=10,
+    in_tokens_per_sample=100,
+    result="VALID",
+    loadgen_tps=None,
+    accuracy_log="[]",
+    seed=0,
+):
     """Write one synthetic performance shard dir in the ARCHITECTURE.md layout; return its path.
 
     The LoadGen summary's tokens/s is output_tokens/duration unless ``loadgen_tps`` is given.
@@ -79,8 +100,7 @@ def write_shard(root, *, model="llama2-70b", recipe="nvfp4", backend="tensorrt-l
     import pyarrow.parquet as pq
 
     layout = f"{num_shards}x{gpus_per_shard}"
-    fields = {"model": model, "recipe": recipe, "backend": backend, "gpu_type": gpu, "batch_size": bs,
-              "layout": layout}
+    fields = {"model": model, "recipe": recipe, "backend": backend, "gpu_type": gpu, "batch_size": bs, "layout": layout}
     d = Path(root).parent / paths.shard_dir(fields, SYNTHETIC_VARIANT, "performance", shard)
     d.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed + shard)
@@ -88,53 +108,111 @@ def write_shard(root, *, model="llama2-70b", recipe="nvfp4", backend="tensorrt-l
     in_tok = np.full(rows, in_tokens_per_sample, dtype=np.int32)
     completed = started_at + np.sort(rng.uniform(0.0, duration, rows))
     completed[-1] = started_at + duration
-    table = pa.table({
-        "qsl_index": pa.array(np.arange(rows, dtype=np.int64)),
-        "sample_index": pa.array(np.arange(rows, dtype=np.int64) % 24576),
-        "input_tokens": pa.array(in_tok), "output_tokens": pa.array(out_tok),
-        "completed_at": pa.array(completed),
-    })
+    table = pa.table(
+        {
+            "qsl_index": pa.array(np.arange(rows, dtype=np.int64)),
+            "sample_index": pa.array(np.arange(rows, dtype=np.int64) % 24576),
+            "input_tokens": pa.array(in_tok),
+            "output_tokens": pa.array(out_tok),
+            "completed_at": pa.array(completed),
+        }
+    )
     pq.write_table(table, d / "samples.parquet")
     total_out = int(out_tok.sum())
     tps = loadgen_tps if loadgen_tps is not None else f"{total_out / duration:g}"
-    (d / "mlperf_log_summary.txt").write_text(SUMMARY_TEMPLATE.format(
-        sps=f"{rows / duration:g}", tps=tps, result=result, mindur="Yes" if result == "VALID" else "No",
-        maxlat=int(duration * 1e9), n=rows))
+    (d / "mlperf_log_summary.txt").write_text(
+        SUMMARY_TEMPLATE.format(
+            sps=f"{rows / duration:g}",
+            tps=tps,
+            result=result,
+            mindur="Yes" if result == "VALID" else "No",
+            maxlat=int(duration * 1e9),
+            n=rows,
+        )
+    )
     (d / "mlperf_log_accuracy.json").write_text(accuracy_log)
-    meta = {"model": model, "recipe": recipe, "backend": backend, "gpu_type": gpu, "batch_size": bs,
-            "layout": layout, "mode": "performance", "shard_index": shard, "num_shards": num_shards,
-            "shard_mode": "replicate", "gpus_per_shard": gpus_per_shard, "num_samples": rows,
-            "sample_indices": None, "started_at": started_at, "finished_at": started_at + duration,
-            "output_tokens": total_out, "input_tokens": int(in_tok.sum()), "completed_samples": rows,
-            "loadgen": {"result": result, "tokens_per_second": float(tps)},
-            "cuda_visible_devices": ",".join(map(str, range(gpus_per_shard))),
-            "hostname": f"node{shard:02d}", "slurm_job_id": None}
+    meta = {
+        "model": model,
+        "recipe": recipe,
+        "backend": backend,
+        "gpu_type": gpu,
+        "batch_size": bs,
+        "layout": layout,
+        "mode": "performance",
+        "shard_index": shard,
+        "num_shards": num_shards,
+        "shard_mode": "replicate",
+        "gpus_per_shard": gpus_per_shard,
+        "num_samples": rows,
+        "sample_indices": None,
+        "started_at": started_at,
+        "finished_at": started_at + duration,
+        "output_tokens": total_out,
+        "input_tokens": int(in_tok.sum()),
+        "completed_samples": rows,
+        "loadgen": {"result": result, "tokens_per_second": float(tps)},
+        "cuda_visible_devices": ",".join(map(str, range(gpus_per_shard))),
+        "hostname": f"node{shard:02d}",
+        "slurm_job_id": None,
+    }
     (d / "shard.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     return d
 
 
-def write_accuracy(root, *, model="llama2-70b", recipe="nvfp4", backend="tensorrt-llm", gpu="GB300", bs=16,
-                   layout="2x4", valid=True, rouge1=44.4, with_txt=True):
-    fields = {"model": model, "recipe": recipe, "backend": backend, "gpu_type": gpu, "batch_size": bs,
-              "layout": layout}
+def write_accuracy(
+    root,
+    *,
+    model="llama2-70b",
+    recipe="nvfp4",
+    backend="tensorrt-llm",
+    gpu="GB300",
+    bs=16,
+    layout="2x4",
+    valid=True,
+    rouge1=44.4,
+    with_txt=True,
+):
+    fields = {"model": model, "recipe": recipe, "backend": backend, "gpu_type": gpu, "batch_size": bs, "layout": layout}
     d = (Path(root).parent / paths.accuracy_json(fields, SYNTHETIC_VARIANT)).parent
     d.mkdir(parents=True, exist_ok=True)
-    data = {"rouge1": rouge1, "rouge2": 22.0, "rougeL": 28.6, "rougeLsum": 42.0, "tokens_per_sample": 294.4,
-            "gen_num": 24576, "gen_len": 7234567,
-            "targets": {"rouge1": 43.99, "rouge2": 21.81, "rougeL": 28.33, "tokens_per_sample": [265.0, 323.8]},
-            "valid": valid, "failures": [] if valid else [f"rouge1 {rouge1} < 43.99"]}
+    data = {
+        "rouge1": rouge1,
+        "rouge2": 22.0,
+        "rougeL": 28.6,
+        "rougeLsum": 42.0,
+        "tokens_per_sample": 294.4,
+        "gen_num": 24576,
+        "gen_len": 7234567,
+        "targets": {"rouge1": 43.99, "rouge2": 21.81, "rougeL": 28.33, "tokens_per_sample": [265.0, 323.8]},
+        "valid": valid,
+        "failures": [] if valid else [f"rouge1 {rouge1} < 43.99"],
+    }
     (d / "accuracy.json").write_text(json.dumps(data, indent=2, sort_keys=True))
     if with_txt:
         (d / "accuracy.txt").write_text(
-            "\nResults\n\n" + str({k: data[k] for k in ("rouge1", "rouge2", "rougeL", "rougeLsum", "gen_len",
-                                                        "gen_num", "tokens_per_sample")}) + "\n")
+            "\nResults\n\n"
+            + str(
+                {
+                    k: data[k]
+                    for k in ("rouge1", "rouge2", "rougeL", "rougeLsum", "gen_len", "gen_num", "tokens_per_sample")
+                }
+            )
+            + "\n"
+        )
     return d / "accuracy.json"
 
 
-GPU_TYPES = {"GB300": {"kind": "gpu", "compute_capability": "10.3", "memory_gb": 288, "runs_nvfp4": True,
-                       "peak_dense_flops": {"fp8": 5.0e15, "fp4": 1.5e16, "source": "NVIDIA GB300 datasheet"},
-                       "published": {"tokens_per_s_per_gpu": 15291, "source": "Azure, unverified"}},
-             "cpu": {"kind": "cpu", "compute_capability": None, "memory_gb": None, "runs_nvfp4": True}}
+GPU_TYPES = {
+    "GB300": {
+        "kind": "gpu",
+        "compute_capability": "10.3",
+        "memory_gb": 288,
+        "runs_nvfp4": True,
+        "peak_dense_flops": {"fp8": 5.0e15, "fp4": 1.5e16, "source": "NVIDIA GB300 datasheet"},
+        "published": {"tokens_per_s_per_gpu": 15291, "source": "Azure, unverified"},
+    },
+    "cpu": {"kind": "cpu", "compute_capability": None, "memory_gb": None, "runs_nvfp4": True},
+}
 MODELS = {"llama2-70b": {"parameters": 7.0e10}}
 
 
@@ -147,17 +225,37 @@ def main(argv=None) -> int:
     tmp = None if args.keep else tempfile.TemporaryDirectory(prefix="rackbench-bench-")
     root = Path(args.keep or tmp.name) / paths.RESULTS
     t0 = time.perf_counter()
-    dirs = [write_shard(root, shard=i, num_shards=args.shards, rows=args.rows, started_at=1.7e9 + i,
-                        duration=2400.0 + 7 * i, out_tokens_per_sample=290, in_tokens_per_sample=180)
-            for i in range(args.shards)]
+    dirs = [
+        write_shard(
+            root,
+            shard=i,
+            num_shards=args.shards,
+            rows=args.rows,
+            started_at=1.7e9 + i,
+            duration=2400.0 + 7 * i,
+            out_tokens_per_sample=290,
+            in_tokens_per_sample=180,
+        )
+        for i in range(args.shards)
+    ]
     acc = write_accuracy(root, layout=f"{args.shards}x4")
     print(f"built {args.shards} shards x {args.rows} rows in {time.perf_counter() - t0:.1f} s under {root}")
     (root / "gpu_types.json").write_text(json.dumps(GPU_TYPES))
     (root / "models.json").write_text(json.dumps(MODELS))
     (root / "configurations.json").write_text(json.dumps([configuration_entry(dirs, acc)]))
-    cmd = [sys.executable, "-m", "rackbench.report", "--configurations-json", str(root / "configurations.json"),
-           "--gpu-types-json", str(root / "gpu_types.json"), "--models-json", str(root / "models.json"),
-           "--out", str(root / "report")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rackbench.report",
+        "--configurations-json",
+        str(root / "configurations.json"),
+        "--gpu-types-json",
+        str(root / "gpu_types.json"),
+        "--models-json",
+        str(root / "models.json"),
+        "--out",
+        str(root / "report"),
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -167,8 +265,10 @@ def main(argv=None) -> int:
         print(proc.stderr, file=sys.stderr)
         return proc.returncode
     ok = wall <= 60 and rss_kb <= 4 * 1024 * 1024
-    print(f"report step: wall {wall:.2f} s, peak RSS {rss_kb / 1024:.0f} MiB "
-          f"({'within' if ok else 'OVER'} budget: 60 s, 4096 MiB)")
+    print(
+        f"report step: wall {wall:.2f} s, peak RSS {rss_kb / 1024:.0f} MiB "
+        f"({'within' if ok else 'OVER'} budget: 60 s, 4096 MiB)"
+    )
     if tmp:
         tmp.cleanup()
     return 0 if ok else 2

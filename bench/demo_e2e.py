@@ -45,8 +45,9 @@ def main() -> int:
         start = time.perf_counter()
         log = Path(tmp) / "snakemake.log"  # a file, not a pipe: a full pipe would stall the run
         with open(log, "w") as sink:
-            proc = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "2"], cwd=workdir,
-                                    stdout=sink, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "snakemake", "--cores", "2"], cwd=workdir, stdout=sink, stderr=subprocess.STDOUT
+            )
             peak = tree_rss_peak(proc)
         stderr = log.read_text()
         elapsed = time.perf_counter() - start
@@ -54,7 +55,7 @@ def main() -> int:
             print(stderr[-3000:])
             return 1
     print(f"demo wall time: {elapsed:.0f} s (target <= 180 s)")
-    print(f"peak memory (process tree, summed RSS): {peak / 1024 ** 3:.2f} GiB (target <= 4 GB)")
+    print(f"peak memory (process tree, summed RSS): {peak / 1024**3:.2f} GiB (target <= 4 GB)")
     return 0
 
 

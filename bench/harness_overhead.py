@@ -38,7 +38,7 @@ TARGET_TPS = 7_000_000
 
 def make_parquet(path: Path, n: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(16, 512, size=n)            # OpenOrca-like prompt lengths
+    lengths = rng.integers(16, 512, size=n)  # OpenOrca-like prompt lengths
     offsets = np.zeros(n + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     values = rng.integers(1, 32000, size=int(offsets[-1]), dtype=np.int32)
@@ -61,6 +61,7 @@ class ZeroCostEngine:
 
 def _summary_rates(outdir: Path) -> tuple[float | None, float | None]:
     from rackbench.harness import parse_summary
+
     parsed = parse_summary((outdir / "mlperf_log_summary.txt").read_text())
     return parsed["samples_per_second"], parsed["tokens_per_second"]
 
@@ -74,7 +75,7 @@ def loadgen_alone(n: int, output_len: int, outdir: Path) -> dict:
 
     times = {}
 
-    def issue(query_samples):   # timed like the harness: first issue .. last completion
+    def issue(query_samples):  # timed like the harness: first issue .. last completion
         times.setdefault("first", time.time())
         lg.QuerySamplesComplete([response(q.id, ptr, size, output_len) for q in query_samples])
         times["last"] = time.time()
@@ -102,7 +103,14 @@ def loadgen_alone(n: int, output_len: int, outdir: Path) -> dict:
     lg.DestroyQSL(qsl)
     lg.DestroySUT(sut)
     sps, tps = _summary_rates(outdir)
-    return {"wall_s": wall, "run_wall_s": run_wall, "samples": n, "tokens": n * output_len, "lg_sps": sps, "lg_tps": tps}
+    return {
+        "wall_s": wall,
+        "run_wall_s": run_wall,
+        "samples": n,
+        "tokens": n * output_len,
+        "lg_sps": sps,
+        "lg_tps": tps,
+    }
 
 
 def harness(parquet: Path, n: int, output_len: int, batch_size: int, outdir: Path, profile: bool) -> dict:
@@ -112,28 +120,47 @@ def harness(parquet: Path, n: int, output_len: int, batch_size: int, outdir: Pat
     profiler = cProfile.Profile() if profile else None
     if profiler:
         profiler.enable()
-    record = run_shard(engine, samples_parquet=parquet, out_dir=outdir, mode="performance", shard_index=0,
-                       num_shards=1, shard_mode="split", batch_size=batch_size, max_new_tokens=output_len,
-                       min_duration_ms=0, min_query_count=n, offline_expected_qps=10, metadata={},
-                       progress_interval_s=0, log=lambda m: None)
+    record = run_shard(
+        engine,
+        samples_parquet=parquet,
+        out_dir=outdir,
+        mode="performance",
+        shard_index=0,
+        num_shards=1,
+        shard_mode="split",
+        batch_size=batch_size,
+        max_new_tokens=output_len,
+        min_duration_ms=0,
+        min_query_count=n,
+        offline_expected_qps=10,
+        metadata={},
+        progress_interval_s=0,
+        log=lambda m: None,
+    )
     if profiler:
         profiler.disable()
         buf = io.StringIO()
         pstats.Stats(profiler, stream=buf).sort_stats("cumulative").print_stats(25)
         print(buf.getvalue(), file=sys.stderr)
     lg = record["loadgen"]
-    return {"wall_s": record["last_complete_at"] - record["first_issue_at"],
-            "run_wall_s": record["finished_at"] - record["started_at"],
-            "samples": record["completed_samples"], "tokens": record["output_tokens"],
-            "lg_sps": lg["samples_per_second"], "lg_tps": lg["tokens_per_second"]}
+    return {
+        "wall_s": record["last_complete_at"] - record["first_issue_at"],
+        "run_wall_s": record["finished_at"] - record["started_at"],
+        "samples": record["completed_samples"],
+        "tokens": record["output_tokens"],
+        "lg_sps": lg["samples_per_second"],
+        "lg_tps": lg["tokens_per_second"],
+    }
 
 
 def _line(name: str, r: dict) -> str:
     sps, tps = r["samples"] / r["wall_s"], r["tokens"] / r["wall_s"]
-    return (f"{name:<24} {r['samples']} samples | issue->done {r['wall_s']:.3f}s: {sps:>9,.0f} samples/s "
-            f"{tps:>12,.0f} tok/s | LoadGen summary: {r['lg_sps']:>9,.0f} samples/s {r['lg_tps']:>12,.0f} tok/s | "
-            f"whole run incl. QSL load and log setup {r['run_wall_s']:.3f}s: "
-            f"{r['samples'] / r['run_wall_s']:,.0f} samples/s")
+    return (
+        f"{name:<24} {r['samples']} samples | issue->done {r['wall_s']:.3f}s: {sps:>9,.0f} samples/s "
+        f"{tps:>12,.0f} tok/s | LoadGen summary: {r['lg_sps']:>9,.0f} samples/s {r['lg_tps']:>12,.0f} tok/s | "
+        f"whole run incl. QSL load and log setup {r['run_wall_s']:.3f}s: "
+        f"{r['samples'] / r['run_wall_s']:,.0f} samples/s"
+    )
 
 
 def main(argv=None) -> int:
@@ -156,8 +183,10 @@ def main(argv=None) -> int:
     sps = ours["samples"] / ours["wall_s"]
     tps = ours["tokens"] / ours["wall_s"]
     ok = sps >= TARGET_SPS and tps >= TARGET_TPS
-    print(f"targets: >= {TARGET_SPS:,} samples/s and >= {TARGET_TPS:,} output tok/s (issue->done): "
-          f"{'MET' if ok else 'MISSED'}")
+    print(
+        f"targets: >= {TARGET_SPS:,} samples/s and >= {TARGET_TPS:,} output tok/s (issue->done): "
+        f"{'MET' if ok else 'MISSED'}"
+    )
     return 0 if ok else 1
 
 

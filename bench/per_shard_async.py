@@ -50,10 +50,23 @@ def run_mode(engine, mode: str, parquet: Path, out: Path, *, batch: int, num_sha
     try:
         for shard in range(num_shards):
             d = out / f"{mode}-shard{shard}"
-            rec = run_shard(fed, samples_parquet=parquet, out_dir=d, mode="performance", shard_index=shard,
-                            num_shards=num_shards, shard_mode="split", batch_size=batch, max_new_tokens=max_new,
-                            min_duration_ms=0, min_query_count=1, offline_expected_qps=1, metadata={},
-                            progress_interval_s=0, log=lambda m: None)
+            rec = run_shard(
+                fed,
+                samples_parquet=parquet,
+                out_dir=d,
+                mode="performance",
+                shard_index=shard,
+                num_shards=num_shards,
+                shard_mode="split",
+                batch_size=batch,
+                max_new_tokens=max_new,
+                min_duration_ms=0,
+                min_query_count=1,
+                offline_expected_qps=1,
+                metadata={},
+                progress_interval_s=0,
+                log=lambda m: None,
+            )
             tps += rec["loadgen"]["tokens_per_second"]
             sps += rec["loadgen"]["samples_per_second"]
             span += rec["last_complete_at"] - rec["first_issue_at"]
@@ -62,8 +75,13 @@ def run_mode(engine, mode: str, parquet: Path, out: Path, *, batch: int, num_sha
     finally:
         if fed is not engine:
             fed.close()
-    return {"tokens_per_second": tps, "samples_per_second": sps, "span_s": span,
-            "cpu_s": time.process_time() - cpu0, "lengths": lengths}
+    return {
+        "tokens_per_second": tps,
+        "samples_per_second": sps,
+        "span_s": span,
+        "cpu_s": time.process_time() - cpu0,
+        "lengths": lengths,
+    }
 
 
 def main() -> None:
@@ -97,17 +115,20 @@ def main() -> None:
     if not parquet.exists():
         _pkl_to_parquet(samples_pkl, parquet)
     engine = reference.load(engine_dir, record={}, gpu_ids=[], settings={**settings, "torch_threads": threads})
-    print(f"per-shard Offline, {args.num_shards} shards (split) of the demo's {demo.__name__} dataset, "
-          f"batch / max in flight {batch}, max_new_tokens {max_new}, engine max_batch_size "
-          f"{engine.max_batch_size}, {threads} thread(s), load average {os.getloadavg()[0]:.2f}")
+    print(
+        f"per-shard Offline, {args.num_shards} shards (split) of the demo's {demo.__name__} dataset, "
+        f"batch / max in flight {batch}, max_new_tokens {max_new}, engine max_batch_size "
+        f"{engine.max_batch_size}, {threads} thread(s), load average {os.getloadavg()[0]:.2f}"
+    )
     best = {}
     try:
-        engine.generate([[1, 2, 3]], 2)   # warm-up
-        for r in range(args.repeats):
+        engine.generate([[1, 2, 3]], 2)  # warm-up
+        for _ in range(args.repeats):
             for mode in ("before", "after"):
                 with tempfile.TemporaryDirectory(prefix=f"rb-{mode}-") as out:
-                    res = run_mode(engine, mode, parquet, Path(out), batch=batch, num_shards=args.num_shards,
-                                   max_new=max_new)
+                    res = run_mode(
+                        engine, mode, parquet, Path(out), batch=batch, num_shards=args.num_shards, max_new=max_new
+                    )
                 if mode not in best or res["span_s"] < best[mode]["span_s"]:
                     best[mode] = res
     finally:
@@ -115,14 +136,20 @@ def main() -> None:
     if best["before"]["lengths"] != best["after"]["lengths"]:
         raise SystemExit("the two modes gave different output lengths: the benchmark compares different work")
     tokens = sum(best["after"]["lengths"].values())
-    for mode, label in (("before", "before: static batches (BatchedEngine)"),
-                        ("after", "after: submit, continuous batching")):
+    for mode, label in (
+        ("before", "before: static batches (BatchedEngine)"),
+        ("after", "after: submit, continuous batching"),
+    ):
         b = best[mode]
-        print(f"{label:40s} LoadGen {b['tokens_per_second']:8.1f} tok/s {b['samples_per_second']:6.2f} samples/s "
-              f"(sum over shards) | span {b['span_s']:.3f} s, {tokens / b['span_s']:.1f} tok/s | cpu {b['cpu_s']:.2f} s")
+        print(
+            f"{label:40s} LoadGen {b['tokens_per_second']:8.1f} tok/s {b['samples_per_second']:6.2f} samples/s "
+            f"(sum over shards) | span {b['span_s']:.3f} s, {tokens / b['span_s']:.1f} tok/s | cpu {b['cpu_s']:.2f} s"
+        )
     gain = best["after"]["tokens_per_second"] / best["before"]["tokens_per_second"]
-    print(f"gain (LoadGen tokens/s, after / before): {gain:.2f}x; same {tokens} output tokens in both modes; "
-          f"load average now {os.getloadavg()[0]:.2f}")
+    print(
+        f"gain (LoadGen tokens/s, after / before): {gain:.2f}x; same {tokens} output tokens in both modes; "
+        f"load average now {os.getloadavg()[0]:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -23,12 +23,15 @@ from conftest import real_config_with_local_data  # noqa: E402  (stand-ins for t
 
 
 def sweep_config(tmp: Path) -> Path:
-    return real_config_with_local_data(tmp, **{
-        "benchmarks.gpu_types": ["B200", "GB200", "GB300"],
-        "benchmarks.batch_sizes": [256, 512, 1024, 2048],
-        "benchmarks.recipes": ["nvfp4", "fp8"],
-        "benchmarks.gpus_per_shard": [1],
-    })
+    return real_config_with_local_data(
+        tmp,
+        **{
+            "benchmarks.gpu_types": ["B200", "GB200", "GB300"],
+            "benchmarks.batch_sizes": [256, 512, 1024, 2048],
+            "benchmarks.recipes": ["nvfp4", "fp8"],
+            "benchmarks.gpus_per_shard": [1],
+        },
+    )
 
 
 def main() -> int:
@@ -38,8 +41,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         config = sweep_config(Path(tmp))
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--quiet", "rules", "--configfile", str(config)],
-                              cwd=ROOT, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "snakemake", "-n", "--quiet", "rules", "--configfile", str(config)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         print(proc.stdout, proc.stderr)
@@ -47,8 +54,10 @@ def main() -> int:
     counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", proc.stdout, re.M)}
     print(f"planned jobs: {counts}")
     print(f"run_shard jobs: {counts.get('run_shard')} (performance + accuracy)")
-    print(f"snakemake -n wall time: {elapsed:.1f} s (target <= 15 s); of it Snakemake's start-up, "
-          f"as `snakemake --version` takes here: {startup:.1f} s")
+    print(
+        f"snakemake -n wall time: {elapsed:.1f} s (target <= 15 s); of it Snakemake's start-up, "
+        f"as `snakemake --version` takes here: {startup:.1f} s"
+    )
     return 0
 
 

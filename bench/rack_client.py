@@ -74,10 +74,13 @@ class PoolSUT:
         done, first = self._done.append, self._first.append
         for qs in query_samples:
             rid = qs.id
-            submit(prompts[qs.index], n,
-                   on_done=lambda tokens, rid=rid: done((rid, tokens)),
-                   on_error=lambda exc, rid=rid: (self.errors.append(exc), done((rid, []))),
-                   on_first_token=(lambda tok, rid=rid: first((rid, tok))) if self.first_token else None)
+            submit(
+                prompts[qs.index],
+                n,
+                on_done=lambda tokens, rid=rid: done((rid, tokens)),
+                on_error=lambda exc, rid=rid: (self.errors.append(exc), done((rid, []))),
+                on_first_token=(lambda tok, rid=rid: first((rid, tok))) if self.first_token else None,
+            )
 
     def _complete_loop(self):
         lg = self.lg
@@ -92,8 +95,9 @@ class PoolSUT:
             if self._done:
                 items = [self._done.popleft() for _ in range(len(self._done))]
                 arrays = [np.asarray(t, dtype=np.int32) for _, t in items]
-                lg.QuerySamplesComplete([response(rid, a.ctypes.data, a.nbytes, len(a))
-                                         for (rid, _), a in zip(items, arrays)])
+                lg.QuerySamplesComplete(
+                    [response(rid, a.ctypes.data, a.nbytes, len(a)) for (rid, _), a in zip(items, arrays)]
+                )
             if stop:
                 return
             time.sleep(self.flush_s)
@@ -111,8 +115,21 @@ def summary_figure(summary: str, key: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
-def run_scenario(lg, urls, prompts, *, scenario: str, batch: int, concurrency: int, offline_samples: int,
-                 server_qps: float, server_seconds: float, output_len: int, profile: bool, stub_pid: int):
+def run_scenario(
+    lg,
+    urls,
+    prompts,
+    *,
+    scenario: str,
+    batch: int,
+    concurrency: int,
+    offline_samples: int,
+    server_qps: float,
+    server_seconds: float,
+    output_len: int,
+    profile: bool,
+    stub_pid: int,
+):
     import psutil
 
     stub = psutil.Process(stub_pid)
@@ -133,7 +150,7 @@ def run_scenario(lg, urls, prompts, *, scenario: str, batch: int, concurrency: i
         settings.min_duration_ms = int(server_seconds * 1000)
         settings.min_query_count = int(server_qps * server_seconds)
         settings.use_token_latencies = True
-        settings.ttft_latency = 2_000_000_000               # llama2-70b Server limits (mlperf.conf)
+        settings.ttft_latency = 2_000_000_000  # llama2-70b Server limits (mlperf.conf)
         settings.tpot_latency = 200_000_000
     with tempfile.TemporaryDirectory(prefix=f"rack_client_{scenario}_") as out:
         log_output = lg.LogOutputSettings()
@@ -170,14 +187,20 @@ def run_scenario(lg, urls, prompts, *, scenario: str, batch: int, concurrency: i
     requests = sum(s["requests"] for s in stats)
     busiest = max(s["samples"] for s in stats)
     idlest = min(s["samples"] for s in stats)
-    print(f"{scenario}: LoadGen {key.lower()}: {sps:,.0f}  ({valid.group(1) if valid else '?'}; "
-          f"{samples:,} samples in {requests:,} HTTP requests, batch {batch}, "
-          f"per-endpoint samples {idlest:,}..{busiest:,}; StartTest wall {wall:.1f} s, "
-          f"client process CPU {cpu:.1f} s = {cpu / wall:.2f} cores, stub process CPU {stub_cpu:.1f} s)", flush=True)
+    print(
+        f"{scenario}: LoadGen {key.lower()}: {sps:,.0f}  ({valid.group(1) if valid else '?'}; "
+        f"{samples:,} samples in {requests:,} HTTP requests, batch {batch}, "
+        f"per-endpoint samples {idlest:,}..{busiest:,}; StartTest wall {wall:.1f} s, "
+        f"client process CPU {cpu:.1f} s = {cpu / wall:.2f} cores, stub process CPU {stub_cpu:.1f} s)",
+        flush=True,
+    )
     # The two processes are single-threaded in effect (GIL), one core each on an idle 2-core
     # machine; so the busier one bounds the rate. A projection from CPU time, not a measurement.
-    print(f"{scenario}: CPU per sample: client {1e6 * cpu / samples:.0f} us, stub {1e6 * stub_cpu / samples:.0f} us; "
-          f"projected on 2 idle cores: {samples / max(cpu, stub_cpu):,.0f} samples/s", flush=True)
+    print(
+        f"{scenario}: CPU per sample: client {1e6 * cpu / samples:.0f} us, stub {1e6 * stub_cpu / samples:.0f} us; "
+        f"projected on 2 idle cores: {samples / max(cpu, stub_cpu):,.0f} samples/s",
+        flush=True,
+    )
     if prof:
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
@@ -210,14 +233,29 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, 32000, size=int(n)).tolist() for n in rng.integers(16, 512, size=args.num_prompts)]
     ports = free_ports(args.endpoints)
-    stub = subprocess.Popen([sys.executable, "-m", "rackbench.serve", "--backend", "instant", "--host", "127.0.0.1",
-                             "--settings", f'{{"output_len": {args.output_len}}}',
-                             *[a for port in ports for a in ("--port", str(port))]],
-                            env=dict(os.environ, PYTHONPATH=str(ROOT / "scripts")), start_new_session=True)
+    stub = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rackbench.serve",
+            "--backend",
+            "instant",
+            "--host",
+            "127.0.0.1",
+            "--settings",
+            f'{{"output_len": {args.output_len}}}',
+            *[a for port in ports for a in ("--port", str(port))],
+        ],
+        env=dict(os.environ, PYTHONPATH=str(ROOT / "scripts")),
+        start_new_session=True,
+    )
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     load = os.getloadavg()
-    print(f"{args.endpoints} stub endpoints in one process (pid {stub.pid}); machine load average "
-          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores", flush=True)
+    print(
+        f"{args.endpoints} stub endpoints in one process (pid {stub.pid}); machine load average "
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} cores",
+        flush=True,
+    )
     results = {}
     try:
         for scenario in args.scenarios.split(","):
@@ -225,10 +263,20 @@ def main(argv=None) -> int:
                 batch, conc = args.offline_batch, args.offline_concurrency
             else:
                 batch, conc = args.server_batch, args.server_concurrency
-            results[scenario] = run_scenario(lg, urls, prompts, scenario=scenario, batch=batch, concurrency=conc,
-                                             offline_samples=args.offline_samples, server_qps=args.server_qps,
-                                             server_seconds=args.server_seconds, output_len=args.output_len,
-                                             profile=args.profile, stub_pid=stub.pid)
+            results[scenario] = run_scenario(
+                lg,
+                urls,
+                prompts,
+                scenario=scenario,
+                batch=batch,
+                concurrency=conc,
+                offline_samples=args.offline_samples,
+                server_qps=args.server_qps,
+                server_seconds=args.server_seconds,
+                output_len=args.output_len,
+                profile=args.profile,
+                stub_pid=stub.pid,
+            )
     finally:
         stub.terminate()
         stub.wait(timeout=30)

@@ -29,7 +29,6 @@ naive loop's (no FP8-KV emulation in that comparison, as transformers' generate 
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -58,22 +57,59 @@ def make_assets(root: Path, config: dict) -> tuple[Path, Path]:
     d, q = config["demo"], config["quantization"]
     model, data, ckpt, engine = root / "model", root / "dataset", root / "checkpoint", root / "engine"
     if not model.exists():
-        shape = {"hidden-size": "hidden_size", "intermediate-size": "intermediate_size",
-                 "num-layers": "num_hidden_layers", "num-heads": "num_attention_heads",
-                 "num-kv-heads": "num_key_value_heads", "vocab-size": "vocab_size"}
+        shape = {
+            "hidden-size": "hidden_size",
+            "intermediate-size": "intermediate_size",
+            "num-layers": "num_hidden_layers",
+            "num-heads": "num_attention_heads",
+            "num-kv-heads": "num_key_value_heads",
+            "vocab-size": "vocab_size",
+        }
         flags = [x for flag, key in shape.items() if key in d["model"] for x in (f"--{flag}", str(d["model"][key]))]
         _sh(["rackbench.demo", "model", "--out", str(model), "--seed", str(d["seed"]), *flags])
     if not data.exists():
-        _sh(["rackbench.demo", "dataset", "--model", str(model), "--out", str(data), "--seed", str(d["seed"]),
-             "--num-samples", str(d["num_samples"]), "--num-calibration", str(d["num_calibration"]),
-             "--max-new-tokens", str(d["reference_max_new_tokens"])])
+        _sh(
+            [
+                "rackbench.demo",
+                "dataset",
+                "--model",
+                str(model),
+                "--out",
+                str(data),
+                "--seed",
+                str(d["seed"]),
+                "--num-samples",
+                str(d["num_samples"]),
+                "--num-calibration",
+                str(d["num_calibration"]),
+                "--max-new-tokens",
+                str(d["reference_max_new_tokens"]),
+            ]
+        )
     if not ckpt.exists():
         calib = root / "calibration.parquet"
         _pkl_to_parquet(data / demo.CALIBRATION_PKL, calib)  # what prepare_dataset does, minus the checksum
-        _sh(["rackbench.quantize", "--model-dir", str(model), "--calibration", str(calib), "--recipe", "nvfp4",
-             "--out", str(ckpt), "--calib-samples", str(q["calibration_samples"]),
-             "--calib-batch-size", str(q["calibration_batch_size"]),
-             "--calib-max-seq-len", str(q["calibration_max_seq_len"]), "--device", "cpu"])
+        _sh(
+            [
+                "rackbench.quantize",
+                "--model-dir",
+                str(model),
+                "--calibration",
+                str(calib),
+                "--recipe",
+                "nvfp4",
+                "--out",
+                str(ckpt),
+                "--calib-samples",
+                str(q["calibration_samples"]),
+                "--calib-batch-size",
+                str(q["calibration_batch_size"]),
+                "--calib-max-seq-len",
+                str(q["calibration_max_seq_len"]),
+                "--device",
+                "cpu",
+            ]
+        )
     if not engine.exists():
         reference.build(ckpt, engine, gpu_type="cpu", gpu_spec={}, settings=config["engines"]["reference"])
     return engine, data / demo.SAMPLES_PKL
@@ -81,6 +117,7 @@ def make_assets(root: Path, config: dict) -> tuple[Path, Path]:
 
 def _pkl_to_parquet(pkl: Path, parquet: Path) -> None:
     from rackbench.dataset import convert
+
     convert(pkl, parquet)
 
 
@@ -88,10 +125,16 @@ def naive(model, prompts, max_new_tokens, eos):
     outs = []
     with torch.inference_mode():
         for p in prompts:
-            g = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                               max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos)
-            ids = g[0, len(p):].tolist()
-            outs.append(ids[:ids.index(eos)] if eos in ids else ids)
+            g = model.generate(
+                torch.tensor([p]),
+                attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=eos,
+            )
+            ids = g[0, len(p) :].tolist()
+            outs.append(ids[: ids.index(eos)] if eos in ids else ids)
     return outs
 
 
@@ -109,6 +152,7 @@ def main() -> None:
     import pandas as pd
 
     from rackbench.engines import reference
+
     config = yaml.safe_load(Path(args.config).read_text())
     settings = dict(config["engines"]["reference"])
     threads = args.threads or settings.get("torch_threads") or 1
@@ -124,18 +168,27 @@ def main() -> None:
     prompts = [list(map(int, p)) for p in frame["tok_input"]]
     m = config["demo"]["model"]
     lens, outs = sorted(map(len, prompts)), sorted(map(len, frame["tok_output"]))
-    print(f"demo assets ready in {time.perf_counter() - t0:.0f} s: {m['num_hidden_layers']} layers, hidden "
-          f"{m['hidden_size']}, vocab {m['vocab_size']}, NVFP4 + FP8 KV; {len(prompts)} prompts of "
-          f"{lens[0]}..{lens[-1]} tokens, max_new_tokens {max_new}, batch {batch}, {threads} thread(s)")
-    print(f"workload: {sum(lens)} prompt tokens (mean {sum(lens) / len(lens):.1f}); reference outputs "
-          f"{sum(outs)} tokens (mean {sum(outs) / len(outs):.1f}, {outs[0]}..{outs[-1]})")
+    print(
+        f"demo assets ready in {time.perf_counter() - t0:.0f} s: {m['num_hidden_layers']} layers, hidden "
+        f"{m['hidden_size']}, vocab {m['vocab_size']}, NVFP4 + FP8 KV; {len(prompts)} prompts of "
+        f"{lens[0]}..{lens[-1]} tokens, max_new_tokens {max_new}, batch {batch}, {threads} thread(s)"
+    )
+    print(
+        f"workload: {sum(lens)} prompt tokens (mean {sum(lens) / len(lens):.1f}); reference outputs "
+        f"{sum(outs)} tokens (mean {sum(outs) / len(outs):.1f}, {outs[0]}..{outs[-1]})"
+    )
 
     def load(**extra):
-        return reference.load(engine_dir, record={}, gpu_ids=[],
-                              settings={**settings, "max_batch_size": batch, "torch_threads": threads, **extra})
+        return reference.load(
+            engine_dir,
+            record={},
+            gpu_ids=[],
+            settings={**settings, "max_batch_size": batch, "torch_threads": threads, **extra},
+        )
 
     if args.profile:
         from pyinstrument import Profiler
+
         engine = load()
         engine.generate(prompts[:2], 2)
         prof = Profiler(interval=0.0005)
@@ -174,17 +227,23 @@ def main() -> None:
         ref_out = naive(model, prompts, max_new, eos)
         dt, naive_cpu = min(dt, time.perf_counter() - t0), min(naive_cpu, time.process_time() - c0)
     naive_tps = sum(map(len, ref_out)) / dt
-    print(f"{'naive model.generate per sample':34s} {sum(map(len, ref_out)):6d} tokens {dt:7.3f} s "
-          f"{naive_tps:9.1f} tok/s            (CPU time {naive_cpu:.3f} s)")
+    print(
+        f"{'naive model.generate per sample':34s} {sum(map(len, ref_out)):6d} tokens {dt:7.3f} s "
+        f"{naive_tps:9.1f} tok/s            (CPU time {naive_cpu:.3f} s)"
+    )
     for label, (out, tps, secs, cpu) in results.items():
-        print(f"{label:34s} {sum(map(len, out)):6d} tokens {secs:7.3f} s {tps:9.1f} tok/s  "
-              f"x{tps / naive_tps:5.1f} vs naive (CPU time {cpu:.3f} s: x{naive_cpu / cpu:.1f})")
+        print(
+            f"{label:34s} {sum(map(len, out)):6d} tokens {secs:7.3f} s {tps:9.1f} tok/s  "
+            f"x{tps / naive_tps:5.1f} vs naive (CPU time {cpu:.3f} s: x{naive_cpu / cpu:.1f})"
+        )
     same = results["engine (weights only)"][0] == ref_out
     print(f"engine (weights only) tokens == naive loop tokens: {same}")
     demo_ratio = results["engine (+FP8 KV, demo setting)"][1] / naive_tps
     worst = min(r[1] for r in list(results.values())[:2]) / naive_tps
-    print(f"target >= {TARGET:.0f}x (demo setting x{demo_ratio:.1f}, weights only "
-          f"x{results['engine (weights only)'][1] / naive_tps:.1f}): {'MET' if worst >= TARGET else 'MISSED'}")
+    print(
+        f"target >= {TARGET:.0f}x (demo setting x{demo_ratio:.1f}, weights only "
+        f"x{results['engine (weights only)'][1] / naive_tps:.1f}): {'MET' if worst >= TARGET else 'MISSED'}"
+    )
     if tmp:
         tmp.cleanup()
     if not same:

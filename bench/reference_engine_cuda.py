@@ -29,17 +29,39 @@ import torch
 
 # Peak HBM bandwidth (TB/s) by a substring of torch.cuda.get_device_name(); first match wins.
 PEAK_TBPS = [
-    ("GB300", 8.0), ("B300", 8.0), ("GB200", 8.0), ("B200", 8.0),
-    ("H200", 4.8), ("GH200", 4.0),
-    ("H100 NVL", 3.9), ("H100 PCIe", 2.0), ("H100", 3.35),   # H100 SXM / HBM3
-    ("H800", 3.35), ("H20", 4.0),
-    ("A100-SXM4-80GB", 2.039), ("A100 80GB PCIe", 1.935), ("A100", 1.555),
-    ("L40S", 0.864), ("L40", 0.864), ("L4", 0.3), ("A10G", 0.6), ("A10", 0.6),
-    ("RTX 6000 Ada", 0.96), ("V100", 0.9), ("T4", 0.32),
+    ("GB300", 8.0),
+    ("B300", 8.0),
+    ("GB200", 8.0),
+    ("B200", 8.0),
+    ("H200", 4.8),
+    ("GH200", 4.0),
+    ("H100 NVL", 3.9),
+    ("H100 PCIe", 2.0),
+    ("H100", 3.35),  # H100 SXM / HBM3
+    ("H800", 3.35),
+    ("H20", 4.0),
+    ("A100-SXM4-80GB", 2.039),
+    ("A100 80GB PCIe", 1.935),
+    ("A100", 1.555),
+    ("L40S", 0.864),
+    ("L40", 0.864),
+    ("L4", 0.3),
+    ("A10G", 0.6),
+    ("A10", 0.6),
+    ("RTX 6000 Ada", 0.96),
+    ("V100", 0.9),
+    ("T4", 0.32),
 ]
 
-SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-             num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+SHAPE = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+    max_position_embeddings=4096,
+)
 
 
 def peak_tbps(name: str) -> float | None:
@@ -73,32 +95,41 @@ def build_engine(max_batch_size: int):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch-sizes", default=",".join(str(2 ** i) for i in range(9)))
+    ap.add_argument("--batch-sizes", default=",".join(str(2**i) for i in range(9)))
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per batch size; the fastest counts")
     ap.add_argument("--peak-tbps", type=float, help="override the peak HBM bandwidth lookup (TB/s)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        print("bench/reference_engine_cuda.py needs an NVIDIA GPU with CUDA: torch.cuda.is_available() is False "
-              f"(torch {torch.__version__}, CUDA build {torch.version.cuda}). Not run.", file=sys.stderr)
+        print(
+            "bench/reference_engine_cuda.py needs an NVIDIA GPU with CUDA: torch.cuda.is_available() is False "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}). Not run.",
+            file=sys.stderr,
+        )
         return 2
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     name = torch.cuda.get_device_name(0)
     props = torch.cuda.get_device_properties(0)
     peak = args.peak_tbps or peak_tbps(name)
-    print(f"GPU: {name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs, "
-          f"compute capability {props.major}.{props.minor}); peak HBM bandwidth "
-          f"{f'{peak} TB/s' if peak else 'unknown (pass --peak-tbps)'}; torch {torch.__version__}, "
-          f"CUDA {torch.version.cuda}")
+    print(
+        f"GPU: {name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs, "
+        f"compute capability {props.major}.{props.minor}); peak HBM bandwidth "
+        f"{f'{peak} TB/s' if peak else 'unknown (pass --peak-tbps)'}; torch {torch.__version__}, "
+        f"CUDA {torch.version.cuda}"
+    )
     engine, cfg = build_engine(max(batch_sizes))
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     # a decode step reads every weight once; the embedding table only at the rows it looks up
     weight_bytes -= engine.model.model.embed_tokens.weight.numel() * 2
-    kv_bytes_per_pos = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
-    print(f"model: Llama-2-7B shape, random bf16 weights, {weight_bytes / 1e9:.2f} GB read per decode step "
-          f"(+ KV cache {kv_bytes_per_pos / 1e6:.3f} MB per position per sequence); prompts of "
-          f"{args.prompt_len} tokens, {args.new_tokens} new tokens")
+    kv_bytes_per_pos = (
+        2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
+    )
+    print(
+        f"model: Llama-2-7B shape, random bf16 weights, {weight_bytes / 1e9:.2f} GB read per decode step "
+        f"(+ KV cache {kv_bytes_per_pos / 1e6:.3f} MB per position per sequence); prompts of "
+        f"{args.prompt_len} tokens, {args.new_tokens} new tokens"
+    )
     gen = torch.Generator().manual_seed(0)
     print(f"{'batch':>5} {'tokens/s':>10} {'step ms':>8} {'GB/step':>8} {'TB/s':>6} {'roofline':>8}")
     for bs in batch_sizes:

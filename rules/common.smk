@@ -214,7 +214,9 @@ def job_resources(gpu_type_of, count_of):
 
     def lookup(key):
         if key == "runtime":  # a retry (after a time limit, say) asks for more time: runtime x attempt
-            return lambda wildcards, attempt: slurm_resources(gpu_type_of(wildcards), count_of(wildcards))[key] * attempt
+            return (
+                lambda wildcards, attempt: slurm_resources(gpu_type_of(wildcards), count_of(wildcards))[key] * attempt
+            )
         return lambda wildcards: slurm_resources(gpu_type_of(wildcards), count_of(wildcards)).get(key)
 
     keys = ("gpu", "gpu_model", "cpus_per_gpu", "cpus_per_task", "mem_mb", "runtime", "slurm_partition")

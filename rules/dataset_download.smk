@@ -11,13 +11,13 @@ rule download_dataset:
         samples="results/datasets/{dataset}/download/samples.pkl",
         calibration="results/datasets/{dataset}/download/calibration.pkl",
         checksums="results/datasets/{dataset}/download/SHA256SUMS",
-    params:
-        args=lambda wc: download_args(config["datasets"][wc.dataset]["download"]),
-        out=lambda wc: download_dir(wc.dataset),
     log:
         "results/logs/download_dataset/{dataset}.log",
     localrule: True
     conda:
         RUN_ENV
+    params:
+        args=lambda wc: download_args(config["datasets"][wc.dataset]["download"]),
+        out=lambda wc: download_dir(wc.dataset),
     shell:
         "python -m rackbench.dataset_download {params.args} --out {params.out} > {log} 2>&1"

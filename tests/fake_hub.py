@@ -6,38 +6,66 @@ HEAD/GET of ``/<repo>/resolve/<revision>/<file>``) for one repo at one pinned
 revision, and records every request with its Authorization header.
 """
 
-import hashlib, json, threading
+import hashlib
+import json
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 
 class FakeHub:
     def __init__(self, files, repo_id, revision):
         self.files, self.repo_id, self.revision = files, repo_id, revision
         self.requests = []
+
     def start(self):
         hub = self
+
         class H(BaseHTTPRequestHandler):
-            def log_message(self, *a): pass
+            def log_message(self, *a):
+                pass
+
             def _file(self):
                 prefix = f"/{hub.repo_id}/resolve/{hub.revision}/"
                 if self.path.startswith(prefix):
-                    return self.path[len(prefix):]
-            def do_HEAD(self): self.handle_any(body=False)
-            def do_GET(self): self.handle_any(body=True)
+                    return self.path[len(prefix) :]
+
+            def do_HEAD(self):
+                self.handle_any(body=False)
+
+            def do_GET(self):
+                self.handle_any(body=True)
+
             def handle_any(self, body):
                 hub.requests.append((self.command, self.path, self.headers.get("authorization")))
                 if self.path.startswith(f"/api/models/{hub.repo_id}/revision/{hub.revision}"):
-                    data = json.dumps({"id": hub.repo_id, "sha": hub.revision,
-                        "siblings": [{"rfilename": n} for n in hub.files]}).encode()
-                    self.send_response(200); self.send_header("Content-Type","application/json")
-                    self.send_header("Content-Length", str(len(data))); self.end_headers()
-                    if body: self.wfile.write(data)
+                    data = json.dumps(
+                        {"id": hub.repo_id, "sha": hub.revision, "siblings": [{"rfilename": n} for n in hub.files]}
+                    ).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    if body:
+                        self.wfile.write(data)
                     return
                 if self.path.startswith(f"/api/models/{hub.repo_id}/tree/{hub.revision}"):
-                    data = json.dumps([{"type": "file", "path": n, "size": len(d),
-                        "oid": hashlib.sha1(b"blob %d\0" % len(d) + d).hexdigest()} for n, d in hub.files.items()]).encode()
-                    self.send_response(200); self.send_header("Content-Type","application/json")
-                    self.send_header("Content-Length", str(len(data))); self.end_headers()
-                    if body: self.wfile.write(data)
+                    data = json.dumps(
+                        [
+                            {
+                                "type": "file",
+                                "path": n,
+                                "size": len(d),
+                                "oid": hashlib.sha1(b"blob %d\0" % len(d) + d).hexdigest(),
+                            }
+                            for n, d in hub.files.items()
+                        ]
+                    ).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    if body:
+                        self.wfile.write(data)
                     return
                 name = self._file()
                 if name in hub.files:
@@ -45,10 +73,15 @@ class FakeHub:
                     self.send_response(200)
                     self.send_header("X-Repo-Commit", hub.revision)
                     self.send_header("ETag", '"%s"' % hashlib.sha256(data).hexdigest())
-                    self.send_header("Content-Length", str(len(data))); self.end_headers()
-                    if body: self.wfile.write(data)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    if body:
+                        self.wfile.write(data)
                     return
-                self.send_response(404); self.send_header("Content-Length","0"); self.end_headers()
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)  # loopback only
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -60,4 +93,4 @@ class FakeHub:
     def downloaded(self):
         """Names of files fetched with GET."""
         prefix = f"/{self.repo_id}/resolve/{self.revision}/"
-        return sorted(p[len(prefix):] for method, p, _ in self.requests if method == "GET" and p.startswith(prefix))
+        return sorted(p[len(prefix) :] for method, p, _ in self.requests if method == "GET" and p.startswith(prefix))

@@ -68,8 +68,9 @@ def test_sigterm_says_why_removes_the_partial_output_and_exits_143(tmp_path):
     final = tmp_path / "shard0"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "scripts")
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(final)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(final)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     assert proc.stdout.readline() == "writing\n"
     assert list(tmp_path.glob(".shard0.tmp-*/partial"))
     t0 = time.monotonic()

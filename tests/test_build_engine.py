@@ -30,6 +30,7 @@ GPU_TYPES = {  # shaped like config/llama2-70b-gb300.yaml's table
 def checkpoint(tmp_path_factory):
     """A tiny NVFP4 + FP8-KV ModelOpt export."""
     from test_reference_engine import quantize_and_export, tiny_model
+
     path = tmp_path_factory.mktemp("bq") / "checkpoint"
     quantize_and_export(tiny_model(layers=1), "nvfp4", path)
     (path / "provenance.json").write_text('{"step": "quantize"}')
@@ -42,8 +43,16 @@ def no_fake_gpu(monkeypatch):
 
 
 def build(checkpoint, out, **kw):
-    args = dict(checkpoint=checkpoint, out=out, backend="reference", model="tiny-llama", recipe="nvfp4",
-                gpu_type="cpu", gpu_spec=GPU_TYPES["cpu"], settings={"dtype": "float32", "max_batch_size": 8})
+    args = dict(
+        checkpoint=checkpoint,
+        out=out,
+        backend="reference",
+        model="tiny-llama",
+        recipe="nvfp4",
+        gpu_type="cpu",
+        gpu_spec=GPU_TYPES["cpu"],
+        settings={"dtype": "float32", "max_batch_size": 8},
+    )
     args.update(kw)
     return be.build_engine(**args)
 
@@ -52,16 +61,42 @@ def test_cli_writes_engine_record_and_provenance(checkpoint, tmp_path):
     out = tmp_path / "engines" / "engine"
     settings = {"dtype": "float32", "max_batch_size": 8, "torch_threads": 1}
     proc = subprocess.run(
-        [sys.executable, "-m", "rackbench.build_engine", "--checkpoint", str(checkpoint), "--out", str(out),
-         "--backend", "reference", "--model", "tiny-llama", "--recipe", "nvfp4", "--gpu-type", "cpu",
-         "--gpu-spec-json", json.dumps(GPU_TYPES["cpu"]), "--settings-json", json.dumps(settings)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT / "scripts")})
+        [
+            sys.executable,
+            "-m",
+            "rackbench.build_engine",
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(out),
+            "--backend",
+            "reference",
+            "--model",
+            "tiny-llama",
+            "--recipe",
+            "nvfp4",
+            "--gpu-type",
+            "cpu",
+            "--gpu-spec-json",
+            json.dumps(GPU_TYPES["cpu"]),
+            "--settings-json",
+            json.dumps(settings),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "scripts")},
+    )
     assert proc.returncode == 0, proc.stderr
     record = json.loads((out / "engine.json").read_text())
     assert record["backend"] == "reference" and record["gpu_type"] == "cpu"
     assert record["compute_capability"] is None and record["recipe"] == "nvfp4" and record["model"] == "tiny-llama"
-    assert record["software"] == {"torch": torch.__version__, "transformers": transformers.__version__,
-                                  "tensorrt_llm": None, "cuda": torch.version.cuda}
+    assert record["software"] == {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tensorrt_llm": None,
+        "cuda": torch.version.cuda,
+    }
     assert record["build_settings"] == settings and record["fake_gpu"] is False
     facts = record["backend_facts"]
     assert facts["recipe_detected"] == "nvfp4" and facts["quantized_layers"] == 7 and facts["kv_cache_scales"] == 2
@@ -88,16 +123,19 @@ def test_build_replaces_an_old_engine(checkpoint, tmp_path):
     assert not (out / "stale").exists() and json.loads((out / "engine.json").read_text()) == record
 
 
-@pytest.mark.parametrize("name,cc,want", [
-    ("NVIDIA H100 80GB HBM3", (9, 0), "H100"),
-    ("NVIDIA H100 PCIe", (9, 0), "H100"),
-    ("NVIDIA H200", (9, 0), "H200"),
-    ("NVIDIA B200", (10, 0), "B200"),
-    ("NVIDIA GB200", (10, 0), "GB200"),
-    ("NVIDIA GB300", (10, 3), "GB300"),
-    ("NVIDIA A100-SXM4-80GB", (8, 0), None),
-    ("NVIDIA H100 80GB HBM3", (8, 0), None),  # the name says H100 but the capability does not
-])
+@pytest.mark.parametrize(
+    "name,cc,want",
+    [
+        ("NVIDIA H100 80GB HBM3", (9, 0), "H100"),
+        ("NVIDIA H100 PCIe", (9, 0), "H100"),
+        ("NVIDIA H200", (9, 0), "H200"),
+        ("NVIDIA B200", (10, 0), "B200"),
+        ("NVIDIA GB200", (10, 0), "GB200"),
+        ("NVIDIA GB300", (10, 3), "GB300"),
+        ("NVIDIA A100-SXM4-80GB", (8, 0), None),
+        ("NVIDIA H100 80GB HBM3", (8, 0), None),  # the name says H100 but the capability does not
+    ],
+)
 def test_match_gpu_type(name, cc, want):
     assert be.match_gpu_type(name, cc, GPU_TYPES) == want
 
@@ -109,8 +147,15 @@ def test_match_gpu_type_explicit_patterns_and_lowercase_keys():
 
 
 def test_format_cc():
-    assert [be.format_cc(x) for x in ((9, 0), 9.0, "9.0", "10.3", "100", "sm_103", None)] == \
-        ["9.0", "9.0", "9.0", "10.3", "10.0", "10.3", None]
+    assert [be.format_cc(x) for x in ((9, 0), 9.0, "9.0", "10.3", "100", "sm_103", None)] == [
+        "9.0",
+        "9.0",
+        "9.0",
+        "10.3",
+        "10.0",
+        "10.3",
+        None,
+    ]
 
 
 def test_detect_runtime_cpu_and_fake(monkeypatch):
@@ -124,16 +169,26 @@ def test_detect_runtime_cpu_and_fake(monkeypatch):
 
 
 def _record(**over):
-    record = {"backend": "reference", "gpu_type": "GB300", "compute_capability": "10.3", "recipe": "nvfp4",
-              "model": "llama2-70b",
-              "software": {"torch": "2.13.0", "transformers": "5.14.1", "tensorrt_llm": "1.2.0", "cuda": "13.0"}}
+    record = {
+        "backend": "reference",
+        "gpu_type": "GB300",
+        "compute_capability": "10.3",
+        "recipe": "nvfp4",
+        "model": "llama2-70b",
+        "software": {"torch": "2.13.0", "transformers": "5.14.1", "tensorrt_llm": "1.2.0", "cuda": "13.0"},
+    }
     record.update(over)
     return record
 
 
 def _runtime(**over):
-    runtime = {"gpu_type": "GB300", "compute_capability": "10.3", "device_name": "NVIDIA GB300", "fake_gpu": False,
-               "software": {"torch": "2.13.0", "transformers": "5.14.1", "tensorrt_llm": "1.2.0", "cuda": "13.0"}}
+    runtime = {
+        "gpu_type": "GB300",
+        "compute_capability": "10.3",
+        "device_name": "NVIDIA GB300",
+        "fake_gpu": False,
+        "software": {"torch": "2.13.0", "transformers": "5.14.1", "tensorrt_llm": "1.2.0", "cuda": "13.0"},
+    }
     runtime.update(over)
     return runtime
 
@@ -145,11 +200,16 @@ def test_check_compatible_accepts_identical():
 
 def test_check_compatible_names_gpu_type_and_capability():
     with pytest.raises(be.EngineMismatch) as err:
-        be.check_compatible(_record(), _runtime(gpu_type="H100", compute_capability="9.0", device_name="NVIDIA H100"),
-                            engine_dir="results/engines/x/nvfp4/reference/GB300/engine")
+        be.check_compatible(
+            _record(),
+            _runtime(gpu_type="H100", compute_capability="9.0", device_name="NVIDIA H100"),
+            engine_dir="results/engines/x/nvfp4/reference/GB300/engine",
+        )
     msg = str(err.value)
-    assert ("engine results/engines/x/nvfp4/reference/GB300/engine was built for GPU type GB300 "
-            "(compute capability 10.3) but this node is H100 (9.0)") in msg
+    assert (
+        "engine results/engines/x/nvfp4/reference/GB300/engine was built for GPU type GB300 "
+        "(compute capability 10.3) but this node is H100 (9.0)"
+    ) in msg
     assert "snakemake -R build_engine" in msg and "transformers" not in msg
 
 
@@ -158,9 +218,16 @@ def test_check_compatible_lists_every_difference():
     with pytest.raises(be.EngineMismatch) as err:
         be.check_compatible(_record(), _runtime(gpu_type="GB200", compute_capability="10.0", software=software))
     msg = str(err.value)
-    for phrase in ("GB300", "GB200", "10.3", "10.0",
-                   "built with torch 2.13.0, running 2.12.0", "built with transformers 5.14.1, running 5.13.0",
-                   "built with tensorrt_llm 1.2.0, running None", "built with cuda 13.0, running 12.8"):
+    for phrase in (
+        "GB300",
+        "GB200",
+        "10.3",
+        "10.0",
+        "built with torch 2.13.0, running 2.12.0",
+        "built with transformers 5.14.1, running 5.13.0",
+        "built with tensorrt_llm 1.2.0, running None",
+        "built with cuda 13.0, running 12.8",
+    ):
         assert phrase in msg, (phrase, msg)
 
 
@@ -169,8 +236,9 @@ def test_check_compatible_software_only_and_unknown_gpu():
         be.check_compatible(_record(), _runtime(software={**_runtime()["software"], "transformers": "5.13.0"}))
     assert "built for" not in str(err.value) and "in this software environment" in str(err.value)
     with pytest.raises(be.EngineMismatch, match="NVIDIA A100.*matches no gpu_types entry"):
-        be.check_compatible(_record(), _runtime(gpu_type=None, compute_capability="8.0",
-                                                device_name="NVIDIA A100-SXM4-80GB"))
+        be.check_compatible(
+            _record(), _runtime(gpu_type=None, compute_capability="8.0", device_name="NVIDIA A100-SXM4-80GB")
+        )
 
 
 def test_open_engine_checks_then_loads(checkpoint, tmp_path, monkeypatch):
@@ -187,7 +255,9 @@ def test_open_engine_checks_then_loads(checkpoint, tmp_path, monkeypatch):
 
     record = json.loads((out / "engine.json").read_text())  # a newer transformers is refused too
     monkeypatch.delenv(be.FAKE_GPU_ENV)
-    (out / "engine.json").write_text(json.dumps({**record, "software": {**record["software"], "transformers": "4.0.0"}}))
+    (out / "engine.json").write_text(
+        json.dumps({**record, "software": {**record["software"], "transformers": "4.0.0"}})
+    )
     with pytest.raises(be.EngineMismatch, match=f"built with transformers 4.0.0, running {transformers.__version__}"):
         be.open_engine(out, gpu_ids=[], settings={}, gpu_types=GPU_TYPES)
 
@@ -209,8 +279,15 @@ def test_fake_gpu_build_and_open(checkpoint, tmp_path, monkeypatch):
 
 
 def test_tensorrt_llm_is_not_imported():
-    code = ("import sys, rackbench.build_engine as b; b.software_versions(); "
-            "b.detect_runtime({}); print('tensorrt_llm' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT / "scripts")})
+    code = (
+        "import sys, rackbench.build_engine as b; b.software_versions(); "
+        "b.detect_runtime({}); print('tensorrt_llm' in sys.modules)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "scripts")},
+    )
     assert proc.stdout.strip() == "False", proc.stderr

@@ -11,15 +11,17 @@ from rackbench.dataset import DatasetError, prepare
 
 
 def _openorca_like(n=5):
-    return pd.DataFrame({
-        "id": [f"cot.{i}" for i in range(n)],
-        "system_prompt": ["You are a helpful assistant."] * n,
-        "question": [f"question {i}" for i in range(n)],
-        "input": [f"<s>[INST] question {i} [/INST]" for i in range(n)],
-        "output": [f"answer number {i}" for i in range(n)],
-        "tok_input": [[1] + list(range(10, 10 + i + 3)) for i in range(n)],
-        "tok_output": [list(range(20, 22 + i)) for i in range(n)],
-    })
+    return pd.DataFrame(
+        {
+            "id": [f"cot.{i}" for i in range(n)],
+            "system_prompt": ["You are a helpful assistant."] * n,
+            "question": [f"question {i}" for i in range(n)],
+            "input": [f"<s>[INST] question {i} [/INST]" for i in range(n)],
+            "output": [f"answer number {i}" for i in range(n)],
+            "tok_input": [[1] + list(range(10, 10 + i + 3)) for i in range(n)],
+            "tok_output": [list(range(20, 22 + i)) for i in range(n)],
+        }
+    )
 
 
 @pytest.fixture

@@ -47,7 +47,10 @@ class FakeR2:
                     body = f"{base}/bucket/{r2.name}\n".encode()
                 elif self.path == f"/metadata/{r2.name}.md5":
                     body = "".join(f"{md5}  ./{rel}\n" for rel, md5 in r2.published.items()).encode()
-                elif self.path.startswith(f"/bucket/{r2.name}/") and self.path.split(f"/bucket/{r2.name}/", 1)[1] in r2.files:
+                elif (
+                    self.path.startswith(f"/bucket/{r2.name}/")
+                    and self.path.split(f"/bucket/{r2.name}/", 1)[1] in r2.files
+                ):
                     body = r2.files[self.path.split(f"/bucket/{r2.name}/", 1)[1]]
                 else:
                     self.send_response(404)
@@ -70,8 +73,13 @@ class FakeR2:
 
 @pytest.fixture
 def r2():
-    server = FakeR2({f"open_orca/{SAMPLES}": os.urandom(5000), f"open_orca/{CALIB}": os.urandom(3000),
-                     "open_orca/README.txt": b"other files in the bucket are not fetched"})
+    server = FakeR2(
+        {
+            f"open_orca/{SAMPLES}": os.urandom(5000),
+            f"open_orca/{CALIB}": os.urandom(3000),
+            "open_orca/README.txt": b"other files in the bucket are not fetched",
+        }
+    )
     uri = server.start()
     yield server, uri
     server.stop()
@@ -88,8 +96,10 @@ def test_download_verifies_and_records_checksums(r2, tmp_path):
         assert path.read_bytes() == server.files[rel]
         assert manifest["files"][role]["md5"] == server.published[rel]
         # prepare_dataset reads the recorded SHA256SUMS
-        assert expected_sha256(path, sha256_file_path=str(tmp_path / "dl" / dd.CHECKSUMS)) == \
-            hashlib.sha256(server.files[rel]).hexdigest()
+        assert (
+            expected_sha256(path, sha256_file_path=str(tmp_path / "dl" / dd.CHECKSUMS))
+            == hashlib.sha256(server.files[rel]).hexdigest()
+        )
     assert not any("README" in p for p in server.requests)
     assert (tmp_path / "dl" / "llama-2-70b-open-orca-dataset.md5").is_file()
 
@@ -142,8 +152,10 @@ def test_real_config_plans_on_a_fresh_clone_without_the_data(tmp_path):
     out = proc.stdout
     assert re.search(r"^(local)?rule download_dataset:", out, re.M), out[:3000]
     assert "localrule: True" in (ROOT / "rules/dataset_download.smk").read_text()  # the login node, as download_model
-    assert "python -m rackbench.dataset_download --uri https://inference.mlcommons-storage.org/metadata/" \
-           "llama-2-70b-open-orca-dataset.uri --file=samples=" + SAMPLES in out
+    assert (
+        "python -m rackbench.dataset_download --uri https://inference.mlcommons-storage.org/metadata/"
+        "llama-2-70b-open-orca-dataset.uri --file=samples=" + SAMPLES in out
+    )
     assert "--pickle results/datasets/open-orca/download/samples.pkl" in out
     assert re.search(r"trtllm-llmapi-launch python -m rackbench\.harness ", out)
     assert re.search(r"trtllm-llmapi-launch python -m rackbench\.build_engine ", out)

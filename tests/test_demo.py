@@ -9,8 +9,20 @@ import pytest
 
 from rackbench import demo
 
-MODEL_ARGS = ["--hidden-size", "256", "--intermediate-size", "688", "--num-layers", "2",
-              "--num-heads", "8", "--num-kv-heads", "1", "--vocab-size", "1024"]
+MODEL_ARGS = [
+    "--hidden-size",
+    "256",
+    "--intermediate-size",
+    "688",
+    "--num-layers",
+    "2",
+    "--num-heads",
+    "8",
+    "--num-kv-heads",
+    "1",
+    "--vocab-size",
+    "1024",
+]
 COLUMNS = ["id", "system_prompt", "question", "input", "output", "tok_input", "tok_output"]
 
 
@@ -20,8 +32,26 @@ def make_model(path, seed=0):
 
 
 def make_dataset(model, path, n=10, calib=4):
-    assert demo.main(["dataset", "--model", str(model), "--out", str(path), "--num-samples", str(n),
-                      "--num-calibration", str(calib), "--max-new-tokens", "64", "--seed", "0"]) == 0
+    assert (
+        demo.main(
+            [
+                "dataset",
+                "--model",
+                str(model),
+                "--out",
+                str(path),
+                "--num-samples",
+                str(n),
+                "--num-calibration",
+                str(calib),
+                "--max-new-tokens",
+                "64",
+                "--seed",
+                "0",
+            ]
+        )
+        == 0
+    )
     return path
 
 
@@ -55,8 +85,14 @@ def test_model_loads_with_llama_layout(model_dir):
     assert tok.decode(ids, skip_special_tokens=True) == "the quick fox sees a river."
     model = LlamaForCausalLM.from_pretrained(model_dir)
     cfg = model.config
-    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_attention_heads,
-            cfg.num_key_value_heads, cfg.vocab_size) == (256, 688, 2, 8, 1, 1024)
+    assert (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_hidden_layers,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.vocab_size,
+    ) == (256, 688, 2, 8, 1, 1024)
     assert len(tok) <= cfg.vocab_size
 
 
@@ -108,8 +144,9 @@ def test_dataset_output_is_unquantized_greedy(dataset_dir, model_dir):
     lengths = set()
     for row in samples.head(4).itertuples():
         with torch.no_grad():
-            out = model.generate(torch.tensor([row.tok_input]), do_sample=False, max_new_tokens=64,
-                                 eos_token_id=2, pad_token_id=2)[0, len(row.tok_input):].tolist()
+            out = model.generate(
+                torch.tensor([row.tok_input]), do_sample=False, max_new_tokens=64, eos_token_id=2, pad_token_id=2
+            )[0, len(row.tok_input) :].tolist()
         expected = out[: out.index(2)] if 2 in out else out
         assert row.tok_output == expected
     lengths = {len(t) for t in samples["tok_output"]}

@@ -95,8 +95,15 @@ TOKEN = "hf_" + "PlantedTestTokenDoNotLeak0123456789"
 def fake_hub():
     from fake_hub import FakeHub
 
-    hub = FakeHub({"config.json": b'{"model_type": "llama"}', "model-00001-of-00002.safetensors": os.urandom(3000),
-                   "model-00002-of-00002.safetensors": os.urandom(2000)}, REPO, REVISION)
+    hub = FakeHub(
+        {
+            "config.json": b'{"model_type": "llama"}',
+            "model-00001-of-00002.safetensors": os.urandom(3000),
+            "model-00002-of-00002.safetensors": os.urandom(2000),
+        },
+        REPO,
+        REVISION,
+    )
     url = hub.start()
     yield hub, url
     hub.stop()
@@ -106,10 +113,27 @@ def _run_cli(url, out, *extra):
     import subprocess
     import sys
 
-    env = dict(os.environ, HF_ENDPOINT=url, HF_TOKEN=TOKEN, HF_HOME=str(out.parent / "hf-home"),
-               HF_HUB_DISABLE_TELEMETRY="1")
-    return subprocess.run([sys.executable, "-m", "rackbench.download", "--repo-id", REPO, "--revision", REVISION,
-                           "--out", str(out), *extra], env=env, capture_output=True, text=True, timeout=120)
+    env = dict(
+        os.environ, HF_ENDPOINT=url, HF_TOKEN=TOKEN, HF_HOME=str(out.parent / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1"
+    )
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rackbench.download",
+            "--repo-id",
+            REPO,
+            "--revision",
+            REVISION,
+            "--out",
+            str(out),
+            *extra,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_hub_download_pinned_with_token_never_written(fake_hub, tmp_path):

@@ -19,8 +19,15 @@ import pytest
 from aiohttp import web
 
 from rackbench import launch
-from rackbench.endpoints import (EndpointError, EndpointPool, EndpointStats, choose_endpoint, stream_for,
-                                 urls_from_env, wait_ready)
+from rackbench.endpoints import (
+    EndpointError,
+    EndpointPool,
+    EndpointStats,
+    choose_endpoint,
+    stream_for,
+    urls_from_env,
+    wait_ready,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,12 +36,28 @@ def _instant_group(n, tmp_path, **settings):
     import json
 
     ports = launch.free_ports(n)
-    specs = [launch.ServerSpec(f"server{i}", [sys.executable, "-m", "rackbench.serve", "--backend", "instant",
-                                             "--host", "127.0.0.1", "--port", str(port),
-                                             "--settings", json.dumps({"output_len": 3, **settings})],
-                               "127.0.0.1", port,
-                               env={"PYTHONPATH": str(ROOT / "scripts") + os.pathsep + os.environ.get("PYTHONPATH", "")})
-             for i, port in enumerate(ports)]
+    specs = [
+        launch.ServerSpec(
+            f"server{i}",
+            [
+                sys.executable,
+                "-m",
+                "rackbench.serve",
+                "--backend",
+                "instant",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--settings",
+                json.dumps({"output_len": 3, **settings}),
+            ],
+            "127.0.0.1",
+            port,
+            env={"PYTHONPATH": str(ROOT / "scripts") + os.pathsep + os.environ.get("PYTHONPATH", "")},
+        )
+        for i, port in enumerate(ports)
+    ]
     return launch.ServerGroup(specs, log_dir=tmp_path, term_grace_s=5)
 
 
@@ -51,11 +74,17 @@ def _run_all(pool, prompts, n=3, timeout=60, stream_first=False):
                 out[i] = value
                 if len(out) == len(prompts):
                     all_done.set()
+
         return settle
 
     for i, p in enumerate(prompts):
-        pool.submit(p, n, on_done=cb(i), on_error=cb(i),
-                    on_first_token=(lambda t, i=i: firsts.__setitem__(i, t)) if stream_first else None)
+        pool.submit(
+            p,
+            n,
+            on_done=cb(i),
+            on_error=cb(i),
+            on_first_token=(lambda t, i=i: firsts.__setitem__(i, t)) if stream_first else None,
+        )
     assert all_done.wait(timeout), f"only {len(out)} of {len(prompts)} requests finished within {timeout} s (hang)"
     return [out[i] for i in range(len(prompts))], firsts
 
@@ -71,7 +100,7 @@ def _stats(*dispatched, pending=None, dead=None):
 
 def test_balancers_pick_as_documented():
     assert choose_endpoint(_stats(300, 100, 200), "isl", 0) == 1
-    assert choose_endpoint(_stats(300, 100, 200, dead=[1]), "isl", 0) == 2          # dead ones skipped
+    assert choose_endpoint(_stats(300, 100, 200, dead=[1]), "isl", 0) == 2  # dead ones skipped
     assert choose_endpoint(_stats(0, 0, 0, pending=[5, 2, 9]), "least_pending", 0) == 1
     assert [choose_endpoint(_stats(0, 0, 0), "round_robin", k) for k in range(4)] == [0, 1, 2, 0]
     with pytest.raises(ValueError, match="unknown balance"):
@@ -93,10 +122,10 @@ def test_isl_balancing_and_counters_over_http(tmp_path):
         results, _ = _run_all(pool, prompts)
         stats = pool.stats()
         pool.write_stats(tmp_path / "endpoints.json")
-    assert results == [[8, 9, 10]] * len(prompts)                # the instant engine: last id + 1, + 2, + 3
+    assert results == [[8, 9, 10]] * len(prompts)  # the instant engine: last id + 1, + 2, + 3
     loads = [s["input_tokens"] for s in stats]
     assert sum(loads) == sum(map(len, prompts))
-    assert max(loads) - min(loads) <= max(map(len, prompts))     # isl: no endpoint ahead by more than one prompt
+    assert max(loads) - min(loads) <= max(map(len, prompts))  # isl: no endpoint ahead by more than one prompt
     assert [s["dispatched_input_tokens"] for s in stats] == loads
     assert sum(s["samples"] for s in stats) == len(prompts)
     assert all(s["pending"] == 0 and s["open_requests"] == 0 for s in stats)
@@ -109,8 +138,10 @@ def test_isl_balancing_and_counters_over_http(tmp_path):
 
 def test_streamed_first_tokens_and_batches(tmp_path):
     prompts = [[i + 1] * 5 for i in range(40)]
-    with _instant_group(2, tmp_path) as group, EndpointPool(group.urls, stream=True, batch_size=8,
-                                                           concurrency=1) as pool:
+    with (
+        _instant_group(2, tmp_path) as group,
+        EndpointPool(group.urls, stream=True, batch_size=8, concurrency=1) as pool,
+    ):
         pool.wait_ready(60)
         results, firsts = _run_all(pool, prompts, stream_first=True)
         stats = pool.stats()
@@ -120,7 +151,7 @@ def test_streamed_first_tokens_and_batches(tmp_path):
 
 
 def test_unreachable_endpoint_fails_fast_naming_it():
-    port = launch.free_port()                                    # nothing listens there
+    port = launch.free_port()  # nothing listens there
     url = f"http://127.0.0.1:{port}"
     t0 = time.monotonic()
     with EndpointPool([url]) as pool:
@@ -134,7 +165,7 @@ def test_unreachable_endpoint_fails_fast_naming_it():
 @pytest.mark.parametrize("stream", [False, True], ids=["offline", "streamed"])
 def test_server_killed_mid_run_gives_errors_naming_it_and_no_hang(tmp_path, stream):
     prompts = [[i + 1] * 4 for i in range(24)]
-    group = _instant_group(2, tmp_path, delay_s=3.0)             # requests stay open for 3 s
+    group = _instant_group(2, tmp_path, delay_s=3.0)  # requests stay open for 3 s
     with group, EndpointPool(group.urls, balance="round_robin", stream=stream) as pool:
         pool.wait_ready(60)
         victim = group.specs[1]
@@ -146,6 +177,7 @@ def test_server_killed_mid_run_gives_errors_naming_it_and_no_hang(tmp_path, stre
                 results[i] = v
                 if len(results) == len(prompts):
                     done.set()
+
             return settle
 
         for i, p in enumerate(prompts):
@@ -186,6 +218,7 @@ class _NeverReady:
     def _run(self, started):
         asyncio.set_event_loop(self.loop)
         app = web.Application()
+
         async def health(request):
             return web.Response(status=503)
 
@@ -217,8 +250,9 @@ def test_never_ready_endpoint_times_out_with_a_clear_error():
 
 
 def test_a_server_process_that_exits_fails_readiness_at_once(tmp_path):
-    spec = launch.ServerSpec("server0", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"],
-                             "127.0.0.1", launch.free_port())
+    spec = launch.ServerSpec(
+        "server0", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], "127.0.0.1", launch.free_port()
+    )
     group = launch.ServerGroup([spec], log_dir=tmp_path)
     t0 = time.monotonic()
     with group, pytest.raises(EndpointError) as err:

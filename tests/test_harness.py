@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -34,7 +33,7 @@ class FakeEngine:
 
     @staticmethod
     def output_for(prompt, max_new_tokens):
-        length = 2 + (sum(prompt) + len(prompt)) % (max_new_tokens - 1)   # 2..max_new_tokens
+        length = 2 + (sum(prompt) + len(prompt)) % (max_new_tokens - 1)  # 2..max_new_tokens
         return [(prompt[0] * 7 + k) % 1000 for k in range(length)]
 
     def generate(self, prompts, max_new_tokens):
@@ -58,6 +57,7 @@ class AsyncFakeEngine:
     def __init__(self, max_in_flight=8, step_s=0.002):
         import queue
         import threading
+
         self.max_in_flight = max_in_flight
         self.step_s = step_s
         self._queue = queue.Queue()
@@ -78,7 +78,8 @@ class AsyncFakeEngine:
 
     def _run(self):
         import queue
-        running = []   # [tokens left, request]
+
+        running = []  # [tokens left, request]
         while True:
             try:
                 while True:
@@ -110,11 +111,16 @@ class AsyncFakeEngine:
 def make_dataset(path: Path, n: int = 30, seed: int = 0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(1, 1000, size=int(rng.integers(2, 15))).tolist() for _ in range(n)]
-    pq.write_table(pa.table({
-        "input": [" ".join(map(str, p)) for p in prompts],
-        "tok_input": pa.array(prompts, pa.list_(pa.int32())),
-        "output": ["reference answer"] * n,
-    }), path)
+    pq.write_table(
+        pa.table(
+            {
+                "input": [" ".join(map(str, p)) for p in prompts],
+                "tok_input": pa.array(prompts, pa.list_(pa.int32())),
+                "output": ["reference answer"] * n,
+            }
+        ),
+        path,
+    )
     return prompts
 
 
@@ -125,12 +131,22 @@ def dataset(tmp_path):
 
 
 def _run(engine, ds, out, mode="performance", shard_index=0, num_shards=2, shard_mode="split", **kw):
-    args = dict(samples_parquet=ds, out_dir=out, mode=mode, shard_index=shard_index, num_shards=num_shards,
-                shard_mode=shard_mode, batch_size=4, max_new_tokens=MAX_NEW, min_duration_ms=0,
-                min_query_count=1, offline_expected_qps=10,
-                metadata={"model": "fake", "recipe": "none", "backend": "fake", "gpu_type": "cpu",
-                          "gpus_per_shard": 1},
-                progress_interval_s=0, log=lambda msg: None)
+    args = dict(
+        samples_parquet=ds,
+        out_dir=out,
+        mode=mode,
+        shard_index=shard_index,
+        num_shards=num_shards,
+        shard_mode=shard_mode,
+        batch_size=4,
+        max_new_tokens=MAX_NEW,
+        min_duration_ms=0,
+        min_query_count=1,
+        offline_expected_qps=10,
+        metadata={"model": "fake", "recipe": "none", "backend": "fake", "gpu_type": "cpu", "gpus_per_shard": 1},
+        progress_interval_s=0,
+        log=lambda msg: None,
+    )
     args.update(kw)
     return run_shard(engine, **args)
 
@@ -141,8 +157,14 @@ def test_performance_shard(tmp_path, dataset):
     engine = FakeEngine()
     record = _run(engine, ds, out, shard_index=1)
 
-    for name in ("mlperf_log_summary.txt", "mlperf_log_detail.txt", "mlperf_log_accuracy.json",
-                 "shard.json", "samples.parquet", "provenance.json"):
+    for name in (
+        "mlperf_log_summary.txt",
+        "mlperf_log_detail.txt",
+        "mlperf_log_accuracy.json",
+        "shard.json",
+        "samples.parquet",
+        "provenance.json",
+    ):
         assert (out / name).is_file(), name
     summary = (out / "mlperf_log_summary.txt").read_text()
     assert "Result is : VALID" in summary
@@ -187,7 +209,8 @@ def test_performance_shard(tmp_path, dataset):
     # LoadGen's own token count (from n_tokens): tokens/s / samples/s = tokens / samples (same duration)
     lg = record["loadgen"]
     assert lg["tokens_per_second"] / lg["samples_per_second"] == pytest.approx(
-        expected_out / record["completed_samples"], rel=1e-4)
+        expected_out / record["completed_samples"], rel=1e-4
+    )
 
 
 def test_short_outputs_flagged_like_loadgen(tmp_path, dataset):
@@ -196,7 +219,7 @@ def test_short_outputs_flagged_like_loadgen(tmp_path, dataset):
 
     class ShortEngine(FakeEngine):
         def generate(self, prompts, max_new_tokens):
-            return [[1] * (p[0] % 4) for p in prompts]   # 0..3 tokens
+            return [[1] * (p[0] % 4) for p in prompts]  # 0..3 tokens
 
     record = _run(ShortEngine(), ds, tmp_path / "short", num_shards=1)
     lengths = [p[0] % 4 for p in prompts]
@@ -206,7 +229,8 @@ def test_short_outputs_flagged_like_loadgen(tmp_path, dataset):
     lg = record["loadgen"]
     assert record["short_outputs"] > 0 and lg["errors"] is True
     assert lg["tokens_per_second"] / lg["samples_per_second"] == pytest.approx(
-        record["loadgen_counted_tokens"] / record["completed_samples"], rel=1e-4)
+        record["loadgen_counted_tokens"] / record["completed_samples"], rel=1e-4
+    )
 
 
 def test_accuracy_shard_logs_int32_outputs(tmp_path, dataset):
@@ -251,7 +275,7 @@ def test_engine_crash_leaves_nothing(tmp_path, dataset):
     with pytest.raises(HarnessError, match="simulated engine crash"):
         _run(FakeEngine(crash_after_batches=1), ds, out)
     assert not out.exists()
-    assert list(out.parent.iterdir()) == []   # the temporary dir is gone too
+    assert list(out.parent.iterdir()) == []  # the temporary dir is gone too
 
 
 def test_killed_shard_leaves_no_output(tmp_path, dataset):
@@ -294,7 +318,7 @@ def test_progress_lines(tmp_path, dataset):
     ds, _ = dataset
     lines = []
     _run(FakeEngine(delay_s=0.05), ds, tmp_path / "p", progress_interval_s=0.05, log=lines.append)
-    progress = [l for l in lines if "output tok/s" in l]
+    progress = [line for line in lines if "output tok/s" in line]
     assert progress and "15/15 samples (100.0%)" in progress[-1] and "ETA" in progress[-1]
 
 
@@ -308,22 +332,27 @@ def test_async_engine_stays_full_offline(tmp_path, dataset):
     finally:
         engine.close()
     assert record["max_in_flight"] == 5 and record["scenario"] == "Offline"
-    assert engine.peak_in_flight == 5 and engine.first_tokens == 0   # no first-token events in Offline
+    assert engine.peak_in_flight == 5 and engine.first_tokens == 0  # no first-token events in Offline
     rows = pq.read_table(tmp_path / "off" / "samples.parquet").to_pylist()
     assert len(rows) == len(prompts) == record["completed_samples"]
     assert all(r["output_tokens"] == len(FakeEngine.output_for(prompts[r["sample_index"]], MAX_NEW)) for r in rows)
     assert record["loadgen"]["result"] == "VALID" and record["loadgen"]["scenario"] == "Offline"
 
 
-@pytest.mark.parametrize("scenario, key, ttft_ns, tpot_ns", [
-    ("Server", "llama2-70b", 2_000_000_000, 200_000_000),
-    ("Interactive", "llama2-70b-interactive", 450_000_000, 40_000_000)])
+@pytest.mark.parametrize(
+    "scenario, key, ttft_ns, tpot_ns",
+    [
+        ("Server", "llama2-70b", 2_000_000_000, 200_000_000),
+        ("Interactive", "llama2-70b-interactive", 450_000_000, 40_000_000),
+    ],
+)
 def test_server_scenarios_report_token_latencies(tmp_path, dataset, scenario, key, ttft_ns, tpot_ns):
     ds, prompts = dataset
     engine = AsyncFakeEngine(step_s=0.001)
     try:
-        record = _run(engine, ds, tmp_path / scenario, num_shards=1, scenario=scenario, target_qps=200,
-                      offline_expected_qps=None)
+        record = _run(
+            engine, ds, tmp_path / scenario, num_shards=1, scenario=scenario, target_qps=200, offline_expected_qps=None
+        )
     finally:
         engine.close()
     lg = record["loadgen"]
@@ -347,10 +376,22 @@ def test_server_scenario_needs_a_target_qps(tmp_path, dataset):
 
 
 def test_parse_summary_server_log():
-    path = Path(__file__).resolve().parents[1] / ".." / "shared" / "mlperf-logs" / \
-        "v6.0_NVIDIA_GB300-NVL72_x72_TRT_submission" / "closed" / "NVIDIA" / "results" / \
-        "GB300-NVL72_GB300-288GB_aarch64x72_TRT" / "llama2-70b-99" / "Server" / "performance" / "run_1" / \
-        "mlperf_log_summary.txt"
+    path = (
+        Path(__file__).resolve().parents[1]
+        / ".."
+        / "shared"
+        / "mlperf-logs"
+        / "v6.0_NVIDIA_GB300-NVL72_x72_TRT_submission"
+        / "closed"
+        / "NVIDIA"
+        / "results"
+        / "GB300-NVL72_GB300-288GB_aarch64x72_TRT"
+        / "llama2-70b-99"
+        / "Server"
+        / "performance"
+        / "run_1"
+        / "mlperf_log_summary.txt"
+    )
     if not path.exists():
         pytest.skip("shared MLPerf logs not present")
     parsed = parse_summary(path.read_text())
@@ -364,9 +405,18 @@ def test_parse_summary_server_log():
 
 
 def test_parse_summary_published_log():
-    path = Path(__file__).resolve().parents[1] / ".." / "shared" / "mlperf-logs" / \
-        "v5.1_NVIDIA_B200-SXM-180GBx8_TRT" / "llama2-70b-99" / "Offline" / "performance" / "run_1" / \
-        "mlperf_log_summary.txt"
+    path = (
+        Path(__file__).resolve().parents[1]
+        / ".."
+        / "shared"
+        / "mlperf-logs"
+        / "v5.1_NVIDIA_B200-SXM-180GBx8_TRT"
+        / "llama2-70b-99"
+        / "Offline"
+        / "performance"
+        / "run_1"
+        / "mlperf_log_summary.txt"
+    )
     if not path.exists():
         pytest.skip("shared MLPerf logs not present")
     parsed = parse_summary(path.read_text())
@@ -397,18 +447,60 @@ def test_cli_opens_engine_and_runs(tmp_path, dataset, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     out = tmp_path / "cli" / "shard0"
-    rc = harness.main([
-        "--engine-dir", str(tmp_path / "engine"), "--dataset", str(ds), "--out", str(out),
-        "--mode", "performance", "--shard-index", "0", "--num-shards", "1", "--shard-mode", "replicate",
-        "--gpus-per-shard", "2", "--batch-size", "4", "--max-new-tokens", str(MAX_NEW),
-        "--min-duration-ms", "0", "--min-query-count", "1", "--offline-expected-qps", "10",
-        "--progress-interval-s", "0", "--gpu-types-json", '{"cpu": {"kind": "cpu"}}',
-        "--engine-settings-json", '{"torch_threads": 1}',
-        "--meta-json", json.dumps({"model": "fake", "recipe": "none", "backend": "fake", "gpu_type": "cpu",
-                                   "batch_size": 4, "layout": "1x2"})])
+    rc = harness.main(
+        [
+            "--engine-dir",
+            str(tmp_path / "engine"),
+            "--dataset",
+            str(ds),
+            "--out",
+            str(out),
+            "--mode",
+            "performance",
+            "--shard-index",
+            "0",
+            "--num-shards",
+            "1",
+            "--shard-mode",
+            "replicate",
+            "--gpus-per-shard",
+            "2",
+            "--batch-size",
+            "4",
+            "--max-new-tokens",
+            str(MAX_NEW),
+            "--min-duration-ms",
+            "0",
+            "--min-query-count",
+            "1",
+            "--offline-expected-qps",
+            "10",
+            "--progress-interval-s",
+            "0",
+            "--gpu-types-json",
+            '{"cpu": {"kind": "cpu"}}',
+            "--engine-settings-json",
+            '{"torch_threads": 1}',
+            "--meta-json",
+            json.dumps(
+                {
+                    "model": "fake",
+                    "recipe": "none",
+                    "backend": "fake",
+                    "gpu_type": "cpu",
+                    "batch_size": 4,
+                    "layout": "1x2",
+                }
+            ),
+        ]
+    )
     assert rc == 0 and engine.closed
-    assert calls == {"engine_dir": str(tmp_path / "engine"), "gpu_ids": [0, 1], "settings": {"torch_threads": 1},
-                     "gpu_types": {"cpu": {"kind": "cpu"}}}
+    assert calls == {
+        "engine_dir": str(tmp_path / "engine"),
+        "gpu_ids": [0, 1],
+        "settings": {"torch_threads": 1},
+        "gpu_types": {"cpu": {"kind": "cpu"}},
+    }
     record = json.loads((out / "shard.json").read_text())
     assert record["layout"] == "1x2" and record["gpus_per_shard"] == 2
     assert record["gpu_type"] == "cpu" and record["batch_size"] == 4 and "bs" not in record and "gpu" not in record

@@ -47,18 +47,23 @@ def test_readme_lists_every_system():
 @pytest.mark.parametrize("system", SYSTEMS)
 def test_performance_run_reproduces_published_figures(rows, system):
     tokens, samples = published_table()[system]
-    perf = [r for r in rows if r["path"].startswith(system + "/") and r["test_mode"] == "PerformanceOnly"
-            and r["mlperf_scenario"] == "Offline"]
+    perf = [
+        r
+        for r in rows
+        if r["path"].startswith(system + "/")
+        and r["test_mode"] == "PerformanceOnly"
+        and r["mlperf_scenario"] == "Offline"
+    ]
     assert len(perf) == 1
     r = perf[0]
-    assert r["tokens_per_second"] == tokens          # to the digit, as printed
+    assert r["tokens_per_second"] == tokens  # to the digit, as printed
     assert r["samples_per_second"] == samples
     assert r["result"] == "VALID"
     assert r["min_duration_satisfied"] == "Yes" and r["min_queries_satisfied"] == "Yes"
     assert r["scenario"] == "Offline"
-    assert re.match(r"\d+(\.\d+)* @ ([0-9a-f]+|NA)$", r["loadgen_version"])   # NVIDIA v6.0 printed "@ NA"
+    assert re.match(r"\d+(\.\d+)* @ ([0-9a-f]+|NA)$", r["loadgen_version"])  # NVIDIA v6.0 printed "@ NA"
     assert int(r["samples_per_query"]) > 0
-    assert r["summary_detail_mismatch"] is None      # summary and detail agree
+    assert r["summary_detail_mismatch"] is None  # summary and detail agree
     # the run lasted at least the minimum duration it claims to satisfy
     assert float(r["duration_s"]) >= int(r["min_duration_ms"]) / 1000
     assert int(r["generated_samples_per_query"]) >= int(r["samples_per_query"])
@@ -86,17 +91,23 @@ def test_accuracy_values_match_accuracy_txt(rows, system):
 
 def test_cli_prints_table_and_writes_json(tmp_path):
     out = tmp_path / "rows.json"
-    proc = subprocess.run([sys.executable, "-m", "rackbench.ingest", str(LOGS), "--out", str(out)],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rackbench.ingest", str(LOGS), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     for tokens, samples in published_table().values():
         assert f" {tokens} " in proc.stdout and f" {samples} " in proc.stdout
     data = json.loads(out.read_text())
     # one performance and one accuracy dir per folder; the x72 tree: 3 scenarios x (both + TEST06/accuracy)
     assert len(data) == 2 * (len(SYSTEMS) - 1) + 9
     csv = tmp_path / "rows.csv"
-    subprocess.run([sys.executable, "-m", "rackbench.ingest", str(LOGS), "--out", str(csv)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "rackbench.ingest", str(LOGS), "--out", str(csv)], check=True, capture_output=True
+    )
     import pandas as pd
+
     frame = pd.read_csv(csv, dtype=str)
     assert set(frame["tokens_per_second"].dropna()) == {t for t, _ in published_table().values()}
     assert set(frame["completed_tokens_per_second"].dropna()) == {"868277.92", "814127.85"}
@@ -109,7 +120,7 @@ def test_no_accuracy_evidence_is_flagged(tmp_path):
     perf = next(src.rglob("performance/run_1"))
     for name in ("mlperf_log_summary.txt", "mlperf_log_detail.txt"):
         (run / name).write_bytes((perf / name).read_bytes())
-    (run / "mlperf_log_accuracy.json").write_text("[\n]\n")   # what LoadGen writes in performance mode
+    (run / "mlperf_log_accuracy.json").write_text("[\n]\n")  # what LoadGen writes in performance mode
     rows = ingest.ingest(tmp_path)
     assert len(rows) == 1
     assert rows[0]["accuracy_log"] == "empty"
@@ -119,7 +130,8 @@ def test_no_accuracy_evidence_is_flagged(tmp_path):
 def test_invalid_summary(tmp_path):
     (tmp_path / "mlperf_log_summary.txt").write_text(
         "Scenario : Offline\nMode     : PerformanceOnly\nSamples per second: 1.5\nTokens per second: 12.25\n"
-        "Result is : INVALID\n  Min duration satisfied : NO\n  Min queries satisfied : Yes\n")
+        "Result is : INVALID\n  Min duration satisfied : NO\n  Min queries satisfied : Yes\n"
+    )
     (r,) = ingest.ingest(tmp_path)
     assert (r["result"], r["tokens_per_second"], r["min_duration_satisfied"]) == ("INVALID", "12.25", "NO")
 
@@ -130,11 +142,14 @@ X72 = LOGS / "v6.0_NVIDIA_GB300-NVL72_x72_TRT_submission"
 
 
 def test_server_and_interactive_fields(rows):
-    x72 = {r["mlperf_scenario"]: r for r in rows if r["path"].startswith(X72.name + "/")
-           and r["test_mode"] == "PerformanceOnly"}
+    x72 = {
+        r["mlperf_scenario"]: r
+        for r in rows
+        if r["path"].startswith(X72.name + "/") and r["test_mode"] == "PerformanceOnly"
+    }
     assert sorted(x72) == ["Interactive", "Offline", "Server"]
     server, interactive, offline = x72["Server"], x72["Interactive"], x72["Offline"]
-    assert (server["scenario"], interactive["scenario"]) == ("Server", "Server")   # LoadGen has no Interactive
+    assert (server["scenario"], interactive["scenario"]) == ("Server", "Server")  # LoadGen has no Interactive
     assert server["completed_tokens_per_second"] == "868277.92"
     assert (server["ttft_p99_ns"], server["ttft_limit_ns"]) == ("276316453", "2000000000")
     assert (server["tpot_p99_ns"], server["tpot_limit_ns"]) == ("40548358", "200000000")
@@ -167,8 +182,13 @@ def _rack_of(tmp_path, folders, strip_datetime=()):
         if i in strip_datetime:
             for detail in dest.rglob("mlperf_log_detail.txt"):
                 detail.chmod(0o644)
-                detail.write_text("".join(line for line in detail.read_text().splitlines(keepends=True)
-                                          if '"key": "test_datetime"' not in line))
+                detail.write_text(
+                    "".join(
+                        line
+                        for line in detail.read_text().splitlines(keepends=True)
+                        if '"key": "test_datetime"' not in line
+                    )
+                )
     return rack
 
 
@@ -178,8 +198,22 @@ NV_GB200 = "v5.1_NVIDIA_GB200-NVL72_GB200-186GB_aarch64x4_TRT"
 
 def test_per_node_folders_read_as_rack(tmp_path):
     rack = _rack_of(tmp_path, [AZURE, NV_GB200])
-    proc = subprocess.run([sys.executable, "-m", "rackbench.ingest", "--as-rack", str(rack), "--gpus-per-run", "4",
-                           "--out", str(tmp_path / "rack.json")], capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rackbench.ingest",
+            "--as-rack",
+            str(rack),
+            "--gpus-per-run",
+            "4",
+            "--out",
+            str(tmp_path / "rack.json"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     fig = json.loads((tmp_path / "rack.json").read_text())["scenarios"]["Offline"]
     assert fig["num_loadgens"] == 2 and fig["gpus"] == 8
     assert fig["sum_tokens_per_second"] == pytest.approx(52061.6 + 51736.9)
@@ -190,7 +224,7 @@ def test_per_node_folders_read_as_rack(tmp_path):
     assert fig["concurrent"] is False and "NOT concurrent" in fig["overlap"]
     assert fig["claim"] == "sum of 2 LoadGens (not an MLPerf result): 103,798 tokens/s"
     assert "never their sum" in fig["mlperf_accepts"]
-    assert all(n["accuracy"]["meets_target"] for n in fig["nodes"])   # each has a scored accuracy run
+    assert all(n["accuracy"]["meets_target"] for n in fig["nodes"])  # each has a scored accuracy run
     assert "| what the runs claim | what MLPerf would accept |" in proc.stdout and "NOT concurrent" in proc.stdout
 
 

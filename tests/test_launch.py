@@ -29,30 +29,67 @@ def _env():
 
 # --------------------------------------------------------------------------- command lines
 
+
 def test_srun_step_command_line():
-    argv = launch.srun_command(["python", "-m", "rackbench.serve", "--port", "8001"], node="gpu-07", gpus=1,
-                               cpus=8, mem="100G", job_name="rackbench-server3", output="/logs/server3.log")
-    assert argv == ["srun", "--exact", "--nodes=1", "--ntasks=1", "--nodelist=gpu-07", "--gres=gpu:1",
-                    "--job-name=rackbench-server3", "--kill-on-bad-exit=1", "--cpus-per-task=8", "--mem=100G",
-                    "--output=/logs/server3.log", "python", "-m", "rackbench.serve", "--port", "8001"]
+    argv = launch.srun_command(
+        ["python", "-m", "rackbench.serve", "--port", "8001"],
+        node="gpu-07",
+        gpus=1,
+        cpus=8,
+        mem="100G",
+        job_name="rackbench-server3",
+        output="/logs/server3.log",
+    )
+    assert argv == [
+        "srun",
+        "--exact",
+        "--nodes=1",
+        "--ntasks=1",
+        "--nodelist=gpu-07",
+        "--gres=gpu:1",
+        "--job-name=rackbench-server3",
+        "--kill-on-bad-exit=1",
+        "--cpus-per-task=8",
+        "--mem=100G",
+        "--output=/logs/server3.log",
+        "python",
+        "-m",
+        "rackbench.serve",
+        "--port",
+        "8001",
+    ]
 
 
 def test_slurm_specs_place_servers_per_node_on_distinct_ports():
-    specs = launch.slurm_specs(lambda host, port: ["serve", host, str(port)], nodes=["n0", "n1"],
-                               servers_per_node=4, gpus_per_server=1, base_port=8000, log_dir="/logs")
+    specs = launch.slurm_specs(
+        lambda host, port: ["serve", host, str(port)],
+        nodes=["n0", "n1"],
+        servers_per_node=4,
+        gpus_per_server=1,
+        base_port=8000,
+        log_dir="/logs",
+    )
     assert [s.url for s in specs] == [f"http://n{n}:{8000 + k}" for n in range(2) for k in range(4)]
     assert all(s.slurm for s in specs)
     first = specs[5].argv
     assert first[:6] == ["srun", "--exact", "--nodes=1", "--ntasks=1", "--nodelist=n1", "--gres=gpu:1"]
     assert "--job-name=rackbench-server5" in first and "--output=/logs/server5.log" in first
-    assert first[-3:] == ["serve", "0.0.0.0", "8001"]           # listens on the node's network
+    assert first[-3:] == ["serve", "0.0.0.0", "8001"]  # listens on the node's network
 
 
 def test_trtllm_serve_command_uses_only_options_trtllm_serve_has(tmp_path):
     opts = tmp_path / "llm_api_options.yaml"
-    argv = launch.trtllm_serve_command("/engines/llama2-70b", host="0.0.0.0", port=8000, backend="pytorch",
-                                       tp_size=1, max_batch_size=2048, max_num_tokens=8192,
-                                       extra_llm_api_options=opts, tokenizer="/models/llama2-70b")
+    argv = launch.trtllm_serve_command(
+        "/engines/llama2-70b",
+        host="0.0.0.0",
+        port=8000,
+        backend="pytorch",
+        tp_size=1,
+        max_batch_size=2048,
+        max_num_tokens=8192,
+        extra_llm_api_options=opts,
+        tokenizer="/models/llama2-70b",
+    )
     assert argv[0] == SPEC["llmapi_launch"]["executable"]
     assert argv[1] == SPEC["trtllm_serve"]["executable"] and argv[2] == "/engines/llama2-70b"
     known = SPEC["trtllm_serve"]["options"]
@@ -74,7 +111,7 @@ def test_the_pool_sends_trtllm_serve_only_fields_it_accepts_and_reads_its_token_
     finally:
         pool.close()
     assert set(body) <= set(fields), set(body) - set(fields)
-    assert body["prompt"] == [[1, 2, 3], [4, 5]]                 # List[List[int]] is a CompletionRequest prompt type
+    assert body["prompt"] == [[1, 2, 3], [4, 5]]  # List[List[int]] is a CompletionRequest prompt type
     assert body["detokenize"] is False and SPEC["completion_response"]["token_ids_when"] == "detokenize == false"
     assert "token_ids" in SPEC["completion_response"]["choice_fields"]
     assert "token_ids" in SPEC["completion_stream"]["choice_fields"]
@@ -86,18 +123,20 @@ def test_rackbench_serve_accepts_what_the_pool_sends_to_trtllm_serve():
 
     assert serve.HEALTH_ROUTE == SPEC["routes"]["health"]["path"]
     assert serve.COMPLETIONS_ROUTE == SPEC["routes"]["completions"]["path"]
-    assert serve.REQUEST_FIELDS <= set(SPEC["completion_request"]["fields"])   # a subset of trtllm-serve's
+    assert serve.REQUEST_FIELDS <= set(SPEC["completion_request"]["fields"])  # a subset of trtllm-serve's
 
 
 def test_template_command_for_other_servers():
-    argv = launch.template_command("vllm serve {model} --host {host} --port {port} --tensor-parallel-size 1",
-                                   host="0.0.0.0", port=8100, model="/m")
+    argv = launch.template_command(
+        "vllm serve {model} --host {host} --port {port} --tensor-parallel-size 1", host="0.0.0.0", port=8100, model="/m"
+    )
     assert argv == ["vllm", "serve", "/m", "--host", "0.0.0.0", "--port", "8100", "--tensor-parallel-size", "1"]
     with pytest.raises(launch.LaunchError, match="unknown placeholder"):
         launch.template_command("sglang --p {prot}", host="h", port=1)
 
 
 # --------------------------------------------------------------------------- ports
+
 
 def test_a_port_in_use_is_a_clear_error(tmp_path):
     with socket.socket() as taken:
@@ -107,17 +146,23 @@ def test_a_port_in_use_is_a_clear_error(tmp_path):
         with pytest.raises(launch.LaunchError, match=f"port {port} on 127.0.0.1 is already in use"):
             launch.local_rackbench_specs(1, "/engine", ports=[port])
         # the server itself, started on the taken port anyway, exits at once naming it
-        spec = launch.ServerSpec("server0", [sys.executable, "-m", "rackbench.serve", "--backend", "instant",
-                                             "--port", str(port)], "127.0.0.1", port, env=_env())
+        spec = launch.ServerSpec(
+            "server0",
+            [sys.executable, "-m", "rackbench.serve", "--backend", "instant", "--port", str(port)],
+            "127.0.0.1",
+            port,
+            env=_env(),
+        )
         group = launch.ServerGroup([spec], log_dir=tmp_path)
         with group, pytest.raises(EndpointError, match="exited with code") as err:
             group.wait_ready(60)
-        assert f"cannot bind 127.0.0.1:{port}" in str(err.value)        # the server's own message, from its log
+        assert f"cannot bind 127.0.0.1:{port}" in str(err.value)  # the server's own message, from its log
     ports = launch.free_ports(16)
     assert len(set(ports)) == 16
 
 
 # --------------------------------------------------------------------------- teardown
+
 
 def _descendants_alive(pids):
     alive = []
@@ -133,24 +178,59 @@ def _descendants_alive(pids):
 def test_launcher_runs_a_command_with_the_urls_then_tears_down(tmp_path):
     out = tmp_path / "urls.json"
     seen = tmp_path / "seen.txt"
-    cmd = [sys.executable, "-m", "rackbench.launch", "local", "--servers", "2", "--engine-dir", str(tmp_path),
-           "--backend", "instant", "--ready-timeout", "60", "--urls-out", str(out), "--log-dir", str(tmp_path / "logs"),
-           "--", sys.executable, "-c",
-           f"import os; open({str(seen)!r}, 'w').write(os.environ['{launch.ENDPOINTS_ENV}'])"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rackbench.launch",
+        "local",
+        "--servers",
+        "2",
+        "--engine-dir",
+        str(tmp_path),
+        "--backend",
+        "instant",
+        "--ready-timeout",
+        "60",
+        "--urls-out",
+        str(out),
+        "--log-dir",
+        str(tmp_path / "logs"),
+        "--",
+        sys.executable,
+        "-c",
+        f"import os; open({str(seen)!r}, 'w').write(os.environ['{launch.ENDPOINTS_ENV}'])",
+    ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     urls = json.loads(out.read_text())["endpoints"]
     assert len(urls) == 2 and seen.read_text() == ",".join(urls)
-    for url in urls:                                           # nobody listens any more
+    for url in urls:  # nobody listens any more
         host, port = url.removeprefix("http://").split(":")
         with socket.socket() as s:
             assert s.connect_ex((host, int(port))) != 0
 
 
 def test_sigterm_to_the_launcher_tears_every_server_down(tmp_path):
-    cmd = [sys.executable, "-m", "rackbench.launch", "local", "--servers", "2", "--engine-dir", str(tmp_path),
-           "--backend", "instant", "--ready-timeout", "60", "--urls-out", str(tmp_path / "urls.json"),
-           "--", sys.executable, "-c", "import time; time.sleep(600)"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rackbench.launch",
+        "local",
+        "--servers",
+        "2",
+        "--engine-dir",
+        str(tmp_path),
+        "--backend",
+        "instant",
+        "--ready-timeout",
+        "60",
+        "--urls-out",
+        str(tmp_path / "urls.json"),
+        "--",
+        sys.executable,
+        "-c",
+        "import time; time.sleep(600)",
+    ]
     proc = subprocess.Popen(cmd, env=_env(), stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 90
@@ -159,8 +239,8 @@ def test_sigterm_to_the_launcher_tears_every_server_down(tmp_path):
         assert (tmp_path / "urls.json").exists(), proc.stderr.read() if proc.poll() is not None else "not ready"
         time.sleep(0.5)
         family = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-        assert len(family) >= 3                                  # 2 servers + the command
-        proc.send_signal(signal.SIGTERM)                         # what scancel sends the batch script
+        assert len(family) >= 3  # 2 servers + the command
+        proc.send_signal(signal.SIGTERM)  # what scancel sends the batch script
         proc.wait(timeout=60)
         assert proc.returncode != 0
         deadline = time.monotonic() + 30
@@ -174,9 +254,16 @@ def test_sigterm_to_the_launcher_tears_every_server_down(tmp_path):
 
 def test_teardown_after_a_failure_inside_the_group(tmp_path):
     ports = launch.free_ports(2)
-    specs = [launch.ServerSpec(f"server{i}", [sys.executable, "-m", "rackbench.serve", "--backend", "instant",
-                                             "--port", str(p)], "127.0.0.1", p, env=_env())
-             for i, p in enumerate(ports)]
+    specs = [
+        launch.ServerSpec(
+            f"server{i}",
+            [sys.executable, "-m", "rackbench.serve", "--backend", "instant", "--port", str(p)],
+            "127.0.0.1",
+            p,
+            env=_env(),
+        )
+        for i, p in enumerate(ports)
+    ]
     group = launch.ServerGroup(specs, log_dir=tmp_path)
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(RuntimeError, match="the harness failed"):
@@ -184,20 +271,22 @@ def test_teardown_after_a_failure_inside_the_group(tmp_path):
             group.wait_ready(60)
             raise RuntimeError("the harness failed")
     assert not _descendants_alive([p.pid for p in group.procs.values()])
-    assert signal.getsignal(signal.SIGTERM) is before            # the launcher's handler is gone again
+    assert signal.getsignal(signal.SIGTERM) is before  # the launcher's handler is gone again
 
 
 def test_scancel_steps_cancels_the_named_steps_still_listed(tmp_path, monkeypatch):
     """With fake squeue/scancel on PATH (fakes of Slurm's CLI, named as such): the step ids
     listed under our step names are the ones cancelled."""
     calls = tmp_path / "scancel.calls"
-    (tmp_path / "squeue").write_text("#!/bin/sh\n# fake squeue for this test\n"
-                                     "printf '41.0 rackbench-server0\\n41.1 rackbench-server1\\n41.2 other\\n'\n")
-    (tmp_path / "scancel").write_text(f"#!/bin/sh\n# fake scancel for this test\necho \"$@\" >> {calls}\n")
+    (tmp_path / "squeue").write_text(
+        "#!/bin/sh\n# fake squeue for this test\n"
+        "printf '41.0 rackbench-server0\\n41.1 rackbench-server1\\n41.2 other\\n'\n"
+    )
+    (tmp_path / "scancel").write_text(f'#!/bin/sh\n# fake scancel for this test\necho "$@" >> {calls}\n')
     for f in ("squeue", "scancel"):
         (tmp_path / f).chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     cancelled = launch.scancel_steps(["rackbench-server0", "rackbench-server1"], env={"SLURM_JOB_ID": "41"})
     assert cancelled == ["41.0", "41.1"]
     assert calls.read_text().split() == ["41.0", "41.1"]
-    assert launch.scancel_steps(["rackbench-server0"], env={}) == []   # outside an allocation: nothing
+    assert launch.scancel_steps(["rackbench-server0"], env={}) == []  # outside an allocation: nothing

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
 from rackbench import accuracy, benchmarks, compliance, submission
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +33,7 @@ def checker_constants():
     sys.path.insert(0, str(INFERENCE))
     try:
         from tools.submission.submission_checker import constants
+
         return constants
     finally:
         sys.path.remove(str(INFERENCE))
@@ -39,9 +41,10 @@ def checker_constants():
 
 # --------------------------------------------------------------------------- benchmark names
 
+
 def test_benchmarks_match_the_checker():
     config = checker_constants().MODEL_CONFIG
-    assert "llama2-70b-99" not in config["v6.1"]["models"]          # v6.1 dropped -99
+    assert "llama2-70b-99" not in config["v6.1"]["models"]  # v6.1 dropped -99
     assert benchmarks.DEFAULT_BENCHMARK == "llama2-70b-99.9"
     for name, bench in benchmarks.BENCHMARKS.items():
         for round_ in ("v6.0", "v6.1"):
@@ -87,12 +90,17 @@ def test_gate_names_the_target():
 
 # --------------------------------------------------------------------------- TEST06
 
+
 def test_parse_verify_accuracy():
-    ok = compliance.parse_verify_accuracy("First token check pass: Skipped\nEOS check pass: True\n"
-                                          "Sample length check pass: True\nTEST06 verification complete\n")
+    ok = compliance.parse_verify_accuracy(
+        "First token check pass: Skipped\nEOS check pass: True\n"
+        "Sample length check pass: True\nTEST06 verification complete\n"
+    )
     assert ok["first_token"] == "Skipped" and ok["eos"] is True and ok["passed"]
-    bad = compliance.parse_verify_accuracy("First token check pass: True\nEOS check pass: False\n"
-                                           "Sample length check pass: True\nTEST06 verification failed\n")
+    bad = compliance.parse_verify_accuracy(
+        "First token check pass: True\nEOS check pass: False\n"
+        "Sample length check pass: True\nTEST06 verification failed\n"
+    )
     assert bad["eos"] is False and not bad["passed"]
     assert not compliance.parse_verify_accuracy("EOS check pass: True\n")["passed"]
 
@@ -126,6 +134,7 @@ def test_checkout_is_checked(tmp_path):
 
 
 # --------------------------------------------------------------------------- the published tree
+
 
 @pytest.fixture
 def nvidia_tree(tmp_path):
@@ -161,9 +170,15 @@ def test_per_shard_sum_gets_no_tree():
 
 
 def test_system_description_has_every_required_field_and_unknowns_say_so():
-    desc = submission.system_description(submitter="org", system_name="s", gpu_type_name="GB300",
-                                         gpu_type={"kind": "gpu", "memory_gb": 288, "compute_capability": "10.3"},
-                                         nodes=18, gpus_per_node=4, provenance={"packages": {"torch": "2.13.0"}})
+    desc = submission.system_description(
+        submitter="org",
+        system_name="s",
+        gpu_type_name="GB300",
+        gpu_type={"kind": "gpu", "memory_gb": 288, "compute_capability": "10.3"},
+        nodes=18,
+        gpus_per_node=4,
+        provenance={"packages": {"torch": "2.13.0"}},
+    )
     assert list(desc) == list(checker_constants().SYSTEM_DESC_REQUIRED_FIELDS)
     assert desc["accelerator_memory_capacity"] == "288 GB" and desc["number_of_nodes"] == 18
     assert desc["host_processor_model_name"] == submission.UNKNOWN and "UNKNOWN" in submission.UNKNOWN
@@ -171,6 +186,7 @@ def test_system_description_has_every_required_field_and_unknowns_say_so():
 
 
 # --------------------------------------------------------------------------- the demo: one LoadGen run
+
 
 @pytest.fixture(scope="module")
 def demo_single(demo_run, tmp_path_factory):
@@ -181,20 +197,76 @@ def demo_single(demo_run, tmp_path_factory):
     engine = work / "results/engines/tiny-llama/nvfp4/reference/cpu/engine"
     dataset = work / "results/datasets/demo-orca/samples.parquet"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "scripts")}
-    common = ["--engine-dir", str(engine), "--dataset", str(dataset), "--shard-index", "0", "--num-shards", "1",
-              "--gpus-per-shard", "2", "--batch-size", "16", "--max-new-tokens", "128", "--min-duration-ms", "0",
-              "--min-query-count", "1", "--offline-expected-qps", "10", "--progress-interval-s", "0"]
+    common = [
+        "--engine-dir",
+        str(engine),
+        "--dataset",
+        str(dataset),
+        "--shard-index",
+        "0",
+        "--num-shards",
+        "1",
+        "--gpus-per-shard",
+        "2",
+        "--batch-size",
+        "16",
+        "--max-new-tokens",
+        "128",
+        "--min-duration-ms",
+        "0",
+        "--min-query-count",
+        "1",
+        "--offline-expected-qps",
+        "10",
+        "--progress-interval-s",
+        "0",
+    ]
     for mode in ("performance", "accuracy"):
-        subprocess.run([sys.executable, "-m", "rackbench.harness", *common, "--mode", mode,
-                        "--out", str(out / mode)], check=True, env=env, capture_output=True)
-    accuracy.main(["--dataset", str(dataset), "--tokenizer", str(work / "results/models/tiny-llama/snapshot"),
-                   "--shard-dirs", str(out / "accuracy"), "--reference-json",
-                   json.dumps({"rouge1": 100, "rouge2": 100, "rougeL": 100, "tokens_per_sample": None}),
-                   "--target-fraction", "0.5", "--out-json", str(out / "acc/accuracy.json"),
-                   "--out-txt", str(out / "acc/accuracy.txt")])
-    test06 = subprocess.run([sys.executable, "-m", "rackbench.compliance", "test06", "--inference-dir", str(INFERENCE),
-                             "--scenario", "Offline", "--run-dir", str(out / "test06-run"), "--out",
-                             str(out / "test06"), "--", *common], env=env, capture_output=True, text=True)
+        subprocess.run(
+            [sys.executable, "-m", "rackbench.harness", *common, "--mode", mode, "--out", str(out / mode)],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
+    accuracy.main(
+        [
+            "--dataset",
+            str(dataset),
+            "--tokenizer",
+            str(work / "results/models/tiny-llama/snapshot"),
+            "--shard-dirs",
+            str(out / "accuracy"),
+            "--reference-json",
+            json.dumps({"rouge1": 100, "rouge2": 100, "rougeL": 100, "tokens_per_sample": None}),
+            "--target-fraction",
+            "0.5",
+            "--out-json",
+            str(out / "acc/accuracy.json"),
+            "--out-txt",
+            str(out / "acc/accuracy.txt"),
+        ]
+    )
+    test06 = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rackbench.compliance",
+            "test06",
+            "--inference-dir",
+            str(INFERENCE),
+            "--scenario",
+            "Offline",
+            "--run-dir",
+            str(out / "test06-run"),
+            "--out",
+            str(out / "test06"),
+            "--",
+            *common,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     return {"work": work, "out": out, "dataset": dataset, "test06": test06}
 
 
@@ -203,12 +275,13 @@ def test_demo_test06_passes(demo_single):
     proc = demo_single["test06"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = demo_single["out"]
-    assert (out / "test06-run" / "audit.config").read_bytes() == \
-        (INFERENCE / "compliance/TEST06/audit.config").read_bytes()
+    assert (out / "test06-run" / "audit.config").read_bytes() == (
+        INFERENCE / "compliance/TEST06/audit.config"
+    ).read_bytes()
     assert compliance.audit_config_read(out / "test06-run/loadgen/mlperf_log_detail.txt")
     result = compliance.read_result(out / "test06" / "TEST06")
     assert result["passed"] and result["first_token"] == "Skipped"
-    assert result["accuracy_log_entries"] == 100            # audit.config: accuracy_log_sampling_target 100
+    assert result["accuracy_log_entries"] == 100  # audit.config: accuracy_log_sampling_target 100
     assert "| pass |" in compliance.markdown_section({"demo/Offline": result})
 
 
@@ -217,25 +290,85 @@ def test_demo_tree_is_refused_for_exactly_its_departures(demo_single, tmp_path):
     out = demo_single["out"]
     assert demo_single["test06"].returncode == 0
     tree = tmp_path / "tree"
-    assert submission.main([
-        "build", "--out", str(tree), "--inference-dir", str(INFERENCE), "--submitter", "rackbench",
-        "--system-name", "demo-cpu-1x2", "--benchmark", "llama2-70b-99.9", "--runs-json", json.dumps({"Offline": {
-            "performance": str(out / "performance"), "accuracy": str(out / "accuracy"),
-            "accuracy_txt": str(out / "acc/accuracy.txt"), "test06": str(out / "test06/TEST06")}}),
-        "--gpu-type", "cpu", "--gpu-type-json", json.dumps({"kind": "cpu", "runs_nvfp4": True}), "--nodes", "1",
-        "--gpus-per-node", "2", "--recipe", "nvfp4", "--backend", "reference",
-        "--model-source-json", json.dumps({"local": "results/demo/source/model"})]) == 0
+    assert (
+        submission.main(
+            [
+                "build",
+                "--out",
+                str(tree),
+                "--inference-dir",
+                str(INFERENCE),
+                "--submitter",
+                "rackbench",
+                "--system-name",
+                "demo-cpu-1x2",
+                "--benchmark",
+                "llama2-70b-99.9",
+                "--runs-json",
+                json.dumps(
+                    {
+                        "Offline": {
+                            "performance": str(out / "performance"),
+                            "accuracy": str(out / "accuracy"),
+                            "accuracy_txt": str(out / "acc/accuracy.txt"),
+                            "test06": str(out / "test06/TEST06"),
+                        }
+                    }
+                ),
+                "--gpu-type",
+                "cpu",
+                "--gpu-type-json",
+                json.dumps({"kind": "cpu", "runs_nvfp4": True}),
+                "--nodes",
+                "1",
+                "--gpus-per-node",
+                "2",
+                "--recipe",
+                "nvfp4",
+                "--backend",
+                "reference",
+                "--model-source-json",
+                json.dumps({"local": "results/demo/source/model"}),
+            ]
+        )
+        == 0
+    )
     scen = tree / "closed/rackbench/results/demo-cpu-1x2/llama2-70b-99.9/Offline"
-    for rel in ("performance/run_1/mlperf_log_detail.txt", "accuracy/accuracy.txt", "TEST06/verify_accuracy.txt",
-                "measurements.json", "user.conf", "mlperf.conf", "README.md"):
+    for rel in (
+        "performance/run_1/mlperf_log_detail.txt",
+        "accuracy/accuracy.txt",
+        "TEST06/verify_accuracy.txt",
+        "measurements.json",
+        "user.conf",
+        "mlperf.conf",
+        "README.md",
+    ):
         assert (scen / rel).is_file(), rel
-    assert re.search(r"^hash=[0-9a-f]{64}$", (scen / "accuracy/accuracy.txt").read_text(), re.M)  # MLCommons' truncation
+    assert re.search(
+        r"^hash=[0-9a-f]{64}$", (scen / "accuracy/accuracy.txt").read_text(), re.M
+    )  # MLCommons' truncation
     assert (tree / "closed/rackbench/src").is_dir()
     assert "*.Offline.min_duration = 0" in (scen / "user.conf").read_text()
 
     verdict_json = tmp_path / "verdict.json"
-    assert submission.main(["check", "--tree", str(tree), "--inference-dir", str(INFERENCE), "--version", "v6.1",
-                            "--submitter", "rackbench", "--out-json", str(verdict_json)]) == 0
+    assert (
+        submission.main(
+            [
+                "check",
+                "--tree",
+                str(tree),
+                "--inference-dir",
+                str(INFERENCE),
+                "--version",
+                "v6.1",
+                "--submitter",
+                "rackbench",
+                "--out-json",
+                str(verdict_json),
+            ]
+        )
+        == 0
+    )
     v = json.loads(verdict_json.read_text())
     assert v["verdict"] == "fail"
     groups = submission.classify(v["refusals"])
@@ -284,24 +417,62 @@ def test_reference_scorer_agrees(demo_single, tmp_path, rotate):
         (nltk_data / name).write_text("")
     cwd = tmp_path / "cwd"
     shutil.copytree(FAKE_ROUGE, cwd / "rouge")
-    env = {**os.environ, "HF_EVALUATE_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "NLTK_DATA": str(tmp_path / "nltk_data"),
-           "PYTHONPATH": str(ROOT / "scripts")}
+    env = {
+        **os.environ,
+        "HF_EVALUATE_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "NLTK_DATA": str(tmp_path / "nltk_data"),
+        "PYTHONPATH": str(ROOT / "scripts"),
+    }
     tokenizer = work / "results/models/tiny-llama/snapshot"
     acc_log = out / "accuracy" / "mlperf_log_accuracy.json"
-    ref = subprocess.run([sys.executable, str(INFERENCE / "language/llama2-70b/evaluate-accuracy.py"),
-                          "--checkpoint-path", str(tokenizer), "--mlperf-accuracy-file", str(acc_log),
-                          "--dataset-file", str(pkl_used), "--dtype", "int32"],
-                         cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    ref = subprocess.run(
+        [
+            sys.executable,
+            str(INFERENCE / "language/llama2-70b/evaluate-accuracy.py"),
+            "--checkpoint-path",
+            str(tokenizer),
+            "--mlperf-accuracy-file",
+            str(acc_log),
+            "--dataset-file",
+            str(pkl_used),
+            "--dtype",
+            "int32",
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert ref.returncode == 0, ref.stderr[-3000:]
     printed = ref.stdout.split("Results")[-1]
     # numpy 2 prints np.float64(x): read each value's number
     theirs = {k: float(v) for k, v in re.findall(r"'(\w+)': (?:np\.\w+\()?([-\d.e]+)\)?", printed)}
-    mine = subprocess.run([sys.executable, "-m", "rackbench.accuracy", "--dataset", str(parquet_used),
-                           "--tokenizer", str(tokenizer), "--shard-dirs", str(out / "accuracy"),
-                           "--reference-json", json.dumps({"rouge1": 1, "rouge2": 1, "rougeL": 1,
-                                                           "tokens_per_sample": None}),
-                           "--target-fraction", "0.5", "--out-json", str(tmp_path / "a.json"),
-                           "--out-txt", str(tmp_path / "a.txt")], env=env, capture_output=True, text=True)
+    mine = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rackbench.accuracy",
+            "--dataset",
+            str(parquet_used),
+            "--tokenizer",
+            str(tokenizer),
+            "--shard-dirs",
+            str(out / "accuracy"),
+            "--reference-json",
+            json.dumps({"rouge1": 1, "rouge2": 1, "rougeL": 1, "tokens_per_sample": None}),
+            "--target-fraction",
+            "0.5",
+            "--out-json",
+            str(tmp_path / "a.json"),
+            "--out-txt",
+            str(tmp_path / "a.txt"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert mine.returncode == 0, mine.stderr[-3000:]
     ours = json.loads((tmp_path / "a.json").read_text())
     assert "punkt_tab data" in ours["sentence_splitter"]
@@ -310,7 +481,7 @@ def test_reference_scorer_agrees(demo_single, tmp_path, rotate):
     for key in ("gen_len", "gen_num", "gen_tok_len", "tokens_per_sample"):
         assert ours[key] == theirs[key], key
     if rotate:
-        assert ours["rouge1"] < 90     # the synthetic language shares many words; 100 only for a copy
+        assert ours["rouge1"] < 90  # the synthetic language shares many words; 100 only for a copy
     else:
         assert ours["gen_num"] == 48
 
@@ -318,12 +489,42 @@ def test_reference_scorer_agrees(demo_single, tmp_path, rotate):
 def test_report_sections_from_files(nvidia_tree, tmp_path):
     """What report.py calls: TEST06 folders and `check --out-json` verdict files -> markdown sections."""
     verdict = tmp_path / "x72" / "verdict.json"
-    assert submission.main(["check", "--tree", str(nvidia_tree), "--inference-dir", str(INFERENCE), "--version",
-                            "v6.0", "--submitter", "NVIDIA", "--out-json", str(verdict)]) == 0
+    assert (
+        submission.main(
+            [
+                "check",
+                "--tree",
+                str(nvidia_tree),
+                "--inference-dir",
+                str(INFERENCE),
+                "--version",
+                "v6.0",
+                "--submitter",
+                "NVIDIA",
+                "--out-json",
+                str(verdict),
+            ]
+        )
+        == 0
+    )
     test06 = NVIDIA_RESULTS / "Server" / "TEST06"
     md = "\n".join(submission.report_sections([test06], [verdict]))
     assert "## MLPerf compliance: TEST06" in md and "| pass | pass | pass | PASS |" in md
     assert "## MLPerf submission checker" in md and "**PASS**" in md and "1126850.0" in md
     # the CLI's verify subcommand on the same published logs
-    assert compliance.main(["verify", "--inference-dir", str(INFERENCE), "--scenario", "Server",
-                            "--compliance-dir", str(test06 / "accuracy"), "--out", str(tmp_path / "v")]) == 0
+    assert (
+        compliance.main(
+            [
+                "verify",
+                "--inference-dir",
+                str(INFERENCE),
+                "--scenario",
+                "Server",
+                "--compliance-dir",
+                str(test06 / "accuracy"),
+                "--out",
+                str(tmp_path / "v"),
+            ]
+        )
+        == 0
+    )

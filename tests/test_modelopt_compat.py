@@ -30,8 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 FACTS_PATH = ROOT / "scripts" / "rackbench" / "contracts" / "modelopt.yaml"
 FACTS = yaml.safe_load(FACTS_PATH.read_text())
 CONTAINER = FACTS["container_version"]
-SCANNED = ["scripts/rackbench/quantize.py", "scripts/rackbench/build_engine.py",
-           "scripts/rackbench/engines/tensorrt_llm.py"]
+SCANNED = [
+    "scripts/rackbench/quantize.py",
+    "scripts/rackbench/build_engine.py",
+    "scripts/rackbench/engines/tensorrt_llm.py",
+]
 
 
 def modelopt_names(source: str) -> set[str]:
@@ -83,15 +86,19 @@ def test_rackbench_uses_only_modelopt_api_the_container_has():
 
 
 def test_scan_catches_the_calls_that_crashed_the_container():
-    old = ("import modelopt.torch.quantization as mtq\n"
-           "from modelopt.torch.quantization.utils.core_utils import get_quantizer_state_dict\n"
-           "cfg = mtq.update_quant_cfg_with_kv_cache_quant(mtq.NVFP4_DEFAULT_CFG, mtq.FP8_KV_CFG['quant_cfg'])\n")
+    old = (
+        "import modelopt.torch.quantization as mtq\n"
+        "from modelopt.torch.quantization.utils.core_utils import get_quantizer_state_dict\n"
+        "cfg = mtq.update_quant_cfg_with_kv_cache_quant(mtq.NVFP4_DEFAULT_CFG, mtq.FP8_KV_CFG['quant_cfg'])\n"
+    )
     problems = _problems(modelopt_names(old), CONTAINER)
     assert problems == [
         "modelopt.torch.quantization.update_quant_cfg_with_kv_cache_quant: ModelOpt 0.37.0 lacks it",
-        "modelopt.torch.quantization.utils.core_utils.get_quantizer_state_dict: ModelOpt 0.37.0 lacks it"]
+        "modelopt.torch.quantization.utils.core_utils.get_quantizer_state_dict: ModelOpt 0.37.0 lacks it",
+    ]
     assert _problems({"modelopt.torch.quantization.no_such_thing"}, CONTAINER) == [
-        "modelopt.torch.quantization.no_such_thing: not recorded in modelopt.yaml"]
+        "modelopt.torch.quantization.no_such_thing: not recorded in modelopt.yaml"
+    ]
 
 
 def check_version(version: str) -> list[str]:
@@ -126,8 +133,11 @@ def check_version(version: str) -> list[str]:
     got_layout = type(modelopt.torch.quantization.FP8_KV_CFG["quant_cfg"]).__name__
     if got_layout != layout:
         problems.append(f"quant_cfg layout is {got_layout}, recorded {layout}")
-    for table in (FACTS["export_fields"]["config.json"], FACTS["export_fields"]["hf_quant_config.json"],
-                  FACTS["export_fields"]["tensors"]):
+    for table in (
+        FACTS["export_fields"]["config.json"],
+        FACTS["export_fields"]["hf_quant_config.json"],
+        FACTS["export_fields"]["tensors"],
+    ):
         for field, fact in table.items():
             leaf = field.rsplit(".", 1)[-1]
             if fact.get(version) and leaf not in (root / fact[version]).read_text():
@@ -141,12 +151,24 @@ def test_facts_match_the_installed_modelopt():
 
 # ---------------------------------------------------------------- the container's 0.37.0, for real
 
+
 @pytest.fixture(scope="module")
 def modelopt_037(tmp_path_factory):
     """nvidia-modelopt 0.37.0 (and torchprofile, which it imports) in a --target dir, no other deps."""
     target = tmp_path_factory.mktemp("modelopt037")
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--disable-pip-version-check",
-           "--target", str(target), f"nvidia-modelopt=={CONTAINER}", "torchprofile"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--target",
+        str(target),
+        f"nvidia-modelopt=={CONTAINER}",
+        "torchprofile",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode:
         pytest.skip(f"cannot fetch nvidia-modelopt {CONTAINER} from PyPI: {proc.stderr.strip()[-300:]}")
@@ -160,8 +182,9 @@ def _run_037(modelopt_037, code: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_facts_match_modelopt_037(modelopt_037):
-    proc = _run_037(modelopt_037, "import json, test_modelopt_compat as t; "
-                                  f"print(json.dumps(t.check_version({CONTAINER!r})))")
+    proc = _run_037(
+        modelopt_037, f"import json, test_modelopt_compat as t; print(json.dumps(t.check_version({CONTAINER!r})))"
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
 

@@ -71,10 +71,19 @@ def _exported(tmp_path, recipe):
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=4, vocab_size=128,
-                                         architectures=["LlamaForCausalLM"])).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=160,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=128,
+            architectures=["LlamaForCausalLM"],
+        )
+    ).eval()
     original = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = copy.deepcopy({"nvfp4": mtq.NVFP4_DEFAULT_CFG, "fp8": mtq.FP8_DEFAULT_CFG}[recipe])
     calib = torch.randint(0, 128, (2, 16))
@@ -127,9 +136,12 @@ def test_fake_quantize_fp8_equals_pytorchs_own_cast(dtype):
     noise = torch.randn(100_000, generator=torch.Generator().manual_seed(0)) * 200
     special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -3e-3, 448.0, 1e6])
     x = torch.cat([codes * scale, noise, special]).to(dtype)
-    want = ((x.float() / scale).clamp(-nvfp4.E4M3_MAX, nvfp4.E4M3_MAX).to(torch.float8_e4m3fn).float()
-            * scale).to(dtype)
+    want = ((x.float() / scale).clamp(-nvfp4.E4M3_MAX, nvfp4.E4M3_MAX).to(torch.float8_e4m3fn).float() * scale).to(
+        dtype
+    )
     got = nvfp4.fake_quantize_fp8(x, scale)
     assert got.dtype == dtype
-    assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
-                       want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    assert torch.equal(
+        got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+        want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+    )

@@ -43,7 +43,7 @@ def test_parse_nvidia_smi_q():
     assert [g["uuid"] for g in inv["gpus"]] == ["GPU-aaaa", "GPU-bbbb"]
     g = inv["gpus"][0]
     assert g["name"] == "NVIDIA GB300" and g["serial"] == "1650124000001"
-    assert g["memory_total"] == "284208 MiB"          # FB memory, not BAR1
+    assert g["memory_total"] == "284208 MiB"  # FB memory, not BAR1
     assert g["mig_mode"] == "Disabled" and g["bus_id"] == "00000000:18:00.0"
 
 
@@ -57,6 +57,7 @@ def test_write_provenance_fields(tmp_path):
     for name in ("torch", "transformers", "nvidia-modelopt", "mlcommons-loadgen", "tensorrt-llm"):
         assert name in record["packages"]
     import importlib.metadata
+
     assert record["packages"]["nvidia-modelopt"] == importlib.metadata.version("nvidia-modelopt")
     assert record["packages"]["mlcommons-loadgen"] == importlib.metadata.version("mlcommons-loadgen")
     for key in ("cuda", "driver", "gpus", "gpu_inventory", "host", "python"):
@@ -65,7 +66,7 @@ def test_write_provenance_fields(tmp_path):
     head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert record["git"]["commit"] == head
     assert isinstance(record["git"]["dirty"], bool)
-    assert record["config_sha256"] == provenance.config_hash({"a": [1, 2], "b": 2})   # key order irrelevant
+    assert record["config_sha256"] == provenance.config_hash({"a": [1, 2], "b": 2})  # key order irrelevant
     assert record["config_sha256"] != provenance.config_hash({"a": [1, 2], "b": 3})
     has_smi = subprocess.run(["sh", "-c", "command -v nvidia-smi"], capture_output=True).returncode == 0
     assert (record["gpu_inventory"] is None) == (not has_smi)

@@ -22,26 +22,72 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant")
     model = root / "model"
     assert demo.main(["model", "--out", str(model), "--seed", "0"]) == 0
-    assert demo.main(["dataset", "--model", str(model), "--out", str(root / "ds"), "--num-samples", "24",
-                      "--num-calibration", "8", "--max-new-tokens", "64", "--seed", "0"]) == 0
+    assert (
+        demo.main(
+            [
+                "dataset",
+                "--model",
+                str(model),
+                "--out",
+                str(root / "ds"),
+                "--num-samples",
+                "24",
+                "--num-calibration",
+                "8",
+                "--max-new-tokens",
+                "64",
+                "--seed",
+                "0",
+            ]
+        )
+        == 0
+    )
     calib = pd.read_pickle(root / "ds" / demo.CALIBRATION_PKL)
     # The parquet prepare_dataset writes (ARCHITECTURE.md): input, tok_input list<int32>, output.
-    pq.write_table(pa.table({"input": calib["input"],
-                             "tok_input": pa.array(calib["tok_input"].tolist(), type=pa.list_(pa.int32())),
-                             "output": calib["output"]}), root / "calibration.parquet")
-    pq.write_table(pa.table({"input": pa.array([], pa.string()),
-                             "tok_input": pa.array([], pa.list_(pa.int32())),
-                             "output": pa.array([], pa.string())}), root / "empty.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "input": calib["input"],
+                "tok_input": pa.array(calib["tok_input"].tolist(), type=pa.list_(pa.int32())),
+                "output": calib["output"],
+            }
+        ),
+        root / "calibration.parquet",
+    )
+    pq.write_table(
+        pa.table(
+            {
+                "input": pa.array([], pa.string()),
+                "tok_input": pa.array([], pa.list_(pa.int32())),
+                "output": pa.array([], pa.string()),
+            }
+        ),
+        root / "empty.parquet",
+    )
     samples = pd.read_pickle(root / "ds" / demo.SAMPLES_PKL)
     return {"root": root, "model": model, "calibration": root / "calibration.parquet", "samples": samples}
 
 
 def run_quantize(assets, recipe, out=None, **kw):
     out = out or assets["root"] / f"q_{recipe}"
-    argv = ["--model-dir", str(kw.get("model", assets["model"])),
-            "--calibration", str(kw.get("calibration", assets["calibration"])),
-            "--recipe", recipe, "--out", str(out), "--calib-samples", "8", "--calib-batch-size", "4",
-            "--calib-max-seq-len", "512", "--device", "cpu"]
+    argv = [
+        "--model-dir",
+        str(kw.get("model", assets["model"])),
+        "--calibration",
+        str(kw.get("calibration", assets["calibration"])),
+        "--recipe",
+        recipe,
+        "--out",
+        str(out),
+        "--calib-samples",
+        "8",
+        "--calib-batch-size",
+        "4",
+        "--calib-max-seq-len",
+        "512",
+        "--device",
+        "cpu",
+    ]
     return quantize.main(argv), out
 
 
@@ -98,7 +144,7 @@ def test_nvfp4_weights_are_packed(checkpoints):
             assert w.dtype == torch.uint8 and s.dtype == torch.float8_e4m3fn and s2.dtype == torch.float32
             assert s.shape == (w.shape[0], w.shape[1] * 2 // 16) and s2.numel() == 1
             assert sd[p + "input_scale"].numel() == 1
-    assert sd["lm_head.weight"].dtype == torch.float32      # excluded, as in hf_ptq
+    assert sd["lm_head.weight"].dtype == torch.float32  # excluded, as in hf_ptq
 
 
 def test_fp8_weights(checkpoints):
@@ -124,14 +170,20 @@ def test_recipe_config_matches_hf_ptq():
     assert cfg["quant_cfg"][: len(mtq.NVFP4_DEFAULT_CFG["quant_cfg"])] == mtq.NVFP4_DEFAULT_CFG["quant_cfg"]
     assert cfg["quant_cfg"][-1] == mtq.FP8_KV_CFG["quant_cfg"][-1]
     assert cfg["quant_cfg"][-1]["quantizer_name"] == "*[kv]_bmm_quantizer"
-    assert "use_constant_amax" not in cfg["quant_cfg"][-1].get("cfg", {})   # fp8, not fp8_cast
+    assert "use_constant_amax" not in cfg["quant_cfg"][-1].get("cfg", {})  # fp8, not fp8_cast
 
 
-@pytest.mark.parametrize("case,message", [("model", "no config.json"), ("recipe", "unknown recipe"),
-                                          ("empty", "no non-empty tok_input")])
+@pytest.mark.parametrize(
+    "case,message", [("model", "no config.json"), ("recipe", "unknown recipe"), ("empty", "no non-empty tok_input")]
+)
 def test_bad_input_is_one_line_error(assets, tmp_path, capsys, case, message):
-    kw = {"model": tmp_path / "missing"} if case == "model" else \
-        {"calibration": assets["root"] / "empty.parquet"} if case == "empty" else {}
+    kw = (
+        {"model": tmp_path / "missing"}
+        if case == "model"
+        else {"calibration": assets["root"] / "empty.parquet"}
+        if case == "empty"
+        else {}
+    )
     rc, out = run_quantize(assets, "int3" if case == "recipe" else "nvfp4", out=tmp_path / "out", **kw)
     err = capsys.readouterr().err.strip()
     assert rc == 2 and message in err and "\n" not in err
@@ -139,6 +191,7 @@ def test_bad_input_is_one_line_error(assets, tmp_path, capsys, case, message):
 
 
 # ------------------------------------------------------------ the accuracy property
+
 
 def rouge1(refs, preds):
     from rouge_score import rouge_scorer
@@ -204,7 +257,7 @@ def test_nvfp4_fake_quant_on_cpu_keeps_accuracy(assets, reference, checkpoints):
     model = copy.deepcopy(base)
     calib = pq.read_table(assets["calibration"]).column("tok_input").to_pylist()
     quantize.quantize_model(model, "nvfp4", calib, 4, "cpu")
-    assert cpu_quant_backend.use_on(model) == 2 * 7 * 2     # weight + input quantizer per linear
+    assert cpu_quant_backend.use_on(model) == 2 * 7 * 2  # weight + input quantizer per linear
     assert score(model) >= 80
     # The backend computes what the export stores: fake-quant weight == dequantized packed weight.
     down = model.model.layers[0].mlp.down_proj
@@ -231,8 +284,11 @@ def test_modelopt_state_restores_the_calibrated_quantizers(assets, checkpoints, 
     quantize.quantize_model(calibrated, recipe, calib, 4, "cpu")
 
     def amaxes(model):
-        return {name: m.amax.clone() for name, m in model.named_modules()
-                if isinstance(m, TensorQuantizer) and getattr(m, "amax", None) is not None}
+        return {
+            name: m.amax.clone()
+            for name, m in model.named_modules()
+            if isinstance(m, TensorQuantizer) and getattr(m, "amax", None) is not None
+        }
 
     want, got = amaxes(calibrated), amaxes(restored)
     assert want and sorted(got) == sorted(want)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from rackbench import ingest, records, report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,7 +18,7 @@ def test_verified_records_match_their_logs(rec):
         pytest.skip(f"{summary} is absent")
     fields = ingest.parse_summary(summary)
     printed = fields.get("tokens_per_second") or fields.get("completed_tokens_per_second")
-    assert printed == rec.printed                       # as LoadGen printed it
+    assert printed == rec.printed  # as LoadGen printed it
     assert float(printed) == rec.tokens_per_s
     assert fields["result"] == "VALID"
     assert rec.benchmark in summary.parts or rec.benchmark in str(summary)
@@ -34,7 +35,7 @@ def test_cited_figures():
         assert r.source
         assert (r.status == records.VERIFIED) == bool(r.verified_from)
         if r.status != records.VERIFIED:
-            assert r.note and r.status in r.short_label()   # never shown without saying what it is
+            assert r.note and r.status in r.short_label()  # never shown without saying what it is
 
 
 def test_report_compares_with_the_best_verified_record():
@@ -42,7 +43,9 @@ def test_report_compares_with_the_best_verified_record():
     assert published["GB300"]["tokens_per_s_per_gpu"] == 15651 and published["GB300"]["source"] == "NVIDIA v6.0"
     assert published["MI355X"]["source"].endswith("unverified")
     # a GPU type's own `published` entry still overrides
-    assert report.published_records({"GB300": {"published": {"tokens_per_s_per_gpu": 1, "source": "x"}}})["GB300"] \
-        == {"tokens_per_s_per_gpu": 1, "source": "x"}
+    assert report.published_records({"GB300": {"published": {"tokens_per_s_per_gpu": 1, "source": "x"}}})["GB300"] == {
+        "tokens_per_s_per_gpu": 1,
+        "source": "x",
+    }
     md = records.markdown_section()
     assert "1.12685e+06 (= 1,126,850)" in md and "not an MLPerf result" in md

@@ -26,13 +26,16 @@ CPU_BACKEND = "rackbench_test_cpu_nvfp4"
 def _register_cpu_nvfp4_backend():
     """ModelOpt's NVFP4 fake quant needs CUDA; on CPU route it through NVFP4QTensor."""
     from modelopt.torch.quantization.nn.modules.tensor_quantizer import (
-        is_registered_quant_backend, register_quant_backend)
+        is_registered_quant_backend,
+        register_quant_backend,
+    )
     from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
 
     def nvfp4_cpu(x, quantizer):
         global_scale = quantizer.amax.float() / (6.0 * 448.0)
-        qt, scale, scale_2 = NVFP4QTensor.quantize(x.detach().float().clone(), 16,
-                                                   weights_scaling_factor_2=global_scale)
+        qt, scale, scale_2 = NVFP4QTensor.quantize(
+            x.detach().float().clone(), 16, weights_scaling_factor_2=global_scale
+        )
         return qt.dequantize(dtype=x.dtype, scale=scale, double_scale=scale_2, block_sizes={-1: 16})
 
     if not is_registered_quant_backend(CPU_BACKEND):
@@ -41,11 +44,20 @@ def _register_cpu_nvfp4_backend():
 
 def tiny_model(seed=0, hidden=64, layers=2, heads=4, kv_heads=2, inter=128):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=VOCAB,
-                      max_position_embeddings=512, architectures=["LlamaForCausalLM"],
-                      bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=VOCAB,
+        max_position_embeddings=512,
+        architectures=["LlamaForCausalLM"],
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -99,13 +111,20 @@ def prompts(n=14, seed=0, lo=2, hi=40):
 def hf_greedy(model, prompt, max_new_tokens, eos):
     """One prompt alone through transformers' own generate: the unbatched reference."""
     with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos)
-    ids = out[0, len(prompt):].tolist()
-    return ids[:ids.index(eos)] if eos in ids else ids
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
+    ids = out[0, len(prompt) :].tolist()
+    return ids[: ids.index(eos)] if eos in ids else ids
 
 
 # --------------------------------------------------------------------------- build
+
 
 def test_build_is_self_contained_and_reports_facts(tiny_checkpoints, tmp_path):
     ckpt = tmp_path / "ckpt"
@@ -131,14 +150,17 @@ def test_build_is_self_contained_and_reports_facts(tiny_checkpoints, tmp_path):
 
 def test_build_rejects_bad_dtype(tiny_checkpoints, tmp_path):
     with pytest.raises(ValueError, match="dtype"):
-        reference.build(tiny_checkpoints["none"], tmp_path / "e", gpu_type="cpu", gpu_spec={},
-                        settings={"dtype": "int3"})
+        reference.build(
+            tiny_checkpoints["none"], tmp_path / "e", gpu_type="cpu", gpu_spec={}, settings={"dtype": "int3"}
+        )
 
 
 # --------------------------------------------------------------------------- numerics
 
+
 def test_unquantized_engine_equals_transformers(tiny_checkpoints):
     from transformers import AutoModelForCausalLM
+
     engine = reference.load(tiny_checkpoints["engine-none"], record={}, gpu_ids=[], settings={})
     hf = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["none"], dtype=torch.float32).eval()
     ids = prompts(1, seed=3)[0]
@@ -153,6 +175,7 @@ def test_engine_logits_match_modelopt_fake_quant(tiny_checkpoints, recipe):
     ModelOpt's fake-quant model computes; with weights only, it is still much closer to
     the fake-quant model's weights-only forward than to the unquantized model."""
     import modelopt.torch.quantization as mtq
+
     fq_full = tiny_checkpoints[f"{recipe}_fq"]
     base = tiny_checkpoints["base"]
     ids = torch.tensor([prompts(1, seed=5, lo=30, hi=31)[0]])
@@ -165,12 +188,17 @@ def test_engine_logits_match_modelopt_fake_quant(tiny_checkpoints, recipe):
     with torch.no_grad():
         want_weights = fq_weights(ids).logits[0]
 
-    full = reference.load(tiny_checkpoints[f"engine-{recipe}"], record={}, gpu_ids=[],
-                          settings={"emulate_activation_quant": True, "emulate_fp8_kv_cache": True})
+    full = reference.load(
+        tiny_checkpoints[f"engine-{recipe}"],
+        record={},
+        gpu_ids=[],
+        settings={"emulate_activation_quant": True, "emulate_fp8_kv_cache": True},
+    )
     assert full.facts["activation_quant_hooks"] == 14 and full.facts["fp8_kv_cache_emulated"]
     got_full = full.logits(ids[0].tolist())
-    weights = reference.load(tiny_checkpoints[f"engine-{recipe}"], record={}, gpu_ids=[],
-                             settings={"emulate_fp8_kv_cache": False})
+    weights = reference.load(
+        tiny_checkpoints[f"engine-{recipe}"], record={}, gpu_ids=[], settings={"emulate_fp8_kv_cache": False}
+    )
     got_weights = weights.logits(ids[0].tolist())
 
     quant_effect = (want_full - unquantized).abs().max().item()
@@ -182,18 +210,22 @@ def test_engine_logits_match_modelopt_fake_quant(tiny_checkpoints, recipe):
 
 # --------------------------------------------------------------------------- generation
 
+
 @pytest.mark.parametrize("recipe", ["nvfp4", "none"])
 def test_batched_generate_equals_unbatched(tiny_checkpoints, recipe):
     ps = prompts(14, seed=11)
-    engine = reference.load(tiny_checkpoints[f"engine-{recipe}"], record={}, gpu_ids=[],
-                            settings={"max_batch_size": 4, "emulate_fp8_kv_cache": False})
+    engine = reference.load(
+        tiny_checkpoints[f"engine-{recipe}"],
+        record={},
+        gpu_ids=[],
+        settings={"max_batch_size": 4, "emulate_fp8_kv_cache": False},
+    )
     got = engine.generate(ps, 20)
     assert len(got) == len(ps) and all(0 < len(g) <= 20 for g in got)
     want = [hf_greedy(engine.model, p, 20, eos=2) for p in ps]
     assert got == want
     # with FP8 KV emulation (no transformers counterpart): batched == one prompt at a time
-    kv = reference.load(tiny_checkpoints[f"engine-{recipe}"], record={}, gpu_ids=[],
-                        settings={"max_batch_size": 5})
+    kv = reference.load(tiny_checkpoints[f"engine-{recipe}"], record={}, gpu_ids=[], settings={"max_batch_size": 5})
     assert kv.generate(ps, 12) == [kv.generate([p], 12)[0] for p in ps]
 
 
@@ -217,15 +249,16 @@ def test_eos_stops_each_sequence(tiny_checkpoints, tmp_path):
     eos = max(counts, key=counts.get)
     (engine_dir / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": eos}))
 
-    engine = reference.load(engine_dir, record={}, gpu_ids=[], settings={"emulate_fp8_kv_cache": False,
-                                                                          "max_batch_size": 6})
+    engine = reference.load(
+        engine_dir, record={}, gpu_ids=[], settings={"emulate_fp8_kv_cache": False, "max_batch_size": 6}
+    )
     assert engine.eos_ids == [eos]
     got = engine.generate(ps, 24)
     assert all(eos not in g for g in got)
     lengths = {len(g) for g in got}
     assert len(lengths) > 1 and min(lengths) < 24  # some stopped early, not all at the same step
     for g, r in zip(got, runs):  # a stopped sequence is the prefix before the first EOS
-        assert g == (r[:r.index(eos)] if eos in r else r)
+        assert g == (r[: r.index(eos)] if eos in r else r)
     assert got == [hf_greedy(engine.model, p, 24, eos=eos) for p in ps]
 
 
@@ -275,16 +308,24 @@ def test_continuous_batching_admits_requests_while_others_decode(tiny_checkpoint
     (reported before it is done) is that answer's first, and max_new_tokens is per request."""
     import threading
 
-    engine = reference.load(tiny_checkpoints["engine-nvfp4"], record={}, gpu_ids=[],
-                            settings={"max_batch_size": 3, "emulate_fp8_kv_cache": False})
+    engine = reference.load(
+        tiny_checkpoints["engine-nvfp4"],
+        record={},
+        gpu_ids=[],
+        settings={"max_batch_size": 3, "emulate_fp8_kv_cache": False},
+    )
     try:
         ps = prompts(9, seed=31)
         limits = [6 + 3 * (i % 4) for i in range(len(ps))]
         events, finished = [], threading.Semaphore(0)
         for i, (p, n) in enumerate(zip(ps, limits)):
-            engine.submit(p, n, on_done=lambda t, i=i: (events.append(("done", i, t)), finished.release()),
-                          on_error=lambda e, i=i: (events.append(("error", i, e)), finished.release()),
-                          on_first_token=lambda tok, i=i: events.append(("first", i, tok)))
+            engine.submit(
+                p,
+                n,
+                on_done=lambda t, i=i: (events.append(("done", i, t)), finished.release()),
+                on_error=lambda e, i=i: (events.append(("error", i, e)), finished.release()),
+                on_first_token=lambda tok, i=i: events.append(("first", i, tok)),
+            )
         for _ in ps:
             finished.acquire()
         done = {e[1]: e[2] for e in events if e[0] == "done"}

@@ -14,17 +14,23 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import DEMO_RUN_DIR
+from conftest import DEMO_RUN_DIR, LOCAL_SNAKEMAKE_ENV, snakemake
 from conftest import DEMO_STEP_OUTPUTS as STEP_OUTPUTS
-from conftest import LOCAL_SNAKEMAKE_ENV, snakemake
 
 pytestmark = pytest.mark.slow
 
 # The module each step's job runs.
-STEP_MODULE = {"demo_model": "rackbench.demo model", "demo_dataset": "rackbench.demo dataset",
-               "download_model": "rackbench.download", "prepare_dataset": "rackbench.dataset",
-               "quantize": "rackbench.quantize", "build_engine": "rackbench.build_engine",
-               "run_shard": "rackbench.harness", "accuracy": "rackbench.accuracy", "report": "rackbench.report"}
+STEP_MODULE = {
+    "demo_model": "rackbench.demo model",
+    "demo_dataset": "rackbench.demo dataset",
+    "download_model": "rackbench.download",
+    "prepare_dataset": "rackbench.dataset",
+    "quantize": "rackbench.quantize",
+    "build_engine": "rackbench.build_engine",
+    "run_shard": "rackbench.harness",
+    "accuracy": "rackbench.accuracy",
+    "report": "rackbench.report",
+}
 # Fault injection (rackbench.atomic): every finished output waits this long
 # before its rename, so a kill can land in the last moment of a step.
 FAULT_PAUSE = {"RACKBENCH_FAULT_PAUSE_BEFORE_RENAME_S": "30"}
@@ -35,9 +41,15 @@ WRITTEN_AT = {"demo_dataset": "results/demo/source/dataset", "report": "results/
 
 
 def _start(workdir, *args, env=None):
-    return subprocess.Popen([sys.executable, "-m", "snakemake", *args], cwd=workdir, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, **LOCAL_SNAKEMAKE_ENV, **(env or {})})
+    return subprocess.Popen(
+        [sys.executable, "-m", "snakemake", *args],
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, **LOCAL_SNAKEMAKE_ENV, **(env or {})},
+    )
 
 
 def _temp_siblings(path: Path):
@@ -66,9 +78,20 @@ def _shard_jsons(workdir, mode="performance"):
     return {p.parent.name: json.loads(p.read_text()) for p in sorted(runs.glob("shard*/shard.json"))}
 
 
-TIMING_COLUMNS = ["loadgen_tokens_per_second", "loadgen_samples_per_second", "loadgen_duration_s", "tokens_per_s",
-                  "tokens_per_s_per_gpu", "measured_tokens_per_s", "started_at", "finished_at", "last_completion",
-                  "wall_s", "overlap_fraction", "overlaps_all"]
+TIMING_COLUMNS = [
+    "loadgen_tokens_per_second",
+    "loadgen_samples_per_second",
+    "loadgen_duration_s",
+    "tokens_per_s",
+    "tokens_per_s_per_gpu",
+    "measured_tokens_per_s",
+    "started_at",
+    "finished_at",
+    "last_completion",
+    "wall_s",
+    "overlap_fraction",
+    "overlaps_all",
+]
 
 
 def _timing_free(report_csv):
@@ -100,7 +123,9 @@ def test_sigkill_mid_step_leaves_nothing_taken_as_done(demo_copy, rule):
     snakemake(demo_copy, "--unlock")
     plan = snakemake(demo_copy, "-n", "--cores", "2", STEP_OUTPUTS[rule], check=False)
     planned_again = plan.returncode == 0 and f"rule {rule}:" in plan.stdout or f": {rule} " in plan.stdout
-    flagged_incomplete = "IncompleteFilesException" in plan.stdout + plan.stderr and STEP_OUTPUTS[rule] in plan.stdout + plan.stderr
+    flagged_incomplete = (
+        "IncompleteFilesException" in plan.stdout + plan.stderr and STEP_OUTPUTS[rule] in plan.stdout + plan.stderr
+    )
     assert planned_again or flagged_incomplete, plan.stdout[-3000:] + plan.stderr[-3000:]
 
     snakemake(demo_copy, "--cores", "2", "--rerun-incomplete", STEP_OUTPUTS[rule])
@@ -111,14 +136,25 @@ def test_killed_shard_is_retried(demo_copy):
     """The shard's own process dies (as a node failure would kill it); Snakemake retries it."""
     # the injected pause holds each shard at its rename, so the harness is still alive when killed
     output = demo_copy / STEP_OUTPUTS["run_shard"]
-    proc = _start(demo_copy, "--cores", "2", "--retries", "1", "--forcerun", "run_shard", "--until", "run_shard",
-                  env={**FAULT_PAUSE, "RACKBENCH_FAULT_PAUSE_ONLY": str(output)})
+    proc = _start(
+        demo_copy,
+        "--cores",
+        "2",
+        "--retries",
+        "1",
+        "--forcerun",
+        "run_shard",
+        "--until",
+        "run_shard",
+        env={**FAULT_PAUSE, "RACKBENCH_FAULT_PAUSE_ONLY": str(output)},
+    )
     deadline = time.time() + 300
     while not _temp_siblings(output):
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.05)
-    harness = subprocess.run(["pgrep", "-f", f"rackbench.harness .*--out {STEP_OUTPUTS['run_shard']}( |$)"],
-                             capture_output=True, text=True).stdout.split()
+    harness = subprocess.run(
+        ["pgrep", "-f", f"rackbench.harness .*--out {STEP_OUTPUTS['run_shard']}( |$)"], capture_output=True, text=True
+    ).stdout.split()
     assert harness, "no harness process found for shard0"
     for pid in harness:
         os.kill(int(pid), signal.SIGKILL)
@@ -172,8 +208,14 @@ def test_broken_quantization_is_caught_by_the_accuracy_gate(demo_copy):
 def test_second_invocation_is_refused(demo_copy):
     # the injected pause keeps the first run's shards in flight while the others start, however slow the machine
     output = demo_copy / STEP_OUTPUTS["run_shard"]
-    first = _start(demo_copy, "--cores", "2", "--forcerun", "run_shard",
-                   env={**FAULT_PAUSE, "RACKBENCH_FAULT_PAUSE_ONLY": str(output)})
+    first = _start(
+        demo_copy,
+        "--cores",
+        "2",
+        "--forcerun",
+        "run_shard",
+        env={**FAULT_PAUSE, "RACKBENCH_FAULT_PAUSE_ONLY": str(output)},
+    )
     deadline = time.time() + 300
     while not _temp_siblings(output):
         assert first.poll() is None and time.time() < deadline
@@ -214,13 +256,19 @@ def test_full_disk_stops_the_step_names_the_path_and_keeps_earlier_results(demo_
     saved = tmp_path / "results-before"
     shutil.move(results, saved)
     results.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512m", "tmpfs", str(results)],
-                           capture_output=True, text=True)
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512m", "tmpfs", str(results)], capture_output=True, text=True
+    )
     if mount.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
     try:
-        shutil.copytree(saved, results, symlinks=True, dirs_exist_ok=True,
-                        ignore=lambda d, names: [n for n in names if Path(d, n) == saved / Path(target).relative_to("results")])
+        shutil.copytree(
+            saved,
+            results,
+            symlinks=True,
+            dirs_exist_ok=True,
+            ignore=lambda d, names: [n for n in names if Path(d, n) == saved / Path(target).relative_to("results")],
+        )
         assert not (demo_copy / target).exists()
         before = _file_hashes(results)
         room = shutil.disk_usage(results).used + needed // 2

@@ -1,11 +1,10 @@
 """ReplicaPool with a tiny picklable test backend (this module, imported by name in spawned workers)."""
 
 import os
-
-import pytest
-
 import threading
 import time
+
+import pytest
 
 from rackbench.engines.replicas import ReplicaError, ReplicaPool, visible_devices
 
@@ -21,7 +20,7 @@ class _EchoEngine:
         self.fail_on = fail_on
 
     def generate(self, prompts, max_new_tokens):
-        if prompts and prompts[0] == [-1]:   # a slow request, to keep a replica busy
+        if prompts and prompts[0] == [-1]:  # a slow request, to keep a replica busy
             time.sleep(1.0)
         if self.fail_on is not None and any(self.fail_on in p for p in prompts):
             raise ValueError("poisoned prompt")
@@ -48,14 +47,15 @@ def test_visible_devices_maps_through_parent_list():
 
 def test_pool_dispatches_in_order_across_replicas(monkeypatch, tmp_path):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "10,11,12,13")
-    with ReplicaPool(BACKEND, tmp_path, record={}, settings={"per": 2},
-                     gpu_ids=[0, 1, 2, 3], gpus_per_replica=2) as pool:
+    with ReplicaPool(
+        BACKEND, tmp_path, record={}, settings={"per": 2}, gpu_ids=[0, 1, 2, 3], gpus_per_replica=2
+    ) as pool:
         assert pool.num_replicas == 2 and pool.replica_devices == ["10,11", "12,13"]
         assert pool.max_batch_size == 6 and pool.max_in_flight == 6
         prompts = [[i] * (i + 1) for i in range(5)]
         out = pool.generate(prompts, 3)
-        assert [o[1:] for o in out] == [[len(p), sum(p)] for p in prompts]   # each answer its own prompt's
-        assert {o[0] for o in out} == {10, 12}   # spread over both replicas (least pending: timing decides the split)
+        assert [o[1:] for o in out] == [[len(p), sum(p)] for p in prompts]  # each answer its own prompt's
+        assert {o[0] for o in out} == {10, 12}  # spread over both replicas (least pending: timing decides the split)
         assert pool.generate([[9]], 1)[0][0] in (10, 12)
         assert pool.generate([], 5) == []
         assert pool.pending() == [0, 0]
@@ -68,14 +68,16 @@ def test_pool_routes_to_the_least_pending_replica_and_forwards_first_tokens(monk
         finished = threading.Semaphore(0)
 
         def callbacks(i):
-            return dict(on_done=lambda t: (done.append((i, t)), finished.release()),
-                        on_error=lambda e: (done.append((i, e)), finished.release()),
-                        on_first_token=lambda tok: first.append((i, tok)))
+            return dict(
+                on_done=lambda t: (done.append((i, t)), finished.release()),
+                on_error=lambda e: (done.append((i, e)), finished.release()),
+                on_first_token=lambda tok: first.append((i, tok)),
+            )
 
-        pool.submit([-1], 3, **callbacks("slow"))        # replica 0 is busy for a second
+        pool.submit([-1], 3, **callbacks("slow"))  # replica 0 is busy for a second
         for i in range(3):
             pool.submit([i + 1], 3, **callbacks(i))
-            finished.acquire()                             # each quick one goes to the idle replica 1
+            finished.acquire()  # each quick one goes to the idle replica 1
         assert [d for d in done] == [(0, [4, 1, 1]), (1, [4, 1, 2]), (2, [4, 1, 3])]
         finished.acquire()
         assert done[-1] == ("slow", [3, 1, -1])
@@ -92,16 +94,18 @@ def test_a_dead_replica_fails_its_requests_and_the_others_go_on(tmp_path, monkey
         pool._procs[0].kill()
         assert failed.wait(10)
         assert isinstance(errors[0], ReplicaError) and "replica 0" in str(errors[0]) and "exited" in str(errors[0])
-        assert pool.generate([[5], [6]], 3) == [[1, 1, 5], [1, 1, 6]]   # all on replica 1
+        assert pool.generate([[5], [6]], 3) == [[1, 1, 5], [1, 1, 6]]  # all on replica 1
 
 
 def test_pool_reports_load_and_generate_errors(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     with pytest.raises(ReplicaError, match="cannot load"):
-        ReplicaPool(BACKEND, tmp_path, record={}, settings={"per": 1, "fail_load": True},
-                    gpu_ids=[0, 1], gpus_per_replica=1)
-    with ReplicaPool(BACKEND, tmp_path, record={}, settings={"per": 1, "fail_on": 666},
-                     gpu_ids=[0, 1], gpus_per_replica=1) as pool:
+        ReplicaPool(
+            BACKEND, tmp_path, record={}, settings={"per": 1, "fail_load": True}, gpu_ids=[0, 1], gpus_per_replica=1
+        )
+    with ReplicaPool(
+        BACKEND, tmp_path, record={}, settings={"per": 1, "fail_on": 666}, gpu_ids=[0, 1], gpus_per_replica=1
+    ) as pool:
         with pytest.raises(ReplicaError, match="poisoned"):
             pool.generate([[1], [666]], 4)
         assert pool.generate([[1], [2]], 4) == [[0, 1, 1], [1, 1, 2]]  # still usable

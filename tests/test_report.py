@@ -18,27 +18,59 @@ bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
 
-def make_rack(root, *, durations=(100.0, 200.0, 50.0), starts=(0.0, 0.0, 0.0), rows=(40, 60, 10),
-              out_tok=(10, 20, 5), results=None, accuracy="pass", layout_gpus=2, gpu="GB300"):
+def make_rack(
+    root,
+    *,
+    durations=(100.0, 200.0, 50.0),
+    starts=(0.0, 0.0, 0.0),
+    rows=(40, 60, 10),
+    out_tok=(10, 20, 5),
+    results=None,
+    accuracy="pass",
+    layout_gpus=2,
+    gpu="GB300",
+):
     n = len(durations)
     dirs = []
     for i in range(n):
-        dirs.append(bench.write_shard(root, shard=i, num_shards=n, gpus_per_shard=layout_gpus, rows=rows[i],
-                                      started_at=1.7e9 + starts[i], duration=durations[i],
-                                      out_tokens_per_sample=out_tok[i], in_tokens_per_sample=100,
-                                      result=(results or ["VALID"] * n)[i], gpu=gpu))
+        dirs.append(
+            bench.write_shard(
+                root,
+                shard=i,
+                num_shards=n,
+                gpus_per_shard=layout_gpus,
+                rows=rows[i],
+                started_at=1.7e9 + starts[i],
+                duration=durations[i],
+                out_tokens_per_sample=out_tok[i],
+                in_tokens_per_sample=100,
+                result=(results or ["VALID"] * n)[i],
+                gpu=gpu,
+            )
+        )
     acc = []
     if accuracy:
-        acc.append(bench.write_accuracy(root, layout=f"{n}x{layout_gpus}", gpu=gpu, valid=accuracy == "pass",
-                                        rouge1=44.4 if accuracy == "pass" else 40.1))
+        acc.append(
+            bench.write_accuracy(
+                root,
+                layout=f"{n}x{layout_gpus}",
+                gpu=gpu,
+                valid=accuracy == "pass",
+                rouge1=44.4 if accuracy == "pass" else 40.1,
+            )
+        )
     return dirs, acc
 
 
 def run(dirs, acc, out, gpu_types=None, models=None):
     """The report on one configuration, told its shard dirs and accuracy.json as the workflow tells it."""
     entry = bench.configuration_entry(dirs, acc[0] if acc else None)
-    return report.build_report([entry], gpu_types if gpu_types is not None else bench.GPU_TYPES,
-                               models if models is not None else bench.MODELS, out)
+    return report.build_report(
+        [entry],
+        gpu_types if gpu_types is not None else bench.GPU_TYPES,
+        models if models is not None else bench.MODELS,
+        out,
+    )
 
 
 def test_sum_concurrent_spread(tmp_path):
@@ -82,8 +114,13 @@ def test_overlapping_shards_are_concurrent(tmp_path):
 
 
 def test_sequential_shards_flagged(tmp_path):
-    dirs, acc = make_rack(tmp_path / "results", durations=(100.0, 100.0, 100.0), starts=(0.0, 100.0, 200.0),
-                          rows=(10, 10, 10), out_tok=(10, 10, 10))
+    dirs, acc = make_rack(
+        tmp_path / "results",
+        durations=(100.0, 100.0, 100.0),
+        starts=(0.0, 100.0, 200.0),
+        rows=(10, 10, 10),
+        out_tok=(10, 10, 10),
+    )
     (cfg,) = run(dirs, acc, tmp_path / "out")["configs"]
     assert cfg["non_overlapping_shards"] == [0, 1, 2]
     # sum of separate runs triples the figure; the concurrent figure does not
@@ -99,7 +136,7 @@ def test_loadgen_invalid_shown_as_invalid(tmp_path):
     csv = pd.read_csv(tmp_path / "out" / "throughput.csv")
     assert csv.loc[0, "status"] == "INVALID"
     for col in report.RESULT_COLUMNS:
-        assert math.isnan(csv.loc[0, col]), col          # never shown as a result
+        assert math.isnan(csv.loc[0, col]), col  # never shown as a result
     md = (tmp_path / "out" / "report.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| llama2-70b/"))
     assert "**INVALID**" in row and "11.0" not in row
@@ -149,8 +186,9 @@ def test_configuration_fields_come_from_the_entry_not_the_path(tmp_path):
     assert (cfg["gpu_type"], cfg["batch_size"], cfg["layout"]) == ("GB300", 16, "3x2")
     assert cfg["variant"] == bench.SYNTHETIC_VARIANT and cfg["status"] == report.STATUS_VALID
     with pytest.raises(report.ReportInputError, match="lacks"):
-        report.build_report([{k: v for k, v in entry.items() if k != "gpu_type"}], bench.GPU_TYPES,
-                            bench.MODELS, tmp_path / "out2")
+        report.build_report(
+            [{k: v for k, v in entry.items() if k != "gpu_type"}], bench.GPU_TYPES, bench.MODELS, tmp_path / "out2"
+        )
 
 
 def test_cpu_gpu_type_skips_efficiency(tmp_path):
@@ -163,9 +201,16 @@ def test_cpu_gpu_type_skips_efficiency(tmp_path):
 
 
 def test_parameters_counted_from_checkpoint(tmp_path):
-    cfg = {"hidden_size": 8192, "num_hidden_layers": 80, "intermediate_size": 28672, "vocab_size": 32000,
-           "num_attention_heads": 64, "num_key_value_heads": 8, "tie_word_embeddings": False}
-    assert report.count_parameters(cfg) == pytest.approx(6.9e10, rel=0.01)     # Llama-2-70B
+    cfg = {
+        "hidden_size": 8192,
+        "num_hidden_layers": 80,
+        "intermediate_size": 28672,
+        "vocab_size": 32000,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "tie_word_embeddings": False,
+    }
+    assert report.count_parameters(cfg) == pytest.approx(6.9e10, rel=0.01)  # Llama-2-70B
     snap = tmp_path / "results" / "models" / "m" / "0123abcd" / "snapshot"
     snap.mkdir(parents=True)
     (snap / "config.json").write_text(json.dumps(cfg))
@@ -175,6 +220,7 @@ def test_parameters_counted_from_checkpoint(tmp_path):
 
 def test_provenance_table(tmp_path):
     from rackbench import provenance
+
     dirs, acc = make_rack(tmp_path / "results")
     for d in dirs:
         provenance.write_provenance(d / "provenance.json", step="run_shard", config_fragment={"d": str(d.name)})
@@ -200,9 +246,25 @@ def test_rebuild_is_byte_identical_and_figures_name_inputs(tmp_path):
     outs = []
     for name in ("one", "two"):
         out = tmp_path / name
-        subprocess.run([sys.executable, "-m", "rackbench.report", "--configurations-json", str(configurations),
-                        "--results", str(tmp_path / "results"), "--gpu-types-json", str(gpu_json),
-                        "--models-json", str(models_json), "--out", str(out)], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "rackbench.report",
+                "--configurations-json",
+                str(configurations),
+                "--results",
+                str(tmp_path / "results"),
+                "--gpu-types-json",
+                str(gpu_json),
+                "--models-json",
+                str(models_json),
+                "--out",
+                str(out),
+            ],
+            check=True,
+            capture_output=True,
+        )
         outs.append(out)
     names = sorted(p.name for p in outs[0].iterdir())
     for fig in ("shard_throughput", "shard_timeline", "records", "efficiency"):
@@ -217,6 +279,7 @@ def test_rebuild_is_byte_identical_and_figures_name_inputs(tmp_path):
     assert summary.encode() in (outs[0] / "shard_throughput.svg").read_bytes()
     assert summary.encode() in (outs[0] / "shard_throughput.pdf").read_bytes()
     from PIL import Image
+
     assert summary in Image.open(outs[0] / "shard_throughput.png").text["Source"]
     assert str(gpu_json) in Image.open(outs[0] / "records.png").text["Source"]
     svg = (outs[0] / "records.svg").read_text()

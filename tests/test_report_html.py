@@ -12,12 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import snakemake
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
-SNAKEFILE = '''
+SNAKEFILE = """
 SHARDS = expand("results/runs/llama2-70b/nvfp4/tensorrt-llm/GB300/bs16/2x4/{VARIANT}/performance/shard{i}", i=range(2))
 ACC = ["results/accuracy/llama2-70b/nvfp4/tensorrt-llm/GB300/bs16/2x4/{VARIANT}/accuracy.json"]
 R = "results/report"
@@ -50,9 +51,9 @@ rule accuracy_shown:
     input: ACC
     output: report("results/accuracy_shown.json", caption="report/accuracy.rst", category="accuracy")
     shell: "cp {input} {output}"
-'''.replace("{PY}", sys.executable)
+""".replace("{PY}", sys.executable)
 
-PROBE = '''<script>
+PROBE = """<script>
 (function(){
 const targets = TARGETS;
 const found = {};
@@ -70,7 +71,7 @@ function show(i){
 }
 window.addEventListener('load',()=>{setTimeout(()=>{clickText('a,button','throughput');setTimeout(()=>show(0),1500);},1500);});
 })();
-</script></body>'''
+</script></body>"""
 
 
 def test_snakemake_report_renders_figures_in_chromium(tmp_path, chromium):
@@ -81,8 +82,11 @@ def test_snakemake_report_renders_figures_in_chromium(tmp_path, chromium):
         bench.write_shard(tmp_path / "results", shard=i, num_shards=2, rows=20, started_at=1.7e9 + i, duration=50.0)
     acc = bench.write_accuracy(tmp_path / "results", layout="2x4")
     dirs = sorted((tmp_path / "results" / "runs").glob("*/*/*/*/*/*/*/performance/shard*"))
-    entry = {**bench.configuration_entry(dirs, acc), "accuracy_json": str(acc.relative_to(tmp_path)),
-             "shard_dirs": [str(d.relative_to(tmp_path)) for d in dirs]}  # paths as the rule passes them
+    entry = {
+        **bench.configuration_entry(dirs, acc),
+        "accuracy_json": str(acc.relative_to(tmp_path)),
+        "shard_dirs": [str(d.relative_to(tmp_path)) for d in dirs],
+    }  # paths as the rule passes them
     (tmp_path / "configurations.json").write_text(json.dumps([entry]))
     (tmp_path / "gpu_types.json").write_text(json.dumps(bench.GPU_TYPES))
     (tmp_path / "models.json").write_text(json.dumps(bench.MODELS))
@@ -91,7 +95,8 @@ def test_snakemake_report_renders_figures_in_chromium(tmp_path, chromium):
 
     def smk(*args):
         snakemake(tmp_path, *args, timeout=600)
-    smk("-c1", "report")                     # the target rule
+
+    smk("-c1", "report")  # the target rule
     smk("-c1", "results/accuracy_shown.json")
     smk("--report", "results/report.html")
     html = (tmp_path / "results" / "report.html").read_text()
@@ -101,8 +106,11 @@ def test_snakemake_report_renders_figures_in_chromium(tmp_path, chromium):
         for ext in ("pdf", "svg", "png"):
             assert f"{fig}.{ext}" in html
 
-    targets = [f"results/report/{f}.{e}" for f in ("shard_throughput", "shard_timeline", "records", "efficiency")
-               for e in ("png", "svg")]
+    targets = [
+        f"results/report/{f}.{e}"
+        for f in ("shard_throughput", "shard_timeline", "records", "efficiency")
+        for e in ("png", "svg")
+    ]
     assert_figures_render(chromium, tmp_path / "results" / "report.html", targets, tmp_path)
 
 
@@ -112,19 +120,34 @@ def assert_figures_render(chromium: str, html_file: Path, targets: list[str], wo
     html = html_file.read_text()
     i = html.rfind("</body>")
     probe = workdir / "probe.html"
-    probe.write_text(html[:i] + PROBE.replace("TARGETS", json.dumps(targets)) + html[i + len("</body>"):])
-    proc = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                           "--disable-background-networking", "--disable-component-update", "--no-first-run",
-                           "--virtual-time-budget=60000", "--dump-dom", probe.as_uri()],
-                          capture_output=True, text=True, timeout=300)
+    probe.write_text(html[:i] + PROBE.replace("TARGETS", json.dumps(targets)) + html[i + len("</body>") :])
+    proc = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--no-first-run",
+            "--virtual-time-budget=60000",
+            "--dump-dom",
+            probe.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     match = re.search(r'<pre id="rb-result">([^<]*)</pre>', proc.stdout)
     assert match, "the report page did not finish rendering in Chromium:\n" + proc.stderr[-2000:]
     found = json.loads(match.group(1).replace("&quot;", '"'))
     from PIL import Image
+
     for name in targets:
         entry = found[name]
         assert entry["clicked"], name
         images = [m for m in entry["media"] if m["complete"] and m["w"] > 0 and m["h"] > 0]
         assert len(images) == 1, (name, entry)
-        if name.endswith(".png"):          # Chromium decoded the very PNG we wrote
+        if name.endswith(".png"):  # Chromium decoded the very PNG we wrote
             assert (images[0]["w"], images[0]["h"]) == Image.open(workdir / name).size

@@ -27,11 +27,13 @@ KEY = DEMO_CONFIGURATION.key
 pytestmark = pytest.mark.slow
 
 # The demo's upstream outputs, by the rule that makes them.
-UPSTREAM = {rule: path for rule, path in DEMO_STEP_OUTPUTS.items()
-            if rule not in ("run_shard", "accuracy", "report")}
+UPSTREAM = {rule: path for rule, path in DEMO_STEP_OUTPUTS.items() if rule not in ("run_shard", "accuracy", "report")}
 RUN_ONLY = {"run_shard": 4, "accuracy": 1, "report": 1, "all": 1}  # 2 performance + 2 accuracy shards
-FIGURES = [f"{name}.{ext}" for name in ("shard_throughput", "shard_timeline", "records", "efficiency")
-           for ext in ("pdf", "svg", "png")]
+FIGURES = [
+    f"{name}.{ext}"
+    for name in ("shard_throughput", "shard_timeline", "records", "efficiency")
+    for ext in ("pdf", "svg", "png")
+]
 
 
 def job_stats(output: str) -> dict[str, int]:
@@ -163,23 +165,31 @@ def test_max_new_tokens_change_makes_a_new_run_variant_beside_the_old(demo_copy)
     assert settings["run"]["max_new_tokens"] == shorter
     variants = pd.read_csv(demo_copy / paths.report_file("variants"))
     assert sorted(zip(variants["variant"], variants["current"])) == sorted(
-        [(DEMO_CONFIGURATION.run_variant, False), (new.run_variant, True)])
+        [(DEMO_CONFIGURATION.run_variant, False), (new.run_variant, True)]
+    )
     assert plan(demo_copy, *args) == {}
     assert plan(demo_copy) == {"report": 1, "all": 1}  # back to the default: its results are all there
     # beyond the demo's reference length the config is refused before anything runs
-    bad = snakemake(demo_copy, "-n", "--cores", "2",
-                    *override(demo_copy, f"run:\n  max_new_tokens: {limit + 1}\n"), check=False)
+    bad = snakemake(
+        demo_copy, "-n", "--cores", "2", *override(demo_copy, f"run:\n  max_new_tokens: {limit + 1}\n"), check=False
+    )
     assert bad.returncode != 0
-    assert (f"invalid config: run.max_new_tokens: {limit + 1} exceeds demo.reference_max_new_tokens ({limit})"
-            in bad.stdout + bad.stderr)
+    assert (
+        f"invalid config: run.max_new_tokens: {limit + 1} exceeds demo.reference_max_new_tokens ({limit})"
+        in bad.stdout + bad.stderr
+    )
 
 
 def test_changed_knob_whose_job_fails_keeps_the_previous_result(demo_copy):
     """Issue 11's new-user case: a dataset path that passes validation but names a directory.
     Its conversion fails; the previous samples.parquet, every result made from it and the
     report that shows them are all still there, and switching back has nothing to redo."""
-    previous = [str(Path(DEMO_CONFIGURATION.dataset_file("samples")).parent), DEMO_CONFIGURATION.run_dir,
-                str(Path(DEMO_CONFIGURATION.accuracy_json).parent), paths.REPORT_DIR]
+    previous = [
+        str(Path(DEMO_CONFIGURATION.dataset_file("samples")).parent),
+        DEMO_CONFIGURATION.run_dir,
+        str(Path(DEMO_CONFIGURATION.accuracy_json).parent),
+        paths.REPORT_DIR,
+    ]
     keep = stamps(demo_copy, previous)
     report_before = (demo_copy / paths.report_file("markdown")).read_text()
     assert f"| {KEY} | **VALID** |" in report_before
@@ -195,7 +205,8 @@ def test_changed_knob_whose_job_fails_keeps_the_previous_result(demo_copy):
     assert (demo_copy / paths.report_file("markdown")).read_text() == report_before
     throughput = pd.read_csv(demo_copy / paths.report_file("throughput"))
     assert throughput[["config", "variant", "status"]].values.tolist() == [
-        [KEY, DEMO_CONFIGURATION.run_variant, "VALID"]]
+        [KEY, DEMO_CONFIGURATION.run_variant, "VALID"]
+    ]
     assert plan(demo_copy) == {}
 
 

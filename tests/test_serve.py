@@ -22,20 +22,28 @@ from rackbench.endpoints import EndpointPool
 from rackbench.engines import generate
 
 ROOT = Path(__file__).resolve().parents[1]
-READY_TIMEOUT = 240          # model load on 2 busy cores
+READY_TIMEOUT = 240  # model load on 2 busy cores
 SETTINGS = {"torch_threads": 1}
 
 
 def _env():
-    return dict(os.environ, PYTHONPATH=str(ROOT / "scripts") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    return dict(
+        os.environ,
+        PYTHONPATH=str(ROOT / "scripts") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+    )
 
 
 @pytest.fixture(scope="module")
 def demo_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("serve") / "model"
-    subprocess.run([sys.executable, "-m", "rackbench.demo", "model", "--out", str(out), "--seed", "0"],
-                   check=True, env=_env(), capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "rackbench.demo", "model", "--out", str(out), "--seed", "0"],
+        check=True,
+        env=_env(),
+        capture_output=True,
+    )
     return out
 
 
@@ -47,7 +55,7 @@ def prompts(demo_model):
 
     tok = Tokenizer.from_file(str(demo_model / "tokenizer.json"))
     texts = [" ".join(doc.split()[:n]) for doc, n in zip(corpus(0)[:10], range(3, 40, 4))]
-    return [[1] + tok.encode(t, add_special_tokens=False).ids for t in texts]   # <s> + text, like the dataset
+    return [[1] + tok.encode(t, add_special_tokens=False).ids for t in texts]  # <s> + text, like the dataset
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +85,13 @@ def test_blocking_engine_adapter_gives_the_engine_tokens(demo_model, prompts, di
 
         left = threading.Semaphore(0)
         for i, p in enumerate(prompts):
-            adapter.submit(p, 16, on_done=lambda t, i=i: (got.__setitem__(i, t), left.release()),
-                           on_error=lambda e: (got.append(e), left.release()),
-                           on_first_token=lambda tok, i=i: firsts.__setitem__(i, tok))
+            adapter.submit(
+                p,
+                16,
+                on_done=lambda t, i=i: (got.__setitem__(i, t), left.release()),
+                on_error=lambda e: (got.append(e), left.release()),
+                on_first_token=lambda tok, i=i: firsts.__setitem__(i, tok),
+            )
         for _ in prompts:
             assert left.acquire(timeout=120)
     finally:
@@ -121,7 +133,7 @@ def test_offline_round_trip_equals_the_engine(servers, prompts, direct):
     assert sum(s["samples"] for s in stats) == len(prompts)
     assert sum(s["input_tokens"] for s in stats) == sum(map(len, prompts))
     assert sum(s["output_tokens"] for s in stats) == sum(map(len, direct))
-    assert all(s["samples"] > 0 and s["busy_s"] > 0 for s in stats), stats   # isl spread them over both
+    assert all(s["samples"] > 0 and s["busy_s"] > 0 for s in stats), stats  # isl spread them over both
     assert all(s["errors"] == 0 and s["dead"] is None for s in stats)
 
 
@@ -131,8 +143,13 @@ def test_streamed_round_trip_reports_the_first_token(servers, prompts, direct):
     errors = []
     with EndpointPool(servers.urls, stream=True, balance="round_robin") as pool:
         for i, p in enumerate(prompts):
-            pool.submit(p, 16, on_done=lambda t, i=i: done.__setitem__(i, t), on_error=errors.append,
-                        on_first_token=lambda tok, i=i: firsts.__setitem__(i, tok))
+            pool.submit(
+                p,
+                16,
+                on_done=lambda t, i=i: done.__setitem__(i, t),
+                on_error=errors.append,
+                on_first_token=lambda tok, i=i: firsts.__setitem__(i, tok),
+            )
         deadline = time.monotonic() + 120
         while len(done) + len(errors) < len(prompts) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -146,7 +163,7 @@ def test_a_list_of_prompts_in_one_request(servers, prompts, direct):
         got = generate(pool, prompts, 16)
         stats = pool.stats()[0]
     assert got == direct
-    assert stats["requests"] < len(prompts)          # batched: fewer HTTP requests than samples
+    assert stats["requests"] < len(prompts)  # batched: fewer HTTP requests than samples
 
 
 def test_bad_requests_are_named(servers):
@@ -160,7 +177,7 @@ def test_bad_requests_are_named(servers):
     r = requests.post(url, json={"model": "m", "prompt": [1, 2], "max_tokens": 2, "detokenize": True}, timeout=30)
     assert r.status_code == 200
     choice = r.json()["choices"][0]
-    assert choice["token_ids"] is None and isinstance(choice["text"], str)   # trtllm-serve's detokenize semantics
+    assert choice["token_ids"] is None and isinstance(choice["text"], str)  # trtllm-serve's detokenize semantics
     assert requests.get(servers.urls[0] + "/health", timeout=10).status_code == 200
 
 
@@ -177,16 +194,21 @@ def test_the_pool_against_transformers_serve(demo_model, prompts, direct, tmp_pa
     except ImportError as exc:
         pytest.skip(f"`transformers serve` needs transformers[serving]: {exc}")
     port = launch.free_port()
-    spec = launch.ServerSpec("transformers-serve", [exe, "serve", str(demo_model), "--host", "127.0.0.1",
-                                                    "--port", str(port), "--device", "cpu"],
-                             "127.0.0.1", port, env={"OMP_NUM_THREADS": "1"})
+    spec = launch.ServerSpec(
+        "transformers-serve",
+        [exe, "serve", str(demo_model), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
+        "127.0.0.1",
+        port,
+        env={"OMP_NUM_THREADS": "1"},
+    )
     group = launch.ServerGroup([spec], log_dir=tmp_path)
     with group:
         group.wait_ready(READY_TIMEOUT)
         for stream in (False, True):
             firsts = {}
-            with EndpointPool(group.urls, model=str(demo_model), stream=stream, api="text", tokenizer=demo_model,
-                              concurrency=2) as pool:
+            with EndpointPool(
+                group.urls, model=str(demo_model), stream=stream, api="text", tokenizer=demo_model, concurrency=2
+            ) as pool:
                 got = []
                 for i, p in enumerate(prompts):
                     # transformers serve has no ignore_eos/stop control; the engine and it both stop at </s>
@@ -201,9 +223,13 @@ def _one(pool, prompt, n, firsts, i):
     import threading
 
     box, ev = [], threading.Event()
-    pool.submit(prompt, n, on_done=lambda t: (box.append(t), ev.set()),
-                on_error=lambda e: (box.append(e), ev.set()),
-                on_first_token=lambda tok: firsts.__setitem__(i, tok))
+    pool.submit(
+        prompt,
+        n,
+        on_done=lambda t: (box.append(t), ev.set()),
+        on_error=lambda e: (box.append(e), ev.set()),
+        on_first_token=lambda tok: firsts.__setitem__(i, tok),
+    )
     assert ev.wait(120), "no answer within 120 s"
     if isinstance(box[0], BaseException):
         raise box[0]

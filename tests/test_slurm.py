@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from rackbench.slurm_jobs import incomplete_markers
 from slurm.fixtures import slurm_cluster  # noqa: F401  (the session fixture)
 from slurm.helpers import (
     CI_PROFILE,
@@ -33,7 +34,6 @@ from slurm.helpers import (
     start_snakemake,
     tail,
 )
-from rackbench.slurm_jobs import incomplete_markers
 from test_reliability import TIMING_COLUMNS  # the per-shard timing columns of shards.csv
 
 pytestmark = pytest.mark.slurm
@@ -42,8 +42,10 @@ TINY_TIMEOUT = 300
 
 
 def shard_records(workdir: Path) -> dict[int, dict]:
-    return {int(d.name[len("shard"):]): json.loads((d / "shard.json").read_text())
-            for d in sorted((workdir / "shards").glob("shard*"))}
+    return {
+        int(d.name[len("shard") :]): json.loads((d / "shard.json").read_text())
+        for d in sorted((workdir / "shards").glob("shard*"))
+    }
 
 
 def assert_concurrent(intervals: list[tuple[float, float]]) -> None:
@@ -54,6 +56,7 @@ def assert_concurrent(intervals: list[tuple[float, float]]) -> None:
 
 
 # ---------------------------------------------------------------- the tiny workflow
+
 
 @pytest.fixture(scope="module")
 def tiny_run(slurm_cluster, tmp_path_factory):  # noqa: F811
@@ -104,14 +107,13 @@ def test_shards_ran_at_once_on_their_own_gpus(tiny_run):
     assert len({r["slurm_job_id"] for r in recs.values()}) == 4
 
 
-def test_failed_shards_are_retried_and_a_later_run_resubmits_only_the_missing(
-        slurm_cluster, tmp_path):  # noqa: F811
+def test_failed_shards_are_retried_and_a_later_run_resubmits_only_the_missing(slurm_cluster, tmp_path):  # noqa: F811
     """Through the plugin's default status path (sacct). Jobs killed with scancel:
     tests/test_slurm_cluster.py (squeue path), and test_sacct_reports_scancel_... below."""
     wd = copy_tiny(tmp_path / "wf")
     ctl = wd / "control"
-    (ctl / "fail-once-0").touch()      # exits non-zero on its first attempt
-    (ctl / "fail-always-2").touch()    # fails on every attempt
+    (ctl / "fail-once-0").touch()  # exits non-zero on its first attempt
+    (ctl / "fail-always-2").touch()  # fails on every attempt
     p = run_snakemake(["--keep-going"], cwd=wd, timeout=TINY_TIMEOUT)
     assert p.returncode != 0, "shard 2 cannot succeed"
     jobs = sacct(slurm_run_id(p))
@@ -141,8 +143,7 @@ def test_failed_shards_are_retried_and_a_later_run_resubmits_only_the_missing(
     assert (wd / "report.json").exists()
 
 
-def test_scancelled_shards_are_retried_and_a_later_run_resubmits_only_the_missing(
-        slurm_cluster, tmp_path):  # noqa: F811
+def test_scancelled_shards_are_retried_and_a_later_run_resubmits_only_the_missing(slurm_cluster, tmp_path):  # noqa: F811
     """Shard jobs killed with scancel (their partial output already written), under the
     status command profiles/slurm sets (squeue; sacct would hang, see the next test):
     retried per the profile's `retries`; one cancelled on every attempt leaves no output
@@ -153,8 +154,8 @@ def test_scancelled_shards_are_retried_and_a_later_run_resubmits_only_the_missin
     retries = yaml.safe_load((CI_PROFILE / "config.yaml").read_text())["retries"]
     wd = copy_tiny(tmp_path / "wf")
     ctl = wd / "control"
-    (ctl / "cancel-once-1").touch()     # partial output, then scancel of its own job, once
-    (ctl / "cancel-always-2").touch()   # the same on every attempt
+    (ctl / "cancel-once-1").touch()  # partial output, then scancel of its own job, once
+    (ctl / "cancel-always-2").touch()  # the same on every attempt
     squeue = ["--slurm-status-command", "squeue"]
     p = run_snakemake(["--keep-going", *squeue], cwd=wd, timeout=TINY_TIMEOUT)
     out = p.stdout + p.stderr
@@ -197,11 +198,20 @@ def test_site_profile_runs_container_jobs_under_apptainer_with_nv(slurm_cluster,
     wd = copy_tiny(tmp_path / "wf")
     (wd / "trtllm.sif").touch()
     log = wd / "apptainer-calls.log"
-    env = snakemake_env(PATH=f"{REPO / 'tests' / 'slurm' / 'bin'}:{os.environ['PATH']}",
-                        FAKE_APPTAINER_LOG=str(log))
-    p = run_snakemake(["--software-deployment-method", site["software-deployment-method"],
-                       f"--apptainer-args={site['apptainer-args']}",  # "=": a bare "--nv" reads as an option
-                       "--config", "container=trtllm.sif", "sleep=3"], cwd=wd, timeout=TINY_TIMEOUT, env=env)
+    env = snakemake_env(PATH=f"{REPO / 'tests' / 'slurm' / 'bin'}:{os.environ['PATH']}", FAKE_APPTAINER_LOG=str(log))
+    p = run_snakemake(
+        [
+            "--software-deployment-method",
+            site["software-deployment-method"],
+            f"--apptainer-args={site['apptainer-args']}",  # "=": a bare "--nv" reads as an option
+            "--config",
+            "container=trtllm.sif",
+            "sleep=3",
+        ],
+        cwd=wd,
+        timeout=TINY_TIMEOUT,
+        env=env,
+    )
     assert p.returncode == 0, tail(p)
     calls = {}
     for line in log.read_text().splitlines():
@@ -234,12 +244,18 @@ def test_sacct_reports_scancel_as_cancelled_by_uid(slurm_cluster, tmp_path):  # 
     import time
 
     from snakemake_executor_plugin_slurm.job_status_query import (
-        query_job_status, query_job_status_sacct, query_job_status_squeue)
+        query_job_status,
+        query_job_status_sacct,
+        query_job_status_squeue,
+    )
 
     name = f"rackbench-cancel-{tmp_path.name}"
-    jobid = subprocess.run(["sbatch", "--parsable", "--job-name", name, "-o", "/dev/null",
-                            "--gpus=gb300:1", "--wrap", "sleep 120"],
-                           capture_output=True, text=True, check=True).stdout.strip()
+    jobid = subprocess.run(
+        ["sbatch", "--parsable", "--job-name", name, "-o", "/dev/null", "--gpus=gb300:1", "--wrap", "sleep 120"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     time.sleep(2)
     subprocess.run(["scancel", jobid], check=True)
     log = logging.getLogger("test")
@@ -256,16 +272,35 @@ def test_sacct_reports_scancel_as_cancelled_by_uid(slurm_cluster, tmp_path):  # 
 # ---------------------------------------------------------------- the demo workflow
 
 DEMO_TIMEOUT = 720  # about 3.5 min on 2 shared cores
-DEMO_ARGS = ["-s", str(REPO / "Snakefile"), "--configfile", str(REPO / "config.yaml"),
-             str(REPO / "tests" / "slurm" / "demo-gb300.yaml")]
+DEMO_ARGS = [
+    "-s",
+    str(REPO / "Snakefile"),
+    "--configfile",
+    str(REPO / "config.yaml"),
+    str(REPO / "tests" / "slurm" / "demo-gb300.yaml"),
+]
 CFG = "tiny-llama/nvfp4/reference/gb300/bs16/2x1"
 GPU_RULES = {"build_engine", "run_shard"}
 # Columns that legitimately differ between two runs of the same configuration:
 # timings (and what follows from them) and where the jobs ran.
 SHARD_VARYING = [*TIMING_COLUMNS, "hostname", "slurm_job_id"]
-THROUGHPUT_VARYING = ["concurrent", "non_overlapping_shards", "a_sum_tokens_per_s", "b_concurrent_tokens_per_s",
-                      "window_s", "c_per_gpu_mean", "c_per_gpu_min", "c_per_gpu_max", "c_cv", "slowest_shard",
-                      "slowest_shard_dir", "a_per_gpu", "b_per_gpu", "efficiency_a", "efficiency_b"]
+THROUGHPUT_VARYING = [
+    "concurrent",
+    "non_overlapping_shards",
+    "a_sum_tokens_per_s",
+    "b_concurrent_tokens_per_s",
+    "window_s",
+    "c_per_gpu_mean",
+    "c_per_gpu_min",
+    "c_per_gpu_max",
+    "c_cv",
+    "slowest_shard",
+    "slowest_shard_dir",
+    "a_per_gpu",
+    "b_per_gpu",
+    "efficiency_a",
+    "efficiency_b",
+]
 
 
 def logs_of(folder: Path) -> dict[str, Path]:
@@ -274,7 +309,7 @@ def logs_of(folder: Path) -> dict[str, Path]:
 
 
 def rule_of(call: str) -> str:
-    return comment_of(call)[len("rule_"):].split("_wildcards_")[0]
+    return comment_of(call)[len("rule_") :].split("_wildcards_")[0]
 
 
 @pytest.fixture(scope="module")
@@ -305,8 +340,15 @@ def test_demo_gpu_jobs_are_slurm_jobs_with_their_gpu_requests(demo_run):
     for c in calls:
         by_rule.setdefault(rule_of(c), []).append(c)
     assert "download_model" not in by_rule and "report" not in by_rule  # localrules
-    assert set(by_rule) == {"demo_model", "demo_dataset", "prepare_dataset", "quantize", "build_engine",
-                            "run_shard", "accuracy"}, sorted(by_rule)
+    assert set(by_rule) == {
+        "demo_model",
+        "demo_dataset",
+        "prepare_dataset",
+        "quantize",
+        "build_engine",
+        "run_shard",
+        "accuracy",
+    }, sorted(by_rule)
     assert len(by_rule["run_shard"]) == 4  # 2 performance + 2 accuracy shards
     assert len(by_rule["build_engine"]) == 1
     assert all(len(cs) == 1 for rule, cs in by_rule.items() if rule != "run_shard")
@@ -408,6 +450,7 @@ def test_demo_report_through_slurm_equals_a_local_run(demo_run, demo_local):
 
 # ---------------------------------------------------------------- faults on the cluster
 
+
 def wait_until(what, pred, timeout, proc=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -415,14 +458,15 @@ def wait_until(what, pred, timeout, proc=None):
         if found:
             return found
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"snakemake ended ({proc.returncode}) before {what}:\n"
-                                 + "\n".join(proc.log_path.read_text().splitlines()[-60:]))
+            raise AssertionError(
+                f"snakemake ended ({proc.returncode}) before {what}:\n"
+                + "\n".join(proc.log_path.read_text().splitlines()[-60:])
+            )
         time.sleep(2)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def test_rerun_after_a_lost_login_session_waits_for_and_adopts_the_running_shards(
-        slurm_cluster, tmp_path):  # noqa: F811
+def test_rerun_after_a_lost_login_session_waits_for_and_adopts_the_running_shards(slurm_cluster, tmp_path):  # noqa: F811
     """Issue 14, item 2. SIGKILL of snakemake while the four demo shard jobs run (each held
     45 s before its output's rename), then `snakemake --unlock` and the same command again:
     the rerun finds the four orphans (squeue: this working directory, a plugin run ID, a rule
@@ -430,14 +474,19 @@ def test_rerun_after_a_lost_login_session_waits_for_and_adopts_the_running_shard
     (rackbench.slurm_jobs)."""
     wd = tmp_path / "demo"
     wd.mkdir()
-    held = {"RACKBENCH_FAULT_PAUSE_BEFORE_RENAME_S": "45",
-            "RACKBENCH_FAULT_PAUSE_ONLY": f"{wd}/results/runs/*/shard[0-9]"}
+    held = {
+        "RACKBENCH_FAULT_PAUSE_BEFORE_RENAME_S": "45",
+        "RACKBENCH_FAULT_PAUSE_ONLY": f"{wd}/results/runs/*/shard[0-9]",
+    }
     first = start_snakemake(DEMO_ARGS, cwd=wd, env=snakemake_env(**held))
     try:
+
         def four_shards_running():
-            running = [j for j in queued_jobs(wd)
-                       if j["Comment"].startswith("rule_run_shard_") and j["State"] == "RUNNING"]
+            running = [
+                j for j in queued_jobs(wd) if j["Comment"].startswith("rule_run_shard_") and j["State"] == "RUNNING"
+            ]
             return running if len(running) == 4 else None
+
         orphans = wait_until("four running shard jobs", four_shards_running, DEMO_TIMEOUT, first)
     finally:
         os.kill(first.pid, signal.SIGKILL)  # the login session is gone; its Slurm jobs go on
@@ -463,8 +512,7 @@ def test_rerun_after_a_lost_login_session_waits_for_and_adopts_the_running_shard
     assert (wd / "results" / "report" / "report.md").exists()
 
 
-def test_a_shard_past_its_time_limit_says_so_counts_for_nothing_and_its_retry_gets_more_time(
-        slurm_cluster, tmp_path):  # noqa: F811
+def test_a_shard_past_its_time_limit_says_so_counts_for_nothing_and_its_retry_gets_more_time(slurm_cluster, tmp_path):  # noqa: F811
     """Issue 14, item 3. GPU jobs get a 2-minute limit (runtime_min: 2; Slurm's shortest is 1,
     too short for the other shards on 2 shared cores); performance shard 0 is held 200 s
     before its output's rename on its first attempt only. Slurm ends it (TIMEOUT: SIGTERM,
@@ -475,16 +523,20 @@ def test_a_shard_past_its_time_limit_says_so_counts_for_nothing_and_its_retry_ge
     short_limit = wd / "short-limit.yaml"
     short_limit.write_text(yaml.safe_dump({"gpu_types": {"gb300": {"slurm": {"runtime_min": 2}}}}))
     shard0 = Path("results", "runs", CFG, "performance", "shard0")
-    env = snakemake_env(RACKBENCH_FAULT_PAUSE_BEFORE_RENAME_S="200", RACKBENCH_FAULT_PAUSE_ONLY=str(wd / shard0),
-                        RACKBENCH_FAULT_PAUSE_ONCE=str(wd / "held-once"))
+    env = snakemake_env(
+        RACKBENCH_FAULT_PAUSE_BEFORE_RENAME_S="200",
+        RACKBENCH_FAULT_PAUSE_ONLY=str(wd / shard0),
+        RACKBENCH_FAULT_PAUSE_ONCE=str(wd / "held-once"),
+    )
     p = run_snakemake([*DEMO_ARGS, str(short_limit)], cwd=wd, timeout=DEMO_TIMEOUT + 600, env=env)
     assert p.returncode == 0, tail(p)
     assert (wd / "held-once").exists(), "the slow attempt never ran"
     calls = [c for c in sbatch_calls(p) if rule_of(c) == "run_shard" and comment_of(c).endswith("_performance_0")]
     assert len(calls) == 2, calls
     assert "-t 2 " in calls[0] and "-t 4 " in calls[1], calls  # the retry asks for more time
-    jobs = sorted((j for j in sacct(slurm_run_id(p)) if j["Comment"] == comment_of(calls[0])),
-                  key=lambda j: int(j["JobIDRaw"]))
+    jobs = sorted(
+        (j for j in sacct(slurm_run_id(p)) if j["Comment"] == comment_of(calls[0])), key=lambda j: int(j["JobIDRaw"])
+    )
     assert [j["State"].split()[0] for j in jobs] == ["TIMEOUT", "COMPLETED"], jobs
     timed_out, retried = (j["JobIDRaw"] for j in jobs)
     slurm_log = logs_of(wd / ".snakemake" / "slurm_logs" / "rule_run_shard")[timed_out].read_text()

@@ -29,8 +29,9 @@ def test_start_is_idempotent_and_reuses_the_running_cluster(slurm_cluster):  # n
     assert again.started == {}, "a running cluster is reused, nothing new is started"
     running = cluster.status()
     assert all(running[d] for d in cluster.DAEMONS), running
-    node = subprocess.run(["scontrol", "show", "node", slurm_cluster.host],
-                          capture_output=True, text=True, check=True).stdout
+    node = subprocess.run(
+        ["scontrol", "show", "node", slurm_cluster.host], capture_output=True, text=True, check=True
+    ).stdout
     assert "CPUTot=4" in node
     assert "Gres=gpu:gb300:4" in node
     assert re.search(r"State=(IDLE|MIXED|ALLOCATED)", node), node
@@ -42,17 +43,36 @@ def test_gpu_jobs_run_at_once_each_on_its_own_fake_gpu(slurm_cluster, tmp_path):
     ids = []
     for i in range(4):
         out = tmp_path / f"job{i}.json"
-        script = ("python3 -c 'import json,os,time; t=time.time(); time.sleep(6); "
-                  "print(json.dumps({\"cvd\": os.environ.get(\"CUDA_VISIBLE_DEVICES\"), "
-                  "\"gpus\": os.environ.get(\"SLURM_GPUS\"), \"start\": t, \"end\": time.time()}))'")
-        ids.append(subprocess.run(
-            ["sbatch", "--parsable", "--gpus=gb300:1", "--cpus-per-gpu=1", "--mem=200",
-             "-t", "2", "-o", str(out), "--wrap", script],
-            capture_output=True, text=True, check=True).stdout.strip())
+        script = (
+            "python3 -c 'import json,os,time; t=time.time(); time.sleep(6); "
+            'print(json.dumps({"cvd": os.environ.get("CUDA_VISIBLE_DEVICES"), '
+            '"gpus": os.environ.get("SLURM_GPUS"), "start": t, "end": time.time()}))\''
+        )
+        ids.append(
+            subprocess.run(
+                [
+                    "sbatch",
+                    "--parsable",
+                    "--gpus=gb300:1",
+                    "--cpus-per-gpu=1",
+                    "--mem=200",
+                    "-t",
+                    "2",
+                    "-o",
+                    str(out),
+                    "--wrap",
+                    script,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+        )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        q = subprocess.run(["squeue", "-h", "-j", ",".join(ids), "-o", "%T"],
-                           capture_output=True, text=True).stdout.split()
+        q = subprocess.run(
+            ["squeue", "-h", "-j", ",".join(ids), "-o", "%T"], capture_output=True, text=True
+        ).stdout.split()
         if not any(s in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING") for s in q):
             break
         time.sleep(1)
@@ -61,8 +81,9 @@ def test_gpu_jobs_run_at_once_each_on_its_own_fake_gpu(slurm_cluster, tmp_path):
     assert all(r["gpus"] == "gb300:1" for r in recs)
     assert max(r["start"] for r in recs) < min(r["end"] for r in recs), "not concurrent"
     for jid in ids:
-        tres = subprocess.run(["sacct", "-X", "-n", "-P", "-j", jid, "-o", "AllocTRES%200"],
-                              capture_output=True, text=True, check=True).stdout
+        tres = subprocess.run(
+            ["sacct", "-X", "-n", "-P", "-j", jid, "-o", "AllocTRES%200"], capture_output=True, text=True, check=True
+        ).stdout
         assert "gres/gpu:gb300=1" in tres, tres
 
 
@@ -70,6 +91,7 @@ def test_without_accounting_squeue_status_and_scancel_retry(slurm_cluster, tmp_p
     """A cluster without slurmdbd: sacct fails, so Snakemake needs
     --slurm-status-command squeue (MinJobAge 300 >= 120). A shard killed with
     scancel is retried, and its partial output does not count."""
+
     def adopt(started):
         # daemons this session started are stopped at its end, restarted ones too;
         # one that replaced a daemon running before the session is left running
@@ -93,11 +115,9 @@ def test_without_accounting_squeue_status_and_scancel_retry(slurm_cluster, tmp_p
         assert "Trying to restart job" in out
         assert "command=squeue" in out and "command=sacct" not in out
         # the retry started from nothing: no partial file survives
-        kept = sorted(x.name for x in (wd / "shards" / "shard1").iterdir()
-                      if x.name != ".snakemake_timestamp")
+        kept = sorted(x.name for x in (wd / "shards" / "shard1").iterdir() if x.name != ".snakemake_timestamp")
         assert kept == ["shard.json"], kept
-        recs = [json.loads((wd / "shards" / f"shard{i}" / "shard.json").read_text())
-                for i in range(4)]
+        recs = [json.loads((wd / "shards" / f"shard{i}" / "shard.json").read_text()) for i in range(4)]
         # (the retry of shard 1 runs later, so it may reuse another shard's GPU)
         assert all(r["cuda_visible_devices"] in ("0", "1", "2", "3") for r in recs), recs
     finally:
@@ -115,14 +135,19 @@ from slurm.fixtures import slurm_cluster  # noqa: F401
 def note_session():
     Path(os.environ["INNER_NOTES"], "marker").write_text(os.environ["RACKBENCH_TEST_SESSION"])
 """
-INNER_RESTART = INNER_COMMON + """
+INNER_RESTART = (
+    INNER_COMMON
+    + """
 def test_restart_in_another_configuration(slurm_cluster):  # noqa: F811
     note_session()
     assert slurm_cluster.started, "the inner session must start the cluster itself"
     cluster.start(accounting=False)  # new slurmctld and slurmd, not in slurm_cluster.started
     cluster.start(accounting=True)
 """
-INNER_INTERRUPTED = INNER_COMMON + """
+)
+INNER_INTERRUPTED = (
+    INNER_COMMON
+    + """
 def test_interrupted_while_a_job_runs(slurm_cluster):  # noqa: F811
     import subprocess, time
     note_session()
@@ -130,17 +155,35 @@ def test_interrupted_while_a_job_runs(slurm_cluster):  # noqa: F811
     Path(os.environ["INNER_NOTES"], "ready").touch()
     time.sleep(600)
 """
+)
 
 
 def _inner_pytest(tmp_path, name, source):
     notes = tmp_path / f"{name}-notes"
     notes.mkdir()
     (tmp_path / f"test_{name}.py").write_text(source)
-    env = {**os.environ, "INNER_NOTES": str(notes), "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent / "scripts")])}
+    env = {
+        **os.environ,
+        "INNER_NOTES": str(notes),
+        "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent / "scripts")]),
+    }
     env.pop("RACKBENCH_SLURM_KEEP", None)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
-           str(tmp_path / f"test_{name}.py")]
-    return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), notes
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "conftest",
+        "-p",
+        "no:cacheprovider",
+        "--rootdir",
+        str(tmp_path),
+        str(tmp_path / f"test_{name}.py"),
+    ]
+    return subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ), notes
 
 
 def test_teardown_stops_every_daemon_it_started_also_when_interrupted(tmp_path):

@@ -23,8 +23,10 @@ from rackbench.engines import tensorrt_llm as trt  # noqa: E402
 # The facts are package data (what the config check reads); sections still in the tests'
 # own spec file are merged over them.
 PACKAGE_SPEC = ROOT / "scripts/rackbench/contracts/trtllm_1_2.yaml"
-SPEC = {**yaml.safe_load(PACKAGE_SPEC.read_text()),
-        **(yaml.safe_load((ROOT / "tests/contracts/trtllm_1_2_spec.yaml").read_text()) or {})}
+SPEC = {
+    **yaml.safe_load(PACKAGE_SPEC.read_text()),
+    **(yaml.safe_load((ROOT / "tests/contracts/trtllm_1_2_spec.yaml").read_text()) or {}),
+}
 
 GB300 = {"compute_capability": "10.3", "runs_nvfp4": True}
 
@@ -45,12 +47,15 @@ def _gpu():
 
 
 def test_module_does_not_import_tensorrt_llm():
-    code = ("import sys, rackbench.engines.tensorrt_llm, rackbench.engines.replicas;"
-            "assert 'tensorrt_llm' not in sys.modules")
+    code = (
+        "import sys, rackbench.engines.tensorrt_llm, rackbench.engines.replicas;"
+        "assert 'tensorrt_llm' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # ----------------------------------------------------------------- trtllm-build flags
+
 
 def _check_flag(flag, value):
     spec = SPEC["trtllm_build"]["flags"].get(flag)
@@ -79,10 +84,20 @@ def test_every_trtllm_build_flag_is_in_the_spec():
 
 def test_trtllm_build_has_the_record_flags():
     flags = trt.trtllm_build_flags({})
-    expected = {"gemm_plugin": "nvfp4", "use_paged_context_fmha": "enable", "use_fp8_context_fmha": "enable",
-                "kv_cache_type": "paged", "tokens_per_block": 32, "max_batch_size": 2048,
-                "max_num_tokens": 4096, "max_input_len": 1024, "max_seq_len": 2048,
-                "multiple_profiles": "enable", "use_fused_mlp": "enable", "norm_quant_fusion": "enable"}
+    expected = {
+        "gemm_plugin": "nvfp4",
+        "use_paged_context_fmha": "enable",
+        "use_fp8_context_fmha": "enable",
+        "kv_cache_type": "paged",
+        "tokens_per_block": 32,
+        "max_batch_size": 2048,
+        "max_num_tokens": 4096,
+        "max_input_len": 1024,
+        "max_seq_len": 2048,
+        "multiple_profiles": "enable",
+        "use_fused_mlp": "enable",
+        "norm_quant_fusion": "enable",
+    }
     for key, value in expected.items():
         assert flags[key] == value, key
     assert "workers" not in flags  # tp*pp == 1
@@ -99,6 +114,7 @@ def test_extra_build_flags_are_checked_too():
 
 
 # ----------------------------------------------------------------- LLM-API options
+
 
 def _check_fields(values, fields, where):
     for key, value in values.items():
@@ -124,24 +140,40 @@ def test_extra_llm_api_options_fields_are_in_the_spec(tmp_path):
     assert trt.read_llm_api_options(tmp_path / "x.yaml") == options
     _check_fields(options, SPEC["llm_args"]["fields"], "llm_args")
     assert options == {
-        "tensor_parallel_size": 1, "pipeline_parallel_size": 1, "max_batch_size": 2048,
-        "max_num_tokens": 4096, "max_input_len": 1024, "max_seq_len": 2048,
+        "tensor_parallel_size": 1,
+        "pipeline_parallel_size": 1,
+        "max_batch_size": 2048,
+        "max_num_tokens": 4096,
+        "max_input_len": 1024,
+        "max_seq_len": 2048,
         "enable_chunked_prefill": True,
         "kv_cache_config": {"dtype": "fp8", "free_gpu_memory_fraction": 0.95, "enable_block_reuse": False},
-        "scheduler_config": {"capacity_scheduler_policy": "MAX_UTILIZATION",
-                             "context_chunking_policy": "FIRST_COME_FIRST_SERVED"}}
+        "scheduler_config": {
+            "capacity_scheduler_policy": "MAX_UTILIZATION",
+            "context_chunking_policy": "FIRST_COME_FIRST_SERVED",
+        },
+    }
 
 
-@pytest.mark.parametrize("bad", [
-    {"mode": "onnx"}, {"tensor_parallel_size": 0}, {"max_input_len": 4096, "max_seq_len": 2048},
-    {"kv_cache": {"dtype": "int8"}}, {"kv_cache": {"free_gpu_memory_fraction": 1.5}},
-    {"scheduler_policy": "max_util"}, {"runtime_max_num_tokens": 9999}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"mode": "onnx"},
+        {"tensor_parallel_size": 0},
+        {"max_input_len": 4096, "max_seq_len": 2048},
+        {"kv_cache": {"dtype": "int8"}},
+        {"kv_cache": {"free_gpu_memory_fraction": 1.5}},
+        {"scheduler_policy": "max_util"},
+        {"runtime_max_num_tokens": 9999},
+    ],
+)
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError):
         trt.resolve_settings(bad)
 
 
 # ----------------------------------------------------------------- build
+
 
 def test_build_pytorch_mode_writes_options_and_warmup(tmp_path, fake_trtllm):
     ckpt = tmp_path / "ckpt"
@@ -178,8 +210,16 @@ def test_build_tensorrt_mode_runs_export_then_trtllm_build(tmp_path, fake_trtllm
         (out / "config.json").write_text("{}")
         return subprocess.CompletedProcess(cmd, 0, "built", "")
 
-    facts = trt.build(tmp_path / "ckpt", tmp_path / "eng", gpu_type="GB300", gpu_spec=GB300,
-                      settings={"mode": "tensorrt", "tensor_parallel_size": 2}, run=run, export=export, gpu=_gpu)
+    facts = trt.build(
+        tmp_path / "ckpt",
+        tmp_path / "eng",
+        gpu_type="GB300",
+        gpu_spec=GB300,
+        settings={"mode": "tensorrt", "tensor_parallel_size": 2},
+        run=run,
+        export=export,
+        gpu=_gpu,
+    )
     assert calls[0] == ("export", trt.TRT_CHECKPOINT_SUBDIR, 2, 1)
     cmd = calls[1][1]
     assert cmd[:2] == ["trtllm-build", "--checkpoint_dir"] and "--workers" in cmd
@@ -191,8 +231,16 @@ def test_build_tensorrt_mode_runs_export_then_trtllm_build(tmp_path, fake_trtllm
 def test_build_tensorrt_mode_reports_failure(tmp_path, fake_trtllm):
     run = lambda cmd, **kw: subprocess.CompletedProcess(cmd, 2, "", "unrecognized arguments")  # noqa: E731
     with pytest.raises(RuntimeError, match="exit code 2"):
-        trt.build(tmp_path, tmp_path / "e", gpu_type="GB300", gpu_spec=GB300, settings={"mode": "tensorrt"},
-                  run=run, export=lambda *a: None, gpu=_gpu)
+        trt.build(
+            tmp_path,
+            tmp_path / "e",
+            gpu_type="GB300",
+            gpu_spec=GB300,
+            settings={"mode": "tensorrt"},
+            run=run,
+            export=lambda *a: None,
+            gpu=_gpu,
+        )
 
 
 def test_tensorrt_engine_refused_on_other_gpu_or_version():
@@ -206,11 +254,13 @@ def test_tensorrt_engine_refused_on_other_gpu_or_version():
 
 # ----------------------------------------------------------------- running
 
+
 def _built_pytorch(tmp_path, fake_trtllm, **settings):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir(exist_ok=True)
-    facts = trt.build(ckpt, tmp_path / "eng", gpu_type="GB300", gpu_spec=GB300,
-                      settings={"warmup": False, **settings}, gpu=_gpu)
+    facts = trt.build(
+        ckpt, tmp_path / "eng", gpu_type="GB300", gpu_spec=GB300, settings={"warmup": False, **settings}, gpu=_gpu
+    )
     return {"backend": "tensorrt-llm", "backend_facts": facts}
 
 
@@ -246,15 +296,19 @@ def test_submit_streams_only_when_the_first_token_is_wanted(tmp_path, fake_trtll
     engine = trt.load(tmp_path / "eng", record=record, gpu_ids=[0], settings={})
     spec = SPEC["async_generation"]["generate_async"]
     params = inspect.signature(fake_trtllm.LLM.generate_async).parameters
-    assert [p for p in params if p not in ("self", "inputs")] == spec["kwargs"]   # the fake is the spec
+    assert [p for p in params if p not in ("self", "inputs")] == spec["kwargs"]  # the fake is the spec
     try:
         assert engine.max_in_flight == 2048
         prompts = [[1, 2, 3], [5] * 9, [7, 8, 9, 10]]
         events, finished = [], threading.Semaphore(0)
         for i, p in enumerate(prompts):
-            engine.submit(p, 1024, on_done=lambda t, i=i: (events.append(("done", i, t)), finished.release()),
-                          on_error=lambda e: (events.append(("error", e)), finished.release()),
-                          on_first_token=(lambda tok, i=i: events.append(("first", i, tok))) if i != 1 else None)
+            engine.submit(
+                p,
+                1024,
+                on_done=lambda t, i=i: (events.append(("done", i, t)), finished.release()),
+                on_error=lambda e: (events.append(("error", e)), finished.release()),
+                on_first_token=(lambda tok, i=i: events.append(("first", i, tok))) if i != 1 else None,
+            )
         for _ in prompts:
             finished.acquire()
         sp = fake_trtllm.SamplingParams(max_tokens=1024, end_id=2)
@@ -267,9 +321,10 @@ def test_submit_streams_only_when_the_first_token_is_wanted(tmp_path, fake_trtll
                 assert events.index(firsts[0]) < events.index(("done", i, want))
         llm = engine.llm
         assert llm.async_requests == [(prompts[0], True), (prompts[1], False), (prompts[2], True)]
-        assert set(spec["kwargs"]) >= {"sampling_params", "streaming"}   # what submit passes
-        assert engine.generate(prompts, 2) == [[t for t in fake_trtllm.fake_answer(p, sp)[0] if t != 2][:2]
-                                                for p in prompts]
+        assert set(spec["kwargs"]) >= {"sampling_params", "streaming"}  # what submit passes
+        assert engine.generate(prompts, 2) == [
+            [t for t in fake_trtllm.fake_answer(p, sp)[0] if t != 2][:2] for p in prompts
+        ]
     finally:
         engine.close()
     with pytest.raises(RuntimeError, match="closed"):
@@ -297,8 +352,14 @@ def test_tensorrt_mode_uses_the_trt_engine_class(tmp_path, fake_trtllm, monkeypa
     eng.mkdir(parents=True)
     (eng / "config.json").write_text("{}")
     monkeypatch.setattr(trt, "gpu_facts", _gpu)
-    facts = {"mode": "tensorrt", "compute_capability": "10.3", "tensorrt_llm_version": "1.2.1",
-             "tensor_parallel_size": 1, "pipeline_parallel_size": 1, "engine_subdir": trt.TRT_ENGINE_SUBDIR}
+    facts = {
+        "mode": "tensorrt",
+        "compute_capability": "10.3",
+        "tensorrt_llm_version": "1.2.1",
+        "tensor_parallel_size": 1,
+        "pipeline_parallel_size": 1,
+        "engine_subdir": trt.TRT_ENGINE_SUBDIR,
+    }
     engine = trt.load(tmp_path / "eng", record={"backend_facts": facts}, gpu_ids=[0], settings={})
     assert engine.generate([[4, 4, 4]], 16)
     name, kwargs, _ = fake_trtllm.CONSTRUCTED[-1]
@@ -348,9 +409,16 @@ def test_real_config_engine_settings_and_gpu_table():
     assert "feat/1.2-mlpinf" in text and "GB300-NVL72_GB300-288GB_aarch64x1/Offline/llama2-70b.py" in text
     gpus = cfg["gpu_types"]
     assert set(gpus) == {"H100", "H200", "B200", "GB200", "GB300"}
-    system = json.loads((ROOT.parent / "shared/mlperf-logs/v6.0_NVIDIA_GB300-NVL72_x72_TRT_submission/closed/NVIDIA/"
-                         "systems/GB300-NVL72_GB300-288GB_aarch64x72_TRT.json").read_text()) \
-        if (ROOT.parent / "shared/mlperf-logs").is_dir() else {"accelerator_memory_capacity": "288 GB"}
+    system = (
+        json.loads(
+            (
+                ROOT.parent / "shared/mlperf-logs/v6.0_NVIDIA_GB300-NVL72_x72_TRT_submission/closed/NVIDIA/"
+                "systems/GB300-NVL72_GB300-288GB_aarch64x72_TRT.json"
+            ).read_text()
+        )
+        if (ROOT.parent / "shared/mlperf-logs").is_dir()
+        else {"accelerator_memory_capacity": "288 GB"}
+    )
     assert gpus["GB300"]["memory_gb"] == float(system["accelerator_memory_capacity"].split()[0])
     for name, g in gpus.items():
         assert g["runs_nvfp4"] == name.startswith(("B", "GB")), name
@@ -361,12 +429,14 @@ def test_real_config_engine_settings_and_gpu_table():
 
 # ----------------------------------------------------------------- contract data = config check
 
+
 def test_config_check_reads_the_same_facts_as_these_tests():
     assert trtllm_options.CONTRACTS_DIR / "trtllm_1_2.yaml" == PACKAGE_SPEC
     data = trtllm_options.trtllm_contract()
     assert data["trtllm_build"] == SPEC["trtllm_build"] and data["llm_args"] == SPEC["llm_args"]
     assert trt.SCHEDULER_POLICIES == tuple(
-        SPEC["llm_args"]["fields"]["scheduler_config"]["fields"]["capacity_scheduler_policy"]["choices"])
+        SPEC["llm_args"]["fields"]["scheduler_config"]["fields"]["capacity_scheduler_policy"]["choices"]
+    )
     assert data["target_release"] == "1.2.1"
     assert data["container"]["image"] == "nvcr.io/nvidia/tensorrt-llm/release:1.2.1"
     # the ModelOpt TensorRT-LLM's requirements.txt pins is the one contracts/modelopt.yaml calls the container's
@@ -391,21 +461,41 @@ def test_every_fact_names_its_source_file():
         assert re.search(r"(\.py|build\.py|plugin\.py|llm_args)", fact["source"]), ".".join(path)
 
 
-@pytest.mark.parametrize("settings,message", [
-    ({"mode": "tensorrt", "trtllm_build_extra_flags": {"warp_speed": 9}},
-     "trtllm_build_extra_flags.warp_speed: not a trtllm-build 1.2 flag; allowed flags: context_fmha,"),
-    ({"mode": "tensorrt", "trtllm_build_extra_flags": {"gemm_plugin": "int3"}},
-     "gemm_plugin: 'int3' is not one of auto, float16, float32, bfloat16, int32, fp8, nvfp4, disable"),
-    ({"mode": "tensorrt", "trtllm_build_extra_flags": {"use_fp8_kv_cache": "enable"}},
-     "use_fp8_kv_cache: not a trtllm-build 1.2 flag (a TensorRT-LLM PluginConfig field, but not a trtllm-build argument)"),
-    ({"mode": "tensorrt", "trtllm_build_extra_flags": {"reduce_fusion": "on"}},
-     "reduce_fusion: 'on' is not one of enable, disable"),
-    ({"mode": "tensorrt", "trtllm_build_extra_flags": {"output_dir": "/x"}}, "output_dir: set by rackbench itself"),
-    ({"torch_compile_config": {"enable_piecewise_cuda_graph": "yes"}},
-     "torch_compile_config.enable_piecewise_cuda_graph: 'yes' is not true or false"),
-    ({"cuda_graph_config": {"batch_sizes": [0, 8]}}, "cuda_graph_config.batch_sizes: [0, 8] is not a non-empty list"),
-    ({"scheduler_policy": "max_util"}, "scheduler_policy 'max_util' not in ('MAX_UTILIZATION', 'GUARANTEED_NO_EVICT', 'STATIC_BATCH')"),
-])
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (
+            {"mode": "tensorrt", "trtllm_build_extra_flags": {"warp_speed": 9}},
+            "trtllm_build_extra_flags.warp_speed: not a trtllm-build 1.2 flag; allowed flags: context_fmha,",
+        ),
+        (
+            {"mode": "tensorrt", "trtllm_build_extra_flags": {"gemm_plugin": "int3"}},
+            "gemm_plugin: 'int3' is not one of auto, float16, float32, bfloat16, int32, fp8, nvfp4, disable",
+        ),
+        (
+            {"mode": "tensorrt", "trtllm_build_extra_flags": {"use_fp8_kv_cache": "enable"}},
+            "use_fp8_kv_cache: not a trtllm-build 1.2 flag "
+            "(a TensorRT-LLM PluginConfig field, but not a trtllm-build argument)",
+        ),
+        (
+            {"mode": "tensorrt", "trtllm_build_extra_flags": {"reduce_fusion": "on"}},
+            "reduce_fusion: 'on' is not one of enable, disable",
+        ),
+        ({"mode": "tensorrt", "trtllm_build_extra_flags": {"output_dir": "/x"}}, "output_dir: set by rackbench itself"),
+        (
+            {"torch_compile_config": {"enable_piecewise_cuda_graph": "yes"}},
+            "torch_compile_config.enable_piecewise_cuda_graph: 'yes' is not true or false",
+        ),
+        (
+            {"cuda_graph_config": {"batch_sizes": [0, 8]}},
+            "cuda_graph_config.batch_sizes: [0, 8] is not a non-empty list",
+        ),
+        (
+            {"scheduler_policy": "max_util"},
+            "scheduler_policy 'max_util' not in ('MAX_UTILIZATION', 'GUARANTEED_NO_EVICT', 'STATIC_BATCH')",
+        ),
+    ],
+)
 def test_config_time_check_names_option_and_allowed_values(settings, message):
     with pytest.raises(trtllm_options.OptionError) as err:
         trtllm_options.check_engine_options(settings)
@@ -414,13 +504,17 @@ def test_config_time_check_names_option_and_allowed_values(settings, message):
 
 def test_good_options_pass_the_config_time_check():
     trtllm_options.check_engine_options({"mode": "tensorrt", "trtllm_build_extra_flags": {"reduce_fusion": "enable"}})
-    trtllm_options.check_engine_options({"cuda_graph_config": None,
-                                         "torch_compile_config": {"enable_piecewise_cuda_graph": True,
-                                                                  "capture_num_tokens": [1, 2, 4]}})
+    trtllm_options.check_engine_options(
+        {
+            "cuda_graph_config": None,
+            "torch_compile_config": {"enable_piecewise_cuda_graph": True, "capture_num_tokens": [1, 2, 4]},
+        }
+    )
     assert trtllm_options.main([str(ROOT / "config/llama2-70b-gb300.yaml")]) == 0
 
 
 # ----------------------------------------------------------------- trtllm-llmapi-launch
+
 
 def test_launch_command_follows_the_llmapi_launch_contract():
     facts = SPEC["llmapi_launch"]

@@ -34,7 +34,13 @@ def test_def_builds_loadgen_with_the_script_and_uses_trtllm_1_2_1():
     assert "mlcommons-loadgen" not in post.replace("build_loadgen", "")  # not pip-installed a second way
     assert post.index("set -eu") < post.index("build_loadgen.sh")  # a failed build stops the image build
     script = SCRIPT.read_text()
-    for step in ('pybind11==2.11.1', "g++ -std=c++14", "Python.h", "--no-build-isolation", "--no-binary mlcommons-loadgen"):
+    for step in (
+        "pybind11==2.11.1",
+        "g++ -std=c++14",
+        "Python.h",
+        "--no-build-isolation",
+        "--no-binary mlcommons-loadgen",
+    ):
         assert step in script, step
 
 
@@ -54,15 +60,37 @@ def test_missing_compiler_fails_with_a_clear_message(tmp_path):
 @pytest.mark.slow
 def test_loadgen_sdist_builds_here_from_source_with_the_scripts_tools(tmp_path):
     sdist_dir = tmp_path / "sdist"
-    got = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                          "-d", str(sdist_dir), "mlcommons-loadgen==6.0.17"], capture_output=True, text=True, timeout=300)
+    got = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-d",
+            str(sdist_dir),
+            "mlcommons-loadgen==6.0.17",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if got.returncode:
         pytest.skip(f"cannot fetch the mlcommons-loadgen sdist from PyPI: {got.stderr.strip()[-300:]}")
     sdist = next(sdist_dir.glob("mlcommons_loadgen-6.0.17.tar.gz"))
     wheels = tmp_path / "wheels"
     wheels.mkdir()
-    env = {**os.environ, "PYTHON": sys.executable, "LOADGEN_SDIST": str(sdist), "LOADGEN_WHEEL_ONLY": "1",
-           "LOADGEN_WHEEL_DIR": str(wheels), "LOADGEN_NO_APT": "1"}
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "LOADGEN_SDIST": str(sdist),
+        "LOADGEN_WHEEL_ONLY": "1",
+        "LOADGEN_WHEEL_DIR": str(wheels),
+        "LOADGEN_NO_APT": "1",
+    }
     proc = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     wheel = next(wheels.glob("mlcommons_loadgen-6.0.17-*.whl"))
@@ -70,8 +98,16 @@ def test_loadgen_sdist_builds_here_from_source_with_the_scripts_tools(tmp_path):
     target = tmp_path / "installed"
     with zipfile.ZipFile(wheel) as zf:
         zf.extractall(target)
-    code = "import mlperf_loadgen as lg; s = lg.TestSettings(); s.scenario = lg.TestScenario.Offline; print(lg.__file__)"
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(target)}, cwd=tmp_path, timeout=60)
+    code = (
+        "import mlperf_loadgen as lg; s = lg.TestSettings(); s.scenario = lg.TestScenario.Offline; print(lg.__file__)"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(target)},
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().startswith(str(target))

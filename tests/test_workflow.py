@@ -10,7 +10,6 @@ from conftest import DEMO_CONFIGURATION, PLANTED_TOKEN, ROOT, real_config_with_l
 from rackbench import paths
 
 
-
 def test_lint_reports_nothing():
     proc = snakemake(ROOT, "--lint", timeout=300)
     assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
@@ -31,15 +30,21 @@ def test_real_config_plans_the_whole_rack(tmp_path):
         assert counts[rule] == 1, rule
     assert "demo_model" not in counts
     assert "download_dataset" not in counts  # the config names local copies: no download
-    assert re.search(r"results/runs/llama2-70b/nvfp4/tensorrt-llm/GB300/bs3072/72x1/[0-9a-f]{8}/performance/shard71",
-                     proc.stdout)
+    assert re.search(
+        r"results/runs/llama2-70b/nvfp4/tensorrt-llm/GB300/bs3072/72x1/[0-9a-f]{8}/performance/shard71", proc.stdout
+    )
     # the TensorRT-LLM jobs show their GPU request and container
     shard_jobs = [line for line in proc.stdout.splitlines() if ": run_shard " in line]
     assert len(shard_jobs) == 144
-    assert all(line.endswith("on tensorrt-llm/GB300 (layout 72x1, batch 3072): 1 x gb300 GPU(s), "
-                             "container envs/trtllm.sif") for line in shard_jobs), shard_jobs[:2]
-    assert re.search(r"build_engine tensorrt-llm engine of llama2-70b/nvfp4 for GB300: 1 x gb300 GPU\(s\), "
-                     r"container envs/trtllm.sif", proc.stdout)
+    assert all(
+        line.endswith("on tensorrt-llm/GB300 (layout 72x1, batch 3072): 1 x gb300 GPU(s), container envs/trtllm.sif")
+        for line in shard_jobs
+    ), shard_jobs[:2]
+    assert re.search(
+        r"build_engine tensorrt-llm engine of llama2-70b/nvfp4 for GB300: 1 x gb300 GPU\(s\), "
+        r"container envs/trtllm.sif",
+        proc.stdout,
+    )
     # quantize calibrates on one GB300 node
     assert re.search(r"rule quantize:(.|\n)*?resources: .*gpu=1, gpu_model=gb300, cpus_per_gpu=18", proc.stdout)
 
@@ -86,15 +91,29 @@ def test_demo_end_to_end(demo_run):
 
     # every step left a log and provenance
     logs = workdir / "results" / "logs"
-    for rule in ("demo_model", "demo_dataset", "download_model", "prepare_dataset", "quantize", "build_engine",
-                 "run_shard", "accuracy", "report"):
+    for rule in (
+        "demo_model",
+        "demo_dataset",
+        "download_model",
+        "prepare_dataset",
+        "quantize",
+        "build_engine",
+        "run_shard",
+        "accuracy",
+        "report",
+    ):
         assert list(logs.glob(f"{rule}*")), rule
     assert (workdir / DEMO_CONFIGURATION.checkpoint_dir / "provenance.json").is_file()
     assert (workdir / DEMO_CONFIGURATION.engine_dir / "engine.json").is_file()
     # and its full settings beside its output, under the variant they hash to
-    for output in (DEMO_CONFIGURATION.snapshot_dir, DEMO_CONFIGURATION.dataset_file("samples"),
-                   DEMO_CONFIGURATION.checkpoint_dir, DEMO_CONFIGURATION.engine_dir, DEMO_CONFIGURATION.run_dir,
-                   DEMO_CONFIGURATION.accuracy_json):
+    for output in (
+        DEMO_CONFIGURATION.snapshot_dir,
+        DEMO_CONFIGURATION.dataset_file("samples"),
+        DEMO_CONFIGURATION.checkpoint_dir,
+        DEMO_CONFIGURATION.engine_dir,
+        DEMO_CONFIGURATION.run_dir,
+        DEMO_CONFIGURATION.accuracy_json,
+    ):
         settings_json = paths.settings_file(workdir / output)
         assert paths.variant_id(json.loads(settings_json.read_text())) == settings_json.parent.name, output
 
@@ -122,6 +141,9 @@ def test_demo_html_report_renders_in_chromium(demo_copy, chromium):
     html = (demo_copy / "results" / "report.html").read_text()
     for category in ("throughput", "accuracy", "provenance"):
         assert category in html
-    targets = [f"results/report/{f}.{e}" for f in ("shard_throughput", "shard_timeline", "records", "efficiency")
-               for e in ("png", "svg")]
+    targets = [
+        f"results/report/{f}.{e}"
+        for f in ("shard_throughput", "shard_timeline", "records", "efficiency")
+        for e in ("png", "svg")
+    ]
     assert_figures_render(chromium, demo_copy / "results" / "report.html", targets, demo_copy)

@@ -46,7 +46,7 @@ from rackbench.provenance import write_provenance
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 GATED_ROUGE = ("rouge1", "rouge2", "rougeL")
-DTYPE = np.int32       # what rackbench.harness writes (RESPONSE_DTYPE)
+DTYPE = np.int32  # what rackbench.harness writes (RESPONSE_DTYPE)
 MAX_LISTED = 10
 
 
@@ -56,9 +56,11 @@ class AccuracyError(RuntimeError):
 
 # --------------------------------------------------------------------------- text
 
+
 def sentence_splitter():
     """(split function, description): nltk punkt if its data are installed, else the untrained fallback."""
     import nltk
+
     for resource in ("tokenizers/punkt_tab/english/", "tokenizers/punkt/english.pickle"):
         try:
             nltk.data.find(resource)
@@ -70,9 +72,12 @@ def sentence_splitter():
         except LookupError:
             continue
     from nltk.tokenize.punkt import PunktSentenceTokenizer
-    return (PunktSentenceTokenizer().tokenize,
-            "fallback: nltk PunktSentenceTokenizer() with untrained default parameters "
-            "(punkt/punkt_tab data not installed); affects rougeLsum and gen_len only")
+
+    return (
+        PunktSentenceTokenizer().tokenize,
+        "fallback: nltk PunktSentenceTokenizer() with untrained default parameters "
+        "(punkt/punkt_tab data not installed); affects rougeLsum and gen_len only",
+    )
 
 
 def postprocess_text(preds, targets, split):
@@ -83,6 +88,7 @@ def postprocess_text(preds, targets, split):
 
 def rouge_per_sample(preds, targets) -> dict[str, list[float]]:
     from rouge_score import rouge_scorer
+
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     out = {k: [] for k in ROUGE_TYPES}
     for pred, target in zip(preds, targets):
@@ -94,15 +100,19 @@ def rouge_per_sample(preds, targets) -> dict[str, list[float]]:
 
 def load_tokenizer(tokenizer_dir):
     from transformers import AutoTokenizer
+
     kwargs = dict(model_max_length=2048, padding_side="left")
     try:
         return AutoTokenizer.from_pretrained(str(tokenizer_dir), use_fast=False, **kwargs), "use_fast=False"
-    except Exception as exc:   # no slow (sentencepiece) tokenizer for this model
-        return (AutoTokenizer.from_pretrained(str(tokenizer_dir), **kwargs),
-                f"default class; use_fast=False failed: {type(exc).__name__}")
+    except Exception as exc:  # no slow (sentencepiece) tokenizer for this model
+        return (
+            AutoTokenizer.from_pretrained(str(tokenizer_dir), **kwargs),
+            f"default class; use_fast=False failed: {type(exc).__name__}",
+        )
 
 
 # --------------------------------------------------------------------------- shards
+
 
 def read_shard(shard_dir) -> tuple[dict, list[tuple[int, np.ndarray]], list[str]]:
     """(shard.json, [(global sample index, token ids)], problems) for one accuracy shard."""
@@ -145,15 +155,24 @@ def _listed(values) -> str:
 
 # --------------------------------------------------------------------------- evaluation
 
-def reference_tokens_per_sample(dataset: "pd.DataFrame", tokenizer) -> tuple[float, str]:
+
+def reference_tokens_per_sample(dataset, tokenizer) -> tuple[float, str]:
     if "tok_output" in dataset.columns:
         return float(np.mean([len(t) for t in dataset["tok_output"]])), "mean length of the dataset's tok_output"
     lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in dataset["output"]]
     return float(np.mean(lengths)), "mean token count of the dataset's output, tokenized"
 
 
-def evaluate(*, dataset, tokenizer, shard_dirs, reference: dict, target_fraction: float,
-             tokens_tolerance: float, target_name: str | None = None) -> dict:
+def evaluate(
+    *,
+    dataset,
+    tokenizer,
+    shard_dirs,
+    reference: dict,
+    target_fraction: float,
+    tokens_tolerance: float,
+    target_name: str | None = None,
+) -> dict:
     import pandas as pd
 
     frame = pd.read_parquet(dataset, columns=None)
@@ -170,9 +189,15 @@ def evaluate(*, dataset, tokenizer, shard_dirs, reference: dict, target_fraction
     for shard_dir in shard_dirs:
         shard, preds, problems = read_shard(shard_dir)
         failures.extend(problems)
-        shards.append({"dir": str(shard_dir), "shard_index": shard.get("shard_index"),
-                       "num_samples": shard.get("num_samples"), "scored": len(preds),
-                       "accuracy_log_sha256": sha256_file(Path(shard_dir) / "mlperf_log_accuracy.json")})
+        shards.append(
+            {
+                "dir": str(shard_dir),
+                "shard_index": shard.get("shard_index"),
+                "num_samples": shard.get("num_samples"),
+                "scored": len(preds),
+                "accuracy_log_sha256": sha256_file(Path(shard_dir) / "mlperf_log_accuracy.json"),
+            }
+        )
         for index, ids in preds:
             if index in by_sample:
                 duplicates.add(index)
@@ -238,8 +263,11 @@ def evaluate(*, dataset, tokenizer, shard_dirs, reference: dict, target_fraction
         "targets": targets_out,
         "valid": not failures,
         "failures": failures,
-        "reference": {**{k: reference.get(k) for k in GATED_ROUGE}, "tokens_per_sample": ref_tps,
-                      "tokens_per_sample_source": ref_tps_source},
+        "reference": {
+            **{k: reference.get(k) for k in GATED_ROUGE},
+            "tokens_per_sample": ref_tps,
+            "tokens_per_sample_source": ref_tps_source,
+        },
         "target_fraction": target_fraction,
         "tokens_tolerance": tokens_tolerance,
         "dataset_samples": n_dataset,
@@ -263,19 +291,30 @@ def write_outputs(result: dict, out_json, out_txt) -> None:
 
 # --------------------------------------------------------------------------- CLI
 
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rackbench.accuracy", description=__doc__.splitlines()[0])
     p.add_argument("--dataset", required=True, help="dataset parquet (output, optional tok_output)")
     p.add_argument("--tokenizer", required=True, help="directory with the model's tokenizer")
     p.add_argument("--shard-dirs", nargs="+", required=True, help="accuracy-mode shard output dirs")
-    p.add_argument("--accuracy-json", default=None,
-                   help="JSON (or file): the model's config accuracy block, {benchmark: llama2-70b-99.9} or "
-                        "{reference, target_fraction, tokens_per_sample_tolerance} (instead of the three below)")
-    p.add_argument("--reference-json", default=None,
-                   help='JSON (or file): {"rouge1":..,"rouge2":..,"rougeL":..,"tokens_per_sample":.. or null}')
+    p.add_argument(
+        "--accuracy-json",
+        default=None,
+        help="JSON (or file): the model's config accuracy block, {benchmark: llama2-70b-99.9} or "
+        "{reference, target_fraction, tokens_per_sample_tolerance} (instead of the three below)",
+    )
+    p.add_argument(
+        "--reference-json",
+        default=None,
+        help='JSON (or file): {"rouge1":..,"rouge2":..,"rougeL":..,"tokens_per_sample":.. or null}',
+    )
     p.add_argument("--target-fraction", type=float, default=None, help="0.99 for -99, 0.999 for -99.9")
-    p.add_argument("--tokens-tolerance", type=float, default=None,
-                   help="tokens/sample tolerance around the reference (config models.<m>.accuracy)")
+    p.add_argument(
+        "--tokens-tolerance",
+        type=float,
+        default=None,
+        help="tokens/sample tolerance around the reference (config models.<m>.accuracy)",
+    )
     p.add_argument("--out-json", required=True)
     p.add_argument("--out-txt", required=True)
     p.add_argument("--fail-on-invalid", action="store_true", help="exit 1 when the gate fails")
@@ -286,6 +325,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from rackbench import benchmarks
+
     if args.accuracy_json is not None:
         if args.reference_json is not None or args.target_fraction is not None:
             parser.error("give --accuracy-json or --reference-json/--target-fraction, not both")
@@ -296,18 +336,35 @@ def main(argv=None) -> int:
     elif args.reference_json is None or args.target_fraction is None or args.tokens_tolerance is None:
         parser.error("give --accuracy-json, or all of --reference-json, --target-fraction and --tokens-tolerance")
     else:
-        gate = benchmarks.gate({"reference": json_arg(args.reference_json), "target_fraction": args.target_fraction,
-                                "tokens_per_sample_tolerance": args.tokens_tolerance})
+        gate = benchmarks.gate(
+            {
+                "reference": json_arg(args.reference_json),
+                "target_fraction": args.target_fraction,
+                "tokens_per_sample_tolerance": args.tokens_tolerance,
+            }
+        )
     reference = gate["reference"]
     args.target_fraction, args.tokens_tolerance = gate["target_fraction"], gate["tokens_per_sample_tolerance"]
-    result = evaluate(dataset=args.dataset, tokenizer=args.tokenizer, shard_dirs=args.shard_dirs,
-                      reference=reference, target_fraction=args.target_fraction,
-                      tokens_tolerance=args.tokens_tolerance, target_name=gate["target_name"])
+    result = evaluate(
+        dataset=args.dataset,
+        tokenizer=args.tokenizer,
+        shard_dirs=args.shard_dirs,
+        reference=reference,
+        target_fraction=args.target_fraction,
+        tokens_tolerance=args.tokens_tolerance,
+        target_name=gate["target_name"],
+    )
     write_outputs(result, args.out_json, args.out_txt)
-    write_provenance(Path(args.out_json).parent / "provenance.json", step="accuracy",
-                     config_fragment={"target_name": gate["target_name"], "reference": reference,
-                                      "target_fraction": args.target_fraction,
-                                      "tokens_tolerance": args.tokens_tolerance})
+    write_provenance(
+        Path(args.out_json).parent / "provenance.json",
+        step="accuracy",
+        config_fragment={
+            "target_name": gate["target_name"],
+            "reference": reference,
+            "target_fraction": args.target_fraction,
+            "tokens_tolerance": args.tokens_tolerance,
+        },
+    )
     print(accuracy_txt(result), end="")
     status = "VALID" if result["valid"] else "INVALID: " + "; ".join(result["failures"])
     print(f"accuracy gate ({gate['description']}): {status}", file=sys.stderr)

@@ -29,9 +29,12 @@ class DiskFullError(OSError):
 
     def __init__(self, final: Path, cause: BaseException):
         code = cause.errno if isinstance(cause, OSError) and cause.errno else errno.ENOSPC
-        super().__init__(code, f"no space left on the filesystem of {final.parent} while writing {final} "
-                               f"({type(cause).__name__}: {cause}); the partial output was removed, earlier "
-                               "results are untouched; free space there and rerun")
+        super().__init__(
+            code,
+            f"no space left on the filesystem of {final.parent} while writing {final} "
+            f"({type(cause).__name__}: {cause}); the partial output was removed, earlier "
+            "results are untouched; free space there and rerun",
+        )
         self.final = final
 
 
@@ -103,8 +106,12 @@ FULL_BELOW_BYTES = 1 << 20
 
 # How writers that wrap the OS error say ENOSPC / EDQUOT (safetensors: "I/O error: No space
 # left on device (os error 28)", and it removes its partial file, so the space is free again).
-_FULL_MESSAGES = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT), f"os error {errno.ENOSPC}",
-                  f"os error {errno.EDQUOT}")
+_FULL_MESSAGES = (
+    os.strerror(errno.ENOSPC),
+    os.strerror(errno.EDQUOT),
+    f"os error {errno.ENOSPC}",
+    f"os error {errno.EDQUOT}",
+)
 
 
 def _out_of_space(err: BaseException, final: Path) -> bool:
@@ -148,8 +155,7 @@ def _fault_injection_pause(final: Path) -> None:
     pause = os.environ.get("RACKBENCH_FAULT_PAUSE_BEFORE_RENAME_S")
     only = [p for p in os.environ.get("RACKBENCH_FAULT_PAUSE_ONLY", "").split(os.pathsep) if p]
     once = os.environ.get("RACKBENCH_FAULT_PAUSE_ONCE")
-    if not pause or (only and not any(fnmatch.fnmatchcase(str(final.resolve()), str(Path(p).resolve()))
-                                      for p in only)):
+    if not pause or (only and not any(fnmatch.fnmatchcase(str(final.resolve()), str(Path(p).resolve())) for p in only)):
         return
     if once:
         try:

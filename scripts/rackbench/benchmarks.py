@@ -40,7 +40,7 @@ class Benchmark:
     reference: dict
     target_fraction: float
     tokens_per_sample_tolerance: float
-    rounds: tuple[str, ...]                  # the rounds whose checker knows this name
+    rounds: tuple[str, ...]  # the rounds whose checker knows this name
     dataset_size: int
     scenarios_datacenter_required: tuple[str, ...]
     # the checker also requires one of these for a datacenter system (loader.py check_scenarios)
@@ -50,21 +50,41 @@ class Benchmark:
         """What the checker requires of the printed values: ROUGE minima and the tokens/sample range."""
         out = {k: self.reference[k] * self.target_fraction for k in ("rouge1", "rouge2", "rougeL")}
         tps = self.reference["tokens_per_sample"]
-        out["tokens_per_sample"] = [tps * (1 - self.tokens_per_sample_tolerance),
-                                    tps * (1 + self.tokens_per_sample_tolerance)]
+        out["tokens_per_sample"] = [
+            tps * (1 - self.tokens_per_sample_tolerance),
+            tps * (1 + self.tokens_per_sample_tolerance),
+        ]
         return out
 
     def describe(self) -> str:
         ref = self.reference
-        return (f"{self.name}: ROUGE-1/2/L >= {self.target_fraction} x {ref['rouge1']} / {ref['rouge2']} / "
-                f"{ref['rougeL']}, tokens/sample {ref['tokens_per_sample']} +-{self.tokens_per_sample_tolerance:.0%}")
+        return (
+            f"{self.name}: ROUGE-1/2/L >= {self.target_fraction} x {ref['rouge1']} / {ref['rouge2']} / "
+            f"{ref['rougeL']}, tokens/sample {ref['tokens_per_sample']} +-{self.tokens_per_sample_tolerance:.0%}"
+        )
 
 
 BENCHMARKS = {
-    "llama2-70b-99.9": Benchmark("llama2-70b-99.9", LLAMA2_REFERENCE, 0.999, LLAMA2_TOKENS_TOLERANCE,
-                                 ("v6.0", "v6.1"), LLAMA2_DATASET_SIZE, ("Offline",), ("Server", "Interactive")),
-    "llama2-70b-99": Benchmark("llama2-70b-99", LLAMA2_REFERENCE, 0.99, LLAMA2_TOKENS_TOLERANCE,
-                               ("v6.0",), LLAMA2_DATASET_SIZE, ("Offline",), ("Server", "Interactive")),
+    "llama2-70b-99.9": Benchmark(
+        "llama2-70b-99.9",
+        LLAMA2_REFERENCE,
+        0.999,
+        LLAMA2_TOKENS_TOLERANCE,
+        ("v6.0", "v6.1"),
+        LLAMA2_DATASET_SIZE,
+        ("Offline",),
+        ("Server", "Interactive"),
+    ),
+    "llama2-70b-99": Benchmark(
+        "llama2-70b-99",
+        LLAMA2_REFERENCE,
+        0.99,
+        LLAMA2_TOKENS_TOLERANCE,
+        ("v6.0",),
+        LLAMA2_DATASET_SIZE,
+        ("Offline",),
+        ("Server", "Interactive"),
+    ),
 }
 
 
@@ -96,17 +116,28 @@ def gate(accuracy_config: dict) -> dict:
     if name:
         bench = get(name)
         if accuracy_config.get("reference") is not None or accuracy_config.get("target_fraction") is not None:
-            raise BenchmarkError(f"accuracy names benchmark {name!r}; its reference and target come from "
-                                 "rackbench.benchmarks, so do not also give reference/target_fraction")
-        return {"target_name": name, "reference": dict(bench.reference), "target_fraction": bench.target_fraction,
-                "tokens_per_sample_tolerance": bench.tokens_per_sample_tolerance, "description": bench.describe()}
+            raise BenchmarkError(
+                f"accuracy names benchmark {name!r}; its reference and target come from "
+                "rackbench.benchmarks, so do not also give reference/target_fraction"
+            )
+        return {
+            "target_name": name,
+            "reference": dict(bench.reference),
+            "target_fraction": bench.target_fraction,
+            "tokens_per_sample_tolerance": bench.tokens_per_sample_tolerance,
+            "description": bench.describe(),
+        }
     missing = [k for k in ("reference", "target_fraction") if accuracy_config.get(k) is None]
     if missing:
         raise BenchmarkError(f"accuracy needs either `benchmark` or {' and '.join(missing)}")
     tol = accuracy_config.get("tokens_per_sample_tolerance", LLAMA2_TOKENS_TOLERANCE)
     ref = accuracy_config["reference"]
     fraction = accuracy_config["target_fraction"]
-    return {"target_name": f"custom (x{fraction} of the configured reference)", "reference": dict(ref),
-            "target_fraction": fraction, "tokens_per_sample_tolerance": tol,
-            "description": f"custom: ROUGE-1/2/L >= {fraction} x {ref.get('rouge1')} / {ref.get('rouge2')} / "
-                           f"{ref.get('rougeL')}, tokens/sample {ref.get('tokens_per_sample')} +-{tol:.0%}"}
+    return {
+        "target_name": f"custom (x{fraction} of the configured reference)",
+        "reference": dict(ref),
+        "target_fraction": fraction,
+        "tokens_per_sample_tolerance": tol,
+        "description": f"custom: ROUGE-1/2/L >= {fraction} x {ref.get('rouge1')} / {ref.get('rouge2')} / "
+        f"{ref.get('rougeL')}, tokens/sample {ref.get('tokens_per_sample')} +-{tol:.0%}",
+    }

@@ -54,17 +54,23 @@ def software_versions() -> dict:
     """Versions that an engine depends on; tensorrt_llm is looked up, never imported here."""
     import torch
     import transformers
+
     trtllm = None
     if importlib.util.find_spec("tensorrt_llm") is not None:
         trtllm = _dist_version("tensorrt-llm") or _dist_version("tensorrt_llm")
         if trtllm is None:  # importable but not installed as a distribution: ask the module
             try:
                 import tensorrt_llm  # noqa: PLC0415 (only here, never at module import)
+
                 trtllm = getattr(tensorrt_llm, "__version__", "unknown")
             except Exception:  # noqa: BLE001 - a broken install is "not available"
                 trtllm = None
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "tensorrt_llm": trtllm, "cuda": torch.version.cuda}
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tensorrt_llm": trtllm,
+        "cuda": torch.version.cuda,
+    }
 
 
 def format_cc(cc) -> str | None:
@@ -102,8 +108,12 @@ def match_gpu_type(device_name: str, capability, gpu_types: dict) -> str | None:
             ok = any(re.search(p, device_name, re.IGNORECASE) for p in patterns)
         else:
             ok = re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", device_name, re.IGNORECASE) is not None
-        if ok and spec.get("compute_capability") is not None and cc is not None \
-                and format_cc(spec["compute_capability"]) != cc:
+        if (
+            ok
+            and spec.get("compute_capability") is not None
+            and cc is not None
+            and format_cc(spec["compute_capability"]) != cc
+        ):
             ok = False
         if ok:
             hits.append(key)
@@ -121,16 +131,32 @@ def detect_runtime(gpu_types: dict | None = None) -> dict:
     fake = os.environ.get(FAKE_GPU_ENV)
     if fake:
         spec = gpu_types.get(fake) or {}
-        return {"gpu_type": fake, "compute_capability": format_cc(spec.get("compute_capability")),
-                "device_name": f"fake {fake} ({FAKE_GPU_ENV})", "fake_gpu": True, "software": software}
+        return {
+            "gpu_type": fake,
+            "compute_capability": format_cc(spec.get("compute_capability")),
+            "device_name": f"fake {fake} ({FAKE_GPU_ENV})",
+            "fake_gpu": True,
+            "software": software,
+        }
     import torch
+
     if not torch.cuda.is_available():
-        return {"gpu_type": "cpu", "compute_capability": None, "device_name": "cpu",
-                "fake_gpu": False, "software": software}
+        return {
+            "gpu_type": "cpu",
+            "compute_capability": None,
+            "device_name": "cpu",
+            "fake_gpu": False,
+            "software": software,
+        }
     name = torch.cuda.get_device_name()
     cc = format_cc(torch.cuda.get_device_capability())
-    return {"gpu_type": match_gpu_type(name, cc, gpu_types), "compute_capability": cc,
-            "device_name": name, "fake_gpu": False, "software": software}
+    return {
+        "gpu_type": match_gpu_type(name, cc, gpu_types),
+        "compute_capability": cc,
+        "device_name": name,
+        "fake_gpu": False,
+        "software": software,
+    }
 
 
 def _describe(gpu_type, cc, device_name=None) -> str:
@@ -143,11 +169,15 @@ def _describe(gpu_type, cc, device_name=None) -> str:
 def mismatches(record: dict, runtime: dict) -> list[str]:
     """Every difference between an engine record and a runtime, as phrases."""
     problems = []
-    if record.get("gpu_type") != runtime.get("gpu_type") or \
-            format_cc(record.get("compute_capability")) != format_cc(runtime.get("compute_capability")):
-        problems.append(
-            f"built for GPU type {_describe(record.get('gpu_type'), 'compute capability ' + str(format_cc(record.get('compute_capability'))))}"
-            f" but this node is {_describe(runtime.get('gpu_type'), format_cc(runtime.get('compute_capability')), runtime.get('device_name'))}")
+    if record.get("gpu_type") != runtime.get("gpu_type") or format_cc(record.get("compute_capability")) != format_cc(
+        runtime.get("compute_capability")
+    ):
+        built_cc = "compute capability " + str(format_cc(record.get("compute_capability")))
+        built_for = _describe(record.get("gpu_type"), built_cc)
+        this_node = _describe(
+            runtime.get("gpu_type"), format_cc(runtime.get("compute_capability")), runtime.get("device_name")
+        )
+        problems.append(f"built for GPU type {built_for} but this node is {this_node}")
     built, running = record.get("software") or {}, runtime.get("software") or {}
     for name in SOFTWARE:
         if name in built and built.get(name) != running.get(name):
@@ -163,16 +193,27 @@ def check_compatible(record: dict, runtime: dict, *, engine_dir=None) -> None:
     """
     problems = mismatches(record, runtime)
     if problems:
-        where = f"engine {engine_dir}" if engine_dir is not None else \
-            f"engine {record.get('model')}/{record.get('recipe')}/{record.get('backend')}/{record.get('gpu_type')}"
+        where = (
+            f"engine {engine_dir}"
+            if engine_dir is not None
+            else f"engine {record.get('model')}/{record.get('recipe')}/{record.get('backend')}/{record.get('gpu_type')}"
+        )
         gpu_problem = problems[0].startswith("built for GPU type")
-        advice = (f"run it on a {record.get('gpu_type')} node, or use an engine built for "
-                  f"{runtime.get('gpu_type') or runtime.get('device_name')}; " if gpu_problem else "")
+        advice = (
+            f"run it on a {record.get('gpu_type')} node, or use an engine built for "
+            f"{runtime.get('gpu_type') or runtime.get('device_name')}; "
+            if gpu_problem
+            else ""
+        )
         raise EngineMismatch(
-            f"{where} was " + "; ".join(problems) + ": " + advice
+            f"{where} was "
+            + "; ".join(problems)
+            + ": "
+            + advice
             + "rebuild it with `snakemake -R build_engine ...`"
             + (" on such a node" if gpu_problem else " in this software environment")
-            + (f" (or delete {engine_dir})" if engine_dir is not None else ""))
+            + (f" (or delete {engine_dir})" if engine_dir is not None else "")
+        )
 
 
 def read_record(engine_dir) -> dict:
@@ -191,8 +232,7 @@ def open_engine(engine_dir, *, gpu_ids, settings, gpu_types):
     return module.load(Path(engine_dir), record=record, gpu_ids=list(gpu_ids or []), settings=settings or {})
 
 
-def build_engine(*, checkpoint, out, backend, model, recipe, gpu_type, gpu_spec, settings,
-                 gpu_types=None) -> dict:
+def build_engine(*, checkpoint, out, backend, model, recipe, gpu_type, gpu_spec, settings, gpu_types=None) -> dict:
     """Build the engine into ``out`` atomically; returns the engine record."""
     checkpoint, out = Path(checkpoint), Path(out)
     if not checkpoint.is_dir():
@@ -219,8 +259,11 @@ def build_engine(*, checkpoint, out, backend, model, recipe, gpu_type, gpu_spec,
             "build_settings": settings,
             "backend_facts": facts,
             "built_at_host": socket.gethostname(),
-            "built_on": {"gpu_type": runtime["gpu_type"], "device_name": runtime["device_name"],
-                         "compute_capability": runtime["compute_capability"]},
+            "built_on": {
+                "gpu_type": runtime["gpu_type"],
+                "device_name": runtime["device_name"],
+                "compute_capability": runtime["compute_capability"],
+            },
             "fake_gpu": runtime["fake_gpu"],
             "checkpoint": str(checkpoint),
             "build_seconds": None,
@@ -228,9 +271,18 @@ def build_engine(*, checkpoint, out, backend, model, recipe, gpu_type, gpu_spec,
         }
         record["build_seconds"] = round(time.time() - started, 3)
         write_json_atomic(tmp / "engine.json", record)
-        write_provenance(tmp / "provenance.json", step="build_engine", config_fragment={
-            "model": model, "recipe": recipe, "backend": backend, "gpu_type": gpu_type,
-            "gpu_spec": gpu_spec, "settings": settings})
+        write_provenance(
+            tmp / "provenance.json",
+            step="build_engine",
+            config_fragment={
+                "model": model,
+                "recipe": recipe,
+                "backend": backend,
+                "gpu_type": gpu_type,
+                "gpu_spec": gpu_spec,
+                "settings": settings,
+            },
+        )
     return record
 
 
@@ -246,13 +298,24 @@ def main(argv=None) -> int:
     parser.add_argument("--settings-json", required=True, help="engines.<backend> settings, as JSON or a JSON file")
     args = parser.parse_args(argv)
     gpu_spec = json_arg(args.gpu_spec_json)
-    record = build_engine(checkpoint=args.checkpoint, out=args.out, backend=args.backend, model=args.model,
-                          recipe=args.recipe, gpu_type=args.gpu_type, gpu_spec=gpu_spec,
-                          settings=json_arg(args.settings_json), gpu_types={args.gpu_type: gpu_spec})
+    record = build_engine(
+        checkpoint=args.checkpoint,
+        out=args.out,
+        backend=args.backend,
+        model=args.model,
+        recipe=args.recipe,
+        gpu_type=args.gpu_type,
+        gpu_spec=gpu_spec,
+        settings=json_arg(args.settings_json),
+        gpu_types={args.gpu_type: gpu_spec},
+    )
     facts = record["backend_facts"]
-    print(f"built {args.backend} engine {args.out} for {args.gpu_type}: recipe {args.recipe}, "
-          f"{facts.get('quantized_layers', '?')} quantized layers, software {record['software']}"
-          + (" [fake GPU]" if record["fake_gpu"] else ""), file=sys.stderr)
+    print(
+        f"built {args.backend} engine {args.out} for {args.gpu_type}: recipe {args.recipe}, "
+        f"{facts.get('quantized_layers', '?')} quantized layers, software {record['software']}"
+        + (" [fake GPU]" if record["fake_gpu"] else ""),
+        file=sys.stderr,
+    )
     return 0
 
 

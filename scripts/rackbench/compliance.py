@@ -46,14 +46,20 @@ TEST06_DIR = Path("compliance") / TEST06
 AUDIT_CONFIG = "audit.config"
 VERIFY_SCRIPT = "run_verification.py"
 VERIFY_OUTPUT = "verify_accuracy.txt"
-SCRIPT_DEFAULT_EOS = 2          # run_verification.py: --eos_token_id default=2
+SCRIPT_DEFAULT_EOS = 2  # run_verification.py: --eos_token_id default=2
 CHECKS = ("first_token", "eos", "sample_length")
-CHECK_TITLES = {"first_token": "First token check pass", "eos": "EOS check pass",
-                "sample_length": "Sample length check pass"}
+CHECK_TITLES = {
+    "first_token": "First token check pass",
+    "eos": "EOS check pass",
+    "sample_length": "Sample length check pass",
+}
 # files of a checkout that rackbench runs (one place: used by checkout() and the checker module)
-CHECKOUT_FILES = (TEST06_DIR / AUDIT_CONFIG, TEST06_DIR / VERIFY_SCRIPT,
-                  Path("tools/submission/submission_checker/main.py"),
-                  Path("language/llama2-70b/evaluate-accuracy.py"))
+CHECKOUT_FILES = (
+    TEST06_DIR / AUDIT_CONFIG,
+    TEST06_DIR / VERIFY_SCRIPT,
+    Path("tools/submission/submission_checker/main.py"),
+    Path("language/llama2-70b/evaluate-accuracy.py"),
+)
 
 
 class ComplianceError(RuntimeError):
@@ -63,8 +69,10 @@ class ComplianceError(RuntimeError):
 def checkout(path) -> Path:
     """The mlcommons/inference checkout at ``path``, checked for the files rackbench runs."""
     if path in (None, ""):
-        raise ComplianceError("no mlcommons/inference checkout configured: set mlcommons.inference_dir "
-                              "to your clone of https://github.com/mlcommons/inference")
+        raise ComplianceError(
+            "no mlcommons/inference checkout configured: set mlcommons.inference_dir "
+            "to your clone of https://github.com/mlcommons/inference"
+        )
     root = Path(path).resolve()
     missing = [str(f) for f in CHECKOUT_FILES if not (root / f).is_file()]
     if missing:
@@ -75,14 +83,16 @@ def checkout(path) -> Path:
 def checkout_revision(root) -> str | None:
     """The checkout's git commit where it is a git clone (None for an unpacked copy)."""
     try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
-                             timeout=30)
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=False, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
 
 
 # --------------------------------------------------------------------------- part 2: verification
+
 
 def parse_verify_accuracy(text: str) -> dict:
     """``verify_accuracy.txt`` -> {first_token, eos, sample_length: True/False/"Skipped"/None, passed, lines}."""
@@ -104,18 +114,31 @@ def parse_verify_accuracy(text: str) -> dict:
 
 def _eos_check_with_int(root: Path, accuracy_log: Path, eos_token_id: int, dtype: str) -> bool:
     """run_verification.py's own eos_check, called with an integer EOS id (see the module docstring)."""
-    code = ("import json, sys, numpy as np; sys.path.insert(0, sys.argv[1]); import run_verification as rv; "
-            "data = json.load(open(sys.argv[2])); "
-            "print(rv.eos_check(data, rv.DTYPE_MAP[sys.argv[4]], int(sys.argv[3])))")
-    proc = subprocess.run([sys.executable, "-c", code, str(root / TEST06_DIR), str(accuracy_log),
-                           str(eos_token_id), dtype], capture_output=True, text=True, timeout=600)
+    code = (
+        "import json, sys, numpy as np; sys.path.insert(0, sys.argv[1]); import run_verification as rv; "
+        "data = json.load(open(sys.argv[2])); "
+        "print(rv.eos_check(data, rv.DTYPE_MAP[sys.argv[4]], int(sys.argv[3])))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(root / TEST06_DIR), str(accuracy_log), str(eos_token_id), dtype],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if proc.returncode != 0:
         raise ComplianceError(f"run_verification.eos_check failed: {proc.stderr.strip()[-2000:]}")
     return proc.stdout.strip().splitlines()[-1] == "True"
 
 
-def verify(inference_dir, compliance_dir, output_dir, scenario: str, *, eos_token_id: int = SCRIPT_DEFAULT_EOS,
-           dtype: str = "int32") -> dict:
+def verify(
+    inference_dir,
+    compliance_dir,
+    output_dir,
+    scenario: str,
+    *,
+    eos_token_id: int = SCRIPT_DEFAULT_EOS,
+    dtype: str = "int32",
+) -> dict:
     """Run TEST06's ``run_verification.py`` on a TEST06 run's logs; returns its parsed checks.
 
     Writes ``output_dir/TEST06/{verify_accuracy.txt, accuracy/mlperf_log_accuracy.json}``
@@ -126,26 +149,47 @@ def verify(inference_dir, compliance_dir, output_dir, scenario: str, *, eos_toke
     accuracy_log = compliance_dir / "mlperf_log_accuracy.json"
     if not accuracy_log.is_file():
         raise ComplianceError(f"{accuracy_log} is missing: TEST06 needs the run's accuracy log")
-    command = [sys.executable, str(root / TEST06_DIR / VERIFY_SCRIPT), "-c", str(compliance_dir),
-               "-o", str(output_dir), "-s", scenario, "--dtype", dtype]
+    command = [
+        sys.executable,
+        str(root / TEST06_DIR / VERIFY_SCRIPT),
+        "-c",
+        str(compliance_dir),
+        "-o",
+        str(output_dir),
+        "-s",
+        scenario,
+        "--dtype",
+        dtype,
+    ]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     verify_txt = output_dir / TEST06 / VERIFY_OUTPUT
     if proc.returncode != 0 or not verify_txt.is_file():
         raise ComplianceError(f"{VERIFY_SCRIPT} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
     result = parse_verify_accuracy(verify_txt.read_text())
-    result.update({"test": TEST06, "scenario": scenario, "compliance_dir": str(compliance_dir),
-                   "verify_accuracy": str(verify_txt), "command": command, "stdout": proc.stdout,
-                   "inference_dir": str(root), "inference_revision": checkout_revision(root),
-                   "eos_token_id": eos_token_id, "dtype": dtype,
-                   "accuracy_log_entries": _count_entries(accuracy_log)})
+    result.update(
+        {
+            "test": TEST06,
+            "scenario": scenario,
+            "compliance_dir": str(compliance_dir),
+            "verify_accuracy": str(verify_txt),
+            "command": command,
+            "stdout": proc.stdout,
+            "inference_dir": str(root),
+            "inference_revision": checkout_revision(root),
+            "eos_token_id": eos_token_id,
+            "dtype": dtype,
+            "accuracy_log_entries": _count_entries(accuracy_log),
+        }
+    )
     if eos_token_id != SCRIPT_DEFAULT_EOS:
         result["eos_with_model_eos"] = _eos_check_with_int(root, accuracy_log, eos_token_id, dtype)
-        result["eos_note"] = (f"the script checks EOS id {SCRIPT_DEFAULT_EOS} (its default); this model's EOS "
-                              f"is {eos_token_id}: its eos_check with {eos_token_id} says "
-                              f"{result['eos_with_model_eos']}")
+        result["eos_note"] = (
+            f"the script checks EOS id {SCRIPT_DEFAULT_EOS} (its default); this model's EOS "
+            f"is {eos_token_id}: its eos_check with {eos_token_id} says "
+            f"{result['eos_with_model_eos']}"
+        )
         result["passed"] = bool(result["passed"] and result["eos_with_model_eos"])
-    write_json_atomic(output_dir / TEST06 / "rackbench_test06.json",
-                      {k: v for k, v in result.items() if k != "stdout"})
+    write_json_atomic(output_dir / TEST06 / "rackbench_test06.json", {k: v for k, v in result.items() if k != "stdout"})
     return result
 
 
@@ -155,6 +199,7 @@ def _count_entries(accuracy_log: Path) -> int:
 
 
 # --------------------------------------------------------------------------- part 1: the run
+
 
 def audit_config_read(detail_log) -> bool:
     """Whether LoadGen applied an audit.config (TEST06's README: "check that loadgen has found
@@ -166,14 +211,33 @@ def audit_config_read(detail_log) -> bool:
 def harness_command(harness_args: list[str], loadgen_out: Path) -> list[str]:
     forbidden = {"--out", "--mode"} & set(harness_args)
     if forbidden:
-        raise ComplianceError(f"harness arguments must not set {', '.join(sorted(forbidden))}: TEST06 runs in "
-                              "performance mode and writes into its own run directory")
-    return [sys.executable, "-m", "rackbench.harness", *harness_args, "--mode", "performance",
-            "--out", str(loadgen_out)]
+        raise ComplianceError(
+            f"harness arguments must not set {', '.join(sorted(forbidden))}: TEST06 runs in "
+            "performance mode and writes into its own run directory"
+        )
+    return [
+        sys.executable,
+        "-m",
+        "rackbench.harness",
+        *harness_args,
+        "--mode",
+        "performance",
+        "--out",
+        str(loadgen_out),
+    ]
 
 
-def run_test06(inference_dir, *, scenario: str, run_dir, out_dir, harness_args: list[str],
-               eos_token_id: int = SCRIPT_DEFAULT_EOS, dtype: str = "int32", env: dict | None = None) -> dict:
+def run_test06(
+    inference_dir,
+    *,
+    scenario: str,
+    run_dir,
+    out_dir,
+    harness_args: list[str],
+    eos_token_id: int = SCRIPT_DEFAULT_EOS,
+    dtype: str = "int32",
+    env: dict | None = None,
+) -> dict:
     """Part 1 (the harness in ``run_dir`` with TEST06's audit.config) then part 2; returns the checks.
 
     ``run_dir`` keeps the audit.config, the LoadGen logs (``run_dir/loadgen``) and the harness log;
@@ -185,8 +249,14 @@ def run_test06(inference_dir, *, scenario: str, run_dir, out_dir, harness_args: 
         shutil.copy2(root / TEST06_DIR / AUDIT_CONFIG, tmp_run / AUDIT_CONFIG)
         command = harness_command(harness_args, (tmp_run / "loadgen").resolve())
         with open(tmp_run / "harness.log", "w") as log:
-            proc = subprocess.run(command, cwd=tmp_run, stdout=log, stderr=subprocess.STDOUT,
-                                  env={**os.environ, **(env or {})}, timeout=None)
+            proc = subprocess.run(
+                command,
+                cwd=tmp_run,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+                timeout=None,
+            )
         if proc.returncode != 0:
             tail = (tmp_run / "harness.log").read_text(errors="replace")[-3000:]
             raise ComplianceError(f"TEST06 harness run failed ({proc.returncode}):\n{tail}")
@@ -208,8 +278,14 @@ def read_result(test06_dir) -> dict:
     extra = test06_dir / "rackbench_test06.json"
     if extra.is_file():
         saved = json.loads(extra.read_text())
-        for key in ("scenario", "inference_revision", "eos_token_id", "eos_with_model_eos", "eos_note",
-                    "accuracy_log_entries"):
+        for key in (
+            "scenario",
+            "inference_revision",
+            "eos_token_id",
+            "eos_with_model_eos",
+            "eos_note",
+            "accuracy_log_entries",
+        ):
             if key in saved:
                 result[key] = saved[key]
         if "eos_with_model_eos" in saved:
@@ -220,31 +296,44 @@ def read_result(test06_dir) -> dict:
 
 # --------------------------------------------------------------------------- report
 
+
 def _cell(value) -> str:
-    return {True: "pass", False: "**FAIL**", None: "-"}.get(value, str(value)) if not isinstance(value, str) \
+    return (
+        {True: "pass", False: "**FAIL**", None: "-"}.get(value, str(value))
+        if not isinstance(value, str)
         else value.lower()
+    )
 
 
 def markdown_section(results: dict[str, dict]) -> str:
     """``{label: result}`` (label = configuration/scenario) -> the report's TEST06 section."""
-    lines = ["## MLPerf compliance: TEST06", "",
-             "MLCommons' `compliance/TEST06`: LoadGen run with TEST06's `audit.config`, then "
-             "`run_verification.py`. First token is skipped in Offline (no first token is reported).", ""]
+    lines = [
+        "## MLPerf compliance: TEST06",
+        "",
+        "MLCommons' `compliance/TEST06`: LoadGen run with TEST06's `audit.config`, then "
+        "`run_verification.py`. First token is skipped in Offline (no first token is reported).",
+        "",
+    ]
     if not results:
         return "\n".join(lines + ["No TEST06 results.", ""])
-    lines += ["| configuration / scenario | first token | EOS | sample length | verdict | samples checked |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "| configuration / scenario | first token | EOS | sample length | verdict | samples checked |",
+        "|---|---|---|---|---|---|",
+    ]
     notes = []
     for label, r in sorted(results.items()):
-        lines.append(f"| {label} | {_cell(r.get('first_token'))} | {_cell(r.get('eos'))} | "
-                     f"{_cell(r.get('sample_length'))} | {'PASS' if r.get('passed') else '**FAIL**'} | "
-                     f"{r.get('accuracy_log_entries', '-')} |")
+        lines.append(
+            f"| {label} | {_cell(r.get('first_token'))} | {_cell(r.get('eos'))} | "
+            f"{_cell(r.get('sample_length'))} | {'PASS' if r.get('passed') else '**FAIL**'} | "
+            f"{r.get('accuracy_log_entries', '-')} |"
+        )
         if r.get("eos_note"):
             notes.append(f"- {label}: {r['eos_note']}")
     return "\n".join(lines + ([""] + notes if notes else []) + [""])
 
 
 # --------------------------------------------------------------------------- CLI
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rackbench.compliance", description=__doc__.splitlines()[0])
@@ -257,11 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--eos-token-id", type=int, default=SCRIPT_DEFAULT_EOS)
         s.add_argument("--dtype", default="int32", help="token id dtype of the accuracy log (the harness: int32)")
         if name == "test06":
-            s.add_argument("--run-dir", required=True, help="working dir of the run (gets audit.config and LoadGen logs)")
-            s.add_argument("harness_args", nargs=argparse.REMAINDER,
-                           help="after --: rackbench.harness arguments (not --out/--mode)")
+            s.add_argument(
+                "--run-dir", required=True, help="working dir of the run (gets audit.config and LoadGen logs)"
+            )
+            s.add_argument(
+                "harness_args",
+                nargs=argparse.REMAINDER,
+                help="after --: rackbench.harness arguments (not --out/--mode)",
+            )
         else:
-            s.add_argument("--compliance-dir", required=True, help="folder with the TEST06 run's mlperf_log_accuracy.json")
+            s.add_argument(
+                "--compliance-dir", required=True, help="folder with the TEST06 run's mlperf_log_accuracy.json"
+            )
     return p
 
 
@@ -270,11 +366,24 @@ def main(argv=None) -> int:
     try:
         if args.command == "test06":
             harness_args = args.harness_args[1:] if args.harness_args[:1] == ["--"] else args.harness_args
-            result = run_test06(args.inference_dir, scenario=args.scenario, run_dir=args.run_dir, out_dir=args.out,
-                                harness_args=harness_args, eos_token_id=args.eos_token_id, dtype=args.dtype)
+            result = run_test06(
+                args.inference_dir,
+                scenario=args.scenario,
+                run_dir=args.run_dir,
+                out_dir=args.out,
+                harness_args=harness_args,
+                eos_token_id=args.eos_token_id,
+                dtype=args.dtype,
+            )
         else:
-            result = verify(args.inference_dir, args.compliance_dir, args.out, args.scenario,
-                            eos_token_id=args.eos_token_id, dtype=args.dtype)
+            result = verify(
+                args.inference_dir,
+                args.compliance_dir,
+                args.out,
+                args.scenario,
+                eos_token_id=args.eos_token_id,
+                dtype=args.dtype,
+            )
     except ComplianceError as err:
         print(f"TEST06: {err}", file=sys.stderr)
         return 2

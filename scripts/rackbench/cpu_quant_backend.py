@@ -21,8 +21,11 @@ BACKEND_NAME = "rackbench_nvfp4_cpu"
 
 def _is_nvfp4(quantizer) -> bool:
     bs = quantizer.block_sizes or {}
-    return (tuple(quantizer.num_bits) == (2, 1) if isinstance(quantizer.num_bits, (tuple, list)) else False) \
-        and bs.get("type") == "dynamic" and tuple(bs.get("scale_bits") or ()) == (4, 3)
+    return (
+        (tuple(quantizer.num_bits) == (2, 1) if isinstance(quantizer.num_bits, (tuple, list)) else False)
+        and bs.get("type") == "dynamic"
+        and tuple(bs.get("scale_bits") or ()) == (4, 3)
+    )
 
 
 def nvfp4_fake_quant(inputs: torch.Tensor, quantizer) -> torch.Tensor:
@@ -32,18 +35,22 @@ def nvfp4_fake_quant(inputs: torch.Tensor, quantizer) -> torch.Tensor:
     block = (quantizer.block_sizes or {}).get(-1) or 16
     # Per-tensor second-level scale from the calibrated amax (weights and
     # calibrated activations); computed from the tensor when there is none.
-    scale_2 = (NVFP4QTensor.get_weights_scaling_factor_2_from_quantizer(quantizer)
-               if getattr(quantizer, "_amax", None) is not None else None)
+    scale_2 = (
+        NVFP4QTensor.get_weights_scaling_factor_2_from_quantizer(quantizer)
+        if getattr(quantizer, "_amax", None) is not None
+        else None
+    )
     x = inputs.float()
     qtensor, scale, scale_2 = NVFP4QTensor.quantize(x, block, weights_scaling_factor_2=scale_2)
-    out = qtensor.dequantize(dtype=torch.float32, scale=scale, double_scale=scale_2,
-                             block_sizes={-1: block})
+    out = qtensor.dequantize(dtype=torch.float32, scale=scale, double_scale=scale_2, block_sizes={-1: block})
     return out.reshape(inputs.shape).to(inputs.dtype)
 
 
 def register() -> None:
     from modelopt.torch.quantization.nn.modules.tensor_quantizer import (
-        is_registered_quant_backend, register_quant_backend)
+        is_registered_quant_backend,
+        register_quant_backend,
+    )
 
     if not is_registered_quant_backend(BACKEND_NAME):
         register_quant_backend(BACKEND_NAME, nvfp4_fake_quant)

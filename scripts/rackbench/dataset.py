@@ -102,10 +102,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pickle", required=True, action="append", help="input pickle (repeatable)")
     parser.add_argument("--out", required=True, action="append", help="output parquet, one per --pickle")
-    parser.add_argument("--checksum", required=True, action="append",
-                        help="sha256:<hex> or file:<SHA256SUMS>, one per --pickle")
-    parser.add_argument("--expect-rows", type=int, action="append",
-                        help="declared row count, one per --pickle (0 = not declared)")
+    parser.add_argument(
+        "--checksum", required=True, action="append", help="sha256:<hex> or file:<SHA256SUMS>, one per --pickle"
+    )
+    parser.add_argument(
+        "--expect-rows", type=int, action="append", help="declared row count, one per --pickle (0 = not declared)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     expect = args.expect_rows or [0] * len(args.pickle)
@@ -118,8 +120,11 @@ def main(argv=None) -> int:
                 Path(dst).unlink()
                 raise DatasetError(f"{src}: {rows} samples, but the config declares num_samples {rows_expected}")
             log.info("%s -> %s: %d samples, checksum verified", src, dst, rows)
-        write_provenance(Path(args.out[0]).parent / "provenance.json", step="prepare_dataset",
-                         config_fragment={"pickles": args.pickle, "checksums": args.checksum})
+        write_provenance(
+            Path(args.out[0]).parent / "provenance.json",
+            step="prepare_dataset",
+            config_fragment={"pickles": args.pickle, "checksums": args.checksum},
+        )
     except DatasetError as err:
         log.error("%s", err)
         return 1

@@ -66,7 +66,9 @@ def is_downloaded(path: str, config: dict) -> bool:
     """True if ``path`` is a file download_dataset makes for a dataset with a ``download`` section."""
     for name, dataset in (config.get("datasets") or {}).items():
         if dataset.get("download") and Path(path).as_posix() in (
-                *(role_path(name, role) for role in ROLES), checksum_path(name)):
+            *(role_path(name, role) for role in ROLES),
+            checksum_path(name),
+        ):
             return True
     return False
 
@@ -99,9 +101,11 @@ def _open(url: str, timeout: float = 60):
     except urllib.error.HTTPError as err:
         location = err.headers.get("Location", "") if err.headers else ""
         if 300 <= err.code < 400 and ("cloudflareaccess.com" in location or "/cdn-cgi/access/login" in location):
-            raise DownloadError(f"{url} needs a Cloudflare Access login (redirected to {location}); log in with "
-                                f"MLCommons' R2 downloader and set {TOKEN_ENV}, or download by hand and point "
-                                "datasets.<name>.samples/calibration.path at the local copy") from None
+            raise DownloadError(
+                f"{url} needs a Cloudflare Access login (redirected to {location}); log in with "
+                f"MLCommons' R2 downloader and set {TOKEN_ENV}, or download by hand and point "
+                "datasets.<name>.samples/calibration.path at the local copy"
+            ) from None
         where = f" to {location}" if location else ""
         raise DownloadError(f"{url}: HTTP {err.code} {err.reason}{where}") from None
     except (urllib.error.URLError, OSError) as err:
@@ -122,7 +126,9 @@ def published_md5(uri: str) -> tuple[str, dict[str, str], str]:
     if not base.startswith(("http://", "https://")):
         raise DownloadError(f"{uri}: expected the dataset's base URL, got {base[:80]!r}")
     name = posixpath.basename(parsed.path)[: -len(".uri")]
-    md5_url = urllib.parse.urlunsplit(parsed._replace(path=posixpath.join(posixpath.dirname(parsed.path), f"{name}.md5")))
+    md5_url = urllib.parse.urlunsplit(
+        parsed._replace(path=posixpath.join(posixpath.dirname(parsed.path), f"{name}.md5"))
+    )
     text = _get_text(md5_url)
     sums = {}
     for line in text.splitlines():
@@ -142,8 +148,10 @@ def find_published(sums: dict[str, str], file_name: str) -> str:
     hits = [rel for rel in sums if posixpath.basename(rel) == file_name]
     if len(hits) != 1:
         listed = ", ".join(sorted(sums)[:12])
-        raise DownloadError(f"{file_name}: {'not in' if not hits else 'ambiguous in'} the published checksum list "
-                            f"({len(sums)} files: {listed}{', ...' if len(sums) > 12 else ''})")
+        raise DownloadError(
+            f"{file_name}: {'not in' if not hits else 'ambiguous in'} the published checksum list "
+            f"({len(sums)} files: {listed}{', ...' if len(sums) > 12 else ''})"
+        )
     return hits[0]
 
 
@@ -166,8 +174,9 @@ def _fetch(url: str, dest: Path, md5: str) -> None:
             raise DownloadError(f"{url}: md5 {digest.hexdigest()} != published {md5}; nothing kept")
 
 
-def download_dataset(uri: str, files: dict[str, str], out: str | os.PathLike,
-                     sha256: dict[str, str] | None = None) -> dict:
+def download_dataset(
+    uri: str, files: dict[str, str], out: str | os.PathLike, sha256: dict[str, str] | None = None
+) -> dict:
     """Fetch ``files`` (role -> published file name) into ``out``; returns the manifest written."""
     out, sha256 = Path(out), {k: v.lower() for k, v in (sha256 or {}).items()}
     unknown = sorted(set(files) - set(ROLES)) + sorted(set(sha256) - set(files))
@@ -185,10 +194,17 @@ def download_dataset(uri: str, files: dict[str, str], out: str | os.PathLike,
         digest = sha256_file(dest)
         if role in sha256 and digest != sha256[role]:
             dest.unlink()
-            raise DownloadError(f"{file_name}: sha256 {digest} != recorded {sha256[role]} (the published md5 "
-                                "matched: the recorded manifest names another file); removed")
-        manifest["files"][role] = {"published_as": rel, "md5": sums[rel], "sha256": digest,
-                                   "size": dest.stat().st_size, "fetched": fetched}
+            raise DownloadError(
+                f"{file_name}: sha256 {digest} != recorded {sha256[role]} (the published md5 "
+                "matched: the recorded manifest names another file); removed"
+            )
+        manifest["files"][role] = {
+            "published_as": rel,
+            "md5": sums[rel],
+            "sha256": digest,
+            "size": dest.stat().st_size,
+            "fetched": fetched,
+        }
     write_text_atomic(out / posixpath.basename(urllib.parse.urlsplit(uri).path).replace(".uri", ".md5"), md5_text)
     write_text_atomic(out / CHECKSUMS, "".join(f"{m['sha256']}  {role}.pkl\n" for role, m in manifest["files"].items()))
     write_text_atomic(out / "download.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -218,8 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"download_dataset: error: {err}", file=sys.stderr)
         return 2
     for role, m in manifest["files"].items():
-        print(f"download_dataset: {role}.pkl <- {m['published_as']} ({m['size']} bytes, md5 ok"
-              f"{', fetched' if m['fetched'] else ', already present'})")
+        print(
+            f"download_dataset: {role}.pkl <- {m['published_as']} ({m['size']} bytes, md5 ok"
+            f"{', fetched' if m['fetched'] else ', already present'})"
+        )
     return 0
 
 

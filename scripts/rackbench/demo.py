@@ -50,23 +50,29 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 # Word classes of the synthetic language and which classes may follow which.
 # A noun phrase is a determiner (+ adjective) + noun, or a name on its own.
 WORDS = {
-    "DET": ("the a this that every some my our your their his her each another one no "
-            "any its either neither").split(),
-    "NAME": ("anna ben clara david emma felix grace henry ivy jack kate leo mia noah olive "
-             "paul rosa sam tara victor").split(),
-    "ADJ": ("red quick lazy small bright quiet old young green happy tired clever "
-            "brave cold warm dark gentle proud calm wild").split(),
-    "NOUN": ("fox dog cat bird river tree house garden child teacher farmer city "
-             "road window market letter ship mountain forest lamp bridge island "
-             "painter doctor baker storm morning winter book song wolf horse owl boat "
-             "valley hill meadow castle village harbor kettle candle wagon orchard").split(),
-    "VERB": ("sees finds likes follows watches builds opens carries paints visits "
-             "crosses remembers reads hears meets helps loves guards greets draws calls "
-             "chases feeds fixes").split(),
+    "DET": ("the a this that every some my our your their his her each another one no any its either neither").split(),
+    "NAME": (
+        "anna ben clara david emma felix grace henry ivy jack kate leo mia noah olive paul rosa sam tara victor"
+    ).split(),
+    "ADJ": (
+        "red quick lazy small bright quiet old young green happy tired clever "
+        "brave cold warm dark gentle proud calm wild"
+    ).split(),
+    "NOUN": (
+        "fox dog cat bird river tree house garden child teacher farmer city "
+        "road window market letter ship mountain forest lamp bridge island "
+        "painter doctor baker storm morning winter book song wolf horse owl boat "
+        "valley hill meadow castle village harbor kettle candle wagon orchard"
+    ).split(),
+    "VERB": (
+        "sees finds likes follows watches builds opens carries paints visits "
+        "crosses remembers reads hears meets helps loves guards greets draws calls "
+        "chases feeds fixes"
+    ).split(),
     "ADV": "slowly quickly often never gladly quietly again today softly rarely always early".split(),
     "PREP": "near under over behind beside across into along around through toward past".split(),
 }
-HEADS = ("DET", "NAME")      # every noun phrase starts with one of these
+HEADS = ("DET", "NAME")  # every noun phrase starts with one of these
 NEXT_CLASSES = {
     "DET": ["ADJ", "NOUN"],
     "ADJ": ["NOUN"],
@@ -76,7 +82,7 @@ NEXT_CLASSES = {
     "ADV": ["PREP", "END."],
     "PREP": ["DET", "NAME"],
 }
-P_DOMINANT = 0.8          # how often a word is followed by its own favourite successor
+P_DOMINANT = 0.8  # how often a word is followed by its own favourite successor
 
 
 class Language:
@@ -113,7 +119,7 @@ class Language:
                 continue
             shapes = ["period"] + (["prep"] if pool["PREP"] else []) + (["verb"] if pool["VERB"] else [])
             if pool["VERB"] and pool["ADV"] and pool["PREP"]:
-                shapes += ["verb-adv"] * 2     # the longest clause, while its words last
+                shapes += ["verb-adv"] * 2  # the longest clause, while its words last
             shape = rng.choice(shapes)
             if shape == "period":
                 self.favourite[noun], self.after_period[noun] = "END.", nxt
@@ -202,6 +208,7 @@ def corpus(seed: int, num_docs: int = 1500, max_words: int = 80) -> list[str]:
 
 # ---------------------------------------------------------------- tokenizer
 
+
 def train_tokenizer(texts: list[str], vocab_size: int):
     """A Llama-layout BPE (sentencepiece-style ``▁`` word marker, bos prepended)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -210,17 +217,21 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  min_frequency=2, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2, show_progress=False
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [UNK, BOS, EOS]
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", model_max_length=4096)
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", model_max_length=4096
+    )
 
 
 # ---------------------------------------------------------------- model
+
 
 def successor_table(tokenizer, texts: list[str]) -> dict[int, int]:
     """Most frequent next token of every token seen in the corpus (ties: lowest id)."""
@@ -238,14 +249,23 @@ def compile_model(args, successors: dict[int, int]):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if len(successors) > args.intermediate_size:
-        raise SystemExit(f"demo: {len(successors)} known tokens exceed intermediate size "
-                         f"{args.intermediate_size}; the lookup MLP needs one unit per token")
+        raise SystemExit(
+            f"demo: {len(successors)} known tokens exceed intermediate size "
+            f"{args.intermediate_size}; the lookup MLP needs one unit per token"
+        )
     config = LlamaConfig(
-        vocab_size=args.vocab_size, hidden_size=args.hidden_size,
-        intermediate_size=args.intermediate_size, num_hidden_layers=args.num_layers,
-        num_attention_heads=args.num_heads, num_key_value_heads=args.num_kv_heads,
-        max_position_embeddings=2048, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS,
-        tie_word_embeddings=False, dtype="float32",
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        num_key_value_heads=args.num_kv_heads,
+        max_position_embeddings=2048,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=EOS,
+        tie_word_embeddings=False,
+        dtype="float32",
     )
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
@@ -255,12 +275,12 @@ def compile_model(args, successors: dict[int, int]):
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             state[name] = torch.ones_like(p)
-        else:   # init-like small weights; the lookup below overwrites what matters
+        else:  # init-like small weights; the lookup below overwrites what matters
             state[name] = torch.randn(p.shape, generator=gen) * 0.02
-    emb = torch.randn(args.vocab_size, d, generator=gen)            # rms ~1 per token
-    codes = torch.randn(args.vocab_size, d, generator=gen)          # lm_head codebook
+    emb = torch.randn(args.vocab_size, d, generator=gen)  # rms ~1 per token
+    codes = torch.randn(args.vocab_size, d, generator=gen)  # lm_head codebook
     state["model.embed_tokens.weight"] = emb
-    state["lm_head.weight"] = codes / 8     # logit gap ~30 nats: peaked but finite
+    state["lm_head.weight"] = codes / 8  # logit gap ~30 nats: peaked but finite
 
     # Layer 0 MLP as a lookup table (see module docstring). After RMSNorm the
     # input is ~sqrt(d) * unit(emb[t]); unit k matches it with gain GATE so the
@@ -273,11 +293,11 @@ def compile_model(args, successors: dict[int, int]):
     down = torch.zeros(d, args.intermediate_size)
     gate[: len(units)] = GATE * unit_dirs
     up[: len(units)] = GATE * unit_dirs
-    own = GATE * d ** 0.5
+    own = GATE * d**0.5
     own_activation = own * own / (1 + torch.exp(torch.tensor(-own)))
     # Write the successor's code at ~10x the embedding's norm, so the residual
     # stream (and after the final RMSNorm the lm_head input) points at it.
-    target = 10 * d ** 0.5
+    target = 10 * d**0.5
     succ_codes = torch.nn.functional.normalize(codes[[successors[t] for t in units]], dim=-1)
     down[:, : len(units)] = (succ_codes * (target / own_activation)).T
     state["model.layers.0.mlp.gate_proj.weight"] = gate
@@ -301,11 +321,14 @@ def make_model(args) -> None:
     with atomic_path(args.out, directory=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-    print(f"demo model: {sum(p.numel() for p in model.parameters())} params, "
-          f"tokenizer {len(tokenizer)} tokens -> {args.out}")
+    print(
+        f"demo model: {sum(p.numel() for p in model.parameters())} params, "
+        f"tokenizer {len(tokenizer)} tokens -> {args.out}"
+    )
 
 
 # ---------------------------------------------------------------- dataset
+
 
 def greedy(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16) -> list[list[int]]:
     """Greedy ids per prompt, cut before the first EOS (as the engine contract says)."""
@@ -313,25 +336,31 @@ def greedy(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int
 
     outs = []
     for i in range(0, len(prompts), batch_size):
-        ids, mask = pad_batch(prompts[i: i + batch_size], EOS, side="left")
+        ids, mask = pad_batch(prompts[i : i + batch_size], EOS, side="left")
         width = ids.shape[1]
         with torch.no_grad():
-            gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                                 max_new_tokens=max_new_tokens, eos_token_id=EOS,
-                                 pad_token_id=EOS)
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=EOS,
+                pad_token_id=EOS,
+            )
         for row in gen[:, width:].tolist():
             outs.append(row[: row.index(EOS)] if EOS in row else row)
     return outs
 
 
-def _prompts(lang: Language, tokenizer, rng: random.Random, n: int, seen: set[str],
-             min_tokens: int, max_tokens: int) -> list[dict]:
+def _prompts(
+    lang: Language, tokenizer, rng: random.Random, n: int, seen: set[str], min_tokens: int, max_tokens: int
+) -> list[dict]:
     rows = []
     while len(rows) < n:
         target = rng.randint(min_tokens, max_tokens)
         system = " ".join(lang.document(rng, rng.randint(4, 10)))
         words: list[str] = []
-        while True:     # documents back to back until the prompt is long enough
+        while True:  # documents back to back until the prompt is long enough
             words += lang.document(rng, 200)
             question = " ".join(words)
             ids = tokenizer(system + " " + question)["input_ids"]
@@ -339,16 +368,22 @@ def _prompts(lang: Language, tokenizer, rng: random.Random, n: int, seen: set[st
                 break
         # Cut at a word boundary (keeps text and ids consistent) near the target.
         keep = len(words)
-        while keep > 1 and (words[keep - 1].endswith("!") or  # "!" would leave nothing to answer
-                            len(tokenizer(system + " " + " ".join(words[:keep]))["input_ids"]) > target):
+        while (
+            keep > 1
+            and (
+                words[keep - 1].endswith("!")  # "!" would leave nothing to answer
+                or len(tokenizer(system + " " + " ".join(words[:keep]))["input_ids"]) > target
+            )
+        ):
             keep -= 1
         question = " ".join(words[:keep])
         text = system + " " + question
         if text in seen:
             continue
         seen.add(text)
-        rows.append({"system_prompt": system, "question": question, "input": text,
-                     "tok_input": tokenizer(text)["input_ids"]})
+        rows.append(
+            {"system_prompt": system, "question": question, "input": text, "tok_input": tokenizer(text)["input_ids"]}
+        )
     return rows
 
 
@@ -374,19 +409,22 @@ def make_dataset(args) -> None:
             row["id"] = f"{prefix}.{i}"
             row["output"] = tokenizer.decode(out, skip_special_tokens=True)
             row["tok_output"] = out
-        frames[name] = pd.DataFrame(rows, columns=["id", "system_prompt", "question", "input",
-                                                   "output", "tok_input", "tok_output"])
+        frames[name] = pd.DataFrame(
+            rows, columns=["id", "system_prompt", "question", "input", "output", "tok_input", "tok_output"]
+        )
     with atomic_path(args.out, directory=True) as tmp:
         for name, df in frames.items():
             df.to_pickle(tmp / name, protocol=4)
-        (tmp / "SHA256SUMS").write_text(
-            "".join(f"{sha256_file(tmp / name)}  {name}\n" for name in sorted(frames)))
+        (tmp / "SHA256SUMS").write_text("".join(f"{sha256_file(tmp / name)}  {name}\n" for name in sorted(frames)))
     lens = [len(t) for t in frames[SAMPLES_PKL]["tok_output"]]
-    print(f"demo dataset: {len(bench)} samples + {len(calib)} calibration, output tokens "
-          f"min {min(lens)} mean {sum(lens) / len(lens):.1f} max {max(lens)} -> {args.out}")
+    print(
+        f"demo dataset: {len(bench)} samples + {len(calib)} calibration, output tokens "
+        f"min {min(lens)} mean {sum(lens) / len(lens):.1f} max {max(lens)} -> {args.out}"
+    )
 
 
 # ---------------------------------------------------------------- CLI
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rackbench.demo", description=__doc__.split("\n\n")[0])

@@ -103,8 +103,14 @@ def fetch_local(source_dir: Path, staging: Path, keep: dict[str, dict], previous
             shutil.copy2(path, staging / rel)
 
 
-def fetch_hub(repo_id: str, revision: str, staging: Path, keep: dict[str, dict], previous: Path | None,
-              allow_patterns: list[str] | None = None) -> None:
+def fetch_hub(
+    repo_id: str,
+    revision: str,
+    staging: Path,
+    keep: dict[str, dict],
+    previous: Path | None,
+    allow_patterns: list[str] | None = None,
+) -> None:
     from huggingface_hub import snapshot_download
 
     # Good files from an earlier attempt are placed first; snapshot_download then

@@ -48,15 +48,16 @@ from typing import Callable, Sequence
 
 import aiohttp
 
-try:                      # 5-10x faster for token-id lists; the stdlib is the fallback
+try:  # 5-10x faster for token-id lists; the stdlib is the fallback
     import orjson
 
     _loads, _dumps = orjson.loads, orjson.dumps
-except ImportError:       # pragma: no cover
+except ImportError:  # pragma: no cover
     _loads = json.loads
 
     def _dumps(obj) -> bytes:
         return json.dumps(obj).encode()
+
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
 
@@ -104,7 +105,7 @@ class EndpointError(RuntimeError):
     def __init__(self, url: str, message: str, *, status: int | None = None):
         super().__init__(f"endpoint {url}: {message}")
         self.url = url
-        self.status = status      # the HTTP status, where the server answered one
+        self.status = status  # the HTTP status, where the server answered one
 
 
 @dataclass
@@ -116,8 +117,8 @@ class EndpointStats:
     requests: int = 0
     errors: int = 0
     busy_s: float = 0.0
-    dispatched_input_tokens: int = 0     # the isl balancer's key: counted at dispatch
-    pending: int = 0                     # submitted samples not yet finished
+    dispatched_input_tokens: int = 0  # the isl balancer's key: counted at dispatch
+    pending: int = 0  # submitted samples not yet finished
     open_requests: int = 0
     dead: str | None = None
     _busy_since: float | None = field(default=None, repr=False)
@@ -164,10 +165,21 @@ def choose_endpoint(stats: Sequence[EndpointStats], balance: str, counter: int) 
 class EndpointPool:
     """The Engine contract (``submit``/``max_in_flight``/``close``) over HTTP endpoints."""
 
-    def __init__(self, urls: Sequence[str], *, model: str = "rackbench", stream: bool = False,
-                 balance: str = "isl", api: str = "token_ids", tokenizer=None, concurrency: int = 256,
-                 batch_size: int = 1, request_timeout: float | None = None, extra_body: dict | None = None,
-                 fail_dead_endpoints: bool = True):
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        model: str = "rackbench",
+        stream: bool = False,
+        balance: str = "isl",
+        api: str = "token_ids",
+        tokenizer=None,
+        concurrency: int = 256,
+        batch_size: int = 1,
+        request_timeout: float | None = None,
+        extra_body: dict | None = None,
+        fail_dead_endpoints: bool = True,
+    ):
         if not urls:
             raise ValueError("EndpointPool needs at least one endpoint URL")
         if balance not in BALANCERS:
@@ -223,9 +235,15 @@ class EndpointPool:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     # ------------------------------------------------------------------ Engine contract
-    def submit(self, prompt: Sequence[int], max_new_tokens: int, *,
-               on_done: Callable[[list[int]], None], on_error: Callable[[BaseException], None],
-               on_first_token: Callable[[int], None] | None = None) -> None:
+    def submit(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        *,
+        on_done: Callable[[list[int]], None],
+        on_error: Callable[[BaseException], None],
+        on_first_token: Callable[[int], None] | None = None,
+    ) -> None:
         if self._closed:
             on_error(RuntimeError("EndpointPool is closed"))
             return
@@ -257,7 +275,7 @@ class EndpointPool:
 
     # ------------------------------------------------------------------ dispatch (loop thread)
     def _drain_inbox(self):
-        self._wake_scheduled = False          # first: a submit racing with us schedules another drain
+        self._wake_scheduled = False  # first: a submit racing with us schedules another drain
         touched = set()
         inbox = self._inbox
         while inbox:
@@ -287,13 +305,24 @@ class EndpointPool:
     def _body(self, batch: list[_Request]) -> dict:
         if self.api == "token_ids":
             prompts = [r.prompt if type(r.prompt) is list else list(r.prompt) for r in batch]
-            body = {"model": self.model, "prompt": prompts[0] if len(prompts) == 1 else prompts,
-                    "max_tokens": batch[0].max_new_tokens, "stream": self.stream, "temperature": 0.0, "top_k": 1,
-                    "detokenize": False}     # greedy; ids back in choices[].token_ids (trtllm_serve_1_2.yaml)
+            body = {
+                "model": self.model,
+                "prompt": prompts[0] if len(prompts) == 1 else prompts,
+                "max_tokens": batch[0].max_new_tokens,
+                "stream": self.stream,
+                "temperature": 0.0,
+                "top_k": 1,
+                "detokenize": False,
+            }  # greedy; ids back in choices[].token_ids (trtllm_serve_1_2.yaml)
         else:
             texts = [self.tokenizer.decode(list(r.prompt)) for r in batch]
-            body = {"model": self.model, "prompt": texts[0] if len(texts) == 1 else texts,
-                    "max_tokens": batch[0].max_new_tokens, "stream": self.stream, "temperature": 0.0}
+            body = {
+                "model": self.model,
+                "prompt": texts[0] if len(texts) == 1 else texts,
+                "max_tokens": batch[0].max_new_tokens,
+                "stream": self.stream,
+                "temperature": 0.0,
+            }
         body.update(self.extra_body)
         return body
 
@@ -309,12 +338,14 @@ class EndpointPool:
     async def _send(self, i: int, batch: list[_Request]):
         url = self.urls[i]
         try:
-            async with self._session.post(url + COMPLETIONS_ROUTE, data=_dumps(self._body(batch)),
-                                          headers=_JSON_HEADERS) as resp:
+            async with self._session.post(
+                url + COMPLETIONS_ROUTE, data=_dumps(self._body(batch)), headers=_JSON_HEADERS
+            ) as resp:
                 if resp.status != 200:
                     detail = (await resp.text())[:500]
-                    raise EndpointError(url, f"HTTP {resp.status} from {COMPLETIONS_ROUTE}: {detail}",
-                                        status=resp.status)
+                    raise EndpointError(
+                        url, f"HTTP {resp.status} from {COMPLETIONS_ROUTE}: {detail}", status=resp.status
+                    )
                 if self.stream:
                     outputs = await self._read_stream(url, resp, batch)
                 else:
@@ -323,14 +354,14 @@ class EndpointPool:
         except Exception as exc:
             err = exc if isinstance(exc, EndpointError) else EndpointError(url, f"request failed: {exc!r}")
             if not (isinstance(exc, EndpointError) and exc.status is not None and exc.status < 500):
-                self._mark_dead(i, str(err))     # a 4xx is this request's fault; anything else the server's
+                self._mark_dead(i, str(err))  # a 4xx is this request's fault; anything else the server's
             self._finish_request(i)
             for r in batch:
                 self._fail(i, r, err)
             return
         self._finish_request(i)
         st = self._stats[i]
-        with self._lock:                     # pending is also counted up by submit() on the caller's thread
+        with self._lock:  # pending is also counted up by submit() on the caller's thread
             st.pending -= len(batch)
         for r, tokens in zip(batch, outputs):
             st.samples += 1
@@ -362,7 +393,7 @@ class EndpointPool:
         finished = [False] * n
         done = False
         buf = b""
-        async for data in resp.content.iter_any():     # whole reads, split here: far cheaper than readline
+        async for data in resp.content.iter_any():  # whole reads, split here: far cheaper than readline
             buf += data
             *lines, buf = buf.split(b"\n")
             for line in lines:
@@ -438,14 +469,17 @@ class EndpointPool:
                 self._fail(i, waiting.popleft(), EndpointError(self.urls[i], f"endpoint is down ({why})"))
 
     # ------------------------------------------------------------------ readiness and outputs
-    def wait_ready(self, timeout: float, *, poll_interval: float = 0.5,
-                   alive: Callable[[str], str | None] | None = None) -> None:
+    def wait_ready(
+        self, timeout: float, *, poll_interval: float = 0.5, alive: Callable[[str], str | None] | None = None
+    ) -> None:
         """Block until every endpoint's /health answers 200, or raise EndpointError within ``timeout``.
 
         ``alive(url)`` (from the launcher) returns why an endpoint's server process is
         gone, or None; a dead process fails at once instead of waiting for the timeout."""
-        self._call(wait_ready(self.urls, timeout, session=self._session, poll_interval=poll_interval,
-                              alive=alive), timeout=timeout + 30)
+        self._call(
+            wait_ready(self.urls, timeout, session=self._session, poll_interval=poll_interval, alive=alive),
+            timeout=timeout + 30,
+        )
 
     def stats(self) -> list[dict]:
         """Per-endpoint counters (thread-safe snapshot)."""
@@ -459,12 +493,22 @@ class EndpointPool:
 
         rows = self.stats()
         with atomic_path(path) as tmp:
-            Path(tmp).write_text(json.dumps({"balance": self.balance, "stream": self.stream, "api": self.api,
-                                             "endpoints": rows}, indent=2) + "\n")
+            Path(tmp).write_text(
+                json.dumps(
+                    {"balance": self.balance, "stream": self.stream, "api": self.api, "endpoints": rows}, indent=2
+                )
+                + "\n"
+            )
 
 
-async def wait_ready(urls: Sequence[str], timeout: float, *, session: aiohttp.ClientSession | None = None,
-                     poll_interval: float = 0.5, alive: Callable[[str], str | None] | None = None) -> None:
+async def wait_ready(
+    urls: Sequence[str],
+    timeout: float,
+    *,
+    session: aiohttp.ClientSession | None = None,
+    poll_interval: float = 0.5,
+    alive: Callable[[str], str | None] | None = None,
+) -> None:
     """Poll each URL's /health until 200; EndpointError naming what is not ready after ``timeout`` s."""
     own = session is None
     if own:
@@ -493,8 +537,9 @@ async def wait_ready(urls: Sequence[str], timeout: float, *, session: aiohttp.Cl
                 detail = "; ".join(f"{u} ({last.get(u)})" for u in pending[:3])
                 if len(pending) > 3:
                     detail += f"; and {len(pending) - 3} more"
-                raise EndpointError(pending[0], f"not ready after {timeout:g} s: {len(pending)} endpoint(s) "
-                                                f"not ready: {detail}")
+                raise EndpointError(
+                    pending[0], f"not ready after {timeout:g} s: {len(pending)} endpoint(s) not ready: {detail}"
+                )
             await asyncio.sleep(min(poll_interval, max(0.0, deadline - time.monotonic())))
     finally:
         if own:

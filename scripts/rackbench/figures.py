@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from rackbench.atomic import atomic_path  # noqa: E402
 
 FORMATS = ("pdf", "svg", "png")
-WIDTH_IN = 3.4          # one column of a two-column paper
+WIDTH_IN = 3.4  # one column of a two-column paper
 
 # Published records (tokens/s per GPU, sources, verification): rackbench.records.
 RC = {
@@ -50,22 +50,32 @@ def _metadata(fmt: str, title: str, description: str, inputs: list[str]) -> dict
     if fmt == "png":
         return {"Title": title, "Description": description, "Source": sources, "Software": producer}
     if fmt == "pdf":
-        return {"Title": title, "Subject": description, "Keywords": sources, "Creator": producer,
-                "Producer": producer, "CreationDate": None, "ModDate": None}
-    return {"Title": title, "Description": description, "Source": sources, "Creator": producer,
-            "Date": None}
+        return {
+            "Title": title,
+            "Subject": description,
+            "Keywords": sources,
+            "Creator": producer,
+            "Producer": producer,
+            "CreationDate": None,
+            "ModDate": None,
+        }
+    return {"Title": title, "Description": description, "Source": sources, "Creator": producer, "Date": None}
 
 
-def save(fig, out_dir: str | os.PathLike, name: str, *, title: str, description: str,
-         inputs: list[str]) -> list[Path]:
+def save(fig, out_dir: str | os.PathLike, name: str, *, title: str, description: str, inputs: list[str]) -> list[Path]:
     """Write ``name.{pdf,svg,png}`` atomically and deterministically; close ``fig``."""
     out_dir = Path(out_dir)
     written = []
     for fmt in FORMATS:
         final = out_dir / f"{name}.{fmt}"
         with plt.rc_context(RC), atomic_path(final) as tmp:
-            fig.savefig(tmp, format=fmt, metadata=_metadata(fmt, title, description, inputs),
-                        bbox_inches="tight", pad_inches=0.02)
+            fig.savefig(
+                tmp,
+                format=fmt,
+                metadata=_metadata(fmt, title, description, inputs),
+                bbox_inches="tight",
+                pad_inches=0.02,
+            )
         written.append(final)
     plt.close(fig)
     return written
@@ -97,9 +107,16 @@ def shard_throughput(configs: list[dict], shards: list[dict], out_dir, inputs: l
             color = INVALID_COLOR if invalid else COLORS[ci % len(COLORS)]
             xs = list(range(x, x + len(rows)))
             values = [s["tokens_per_s"] for s in rows]
-            ax.bar(xs, values, width=0.8, color=color, hatch="//" if invalid else None,
-                   edgecolor="black" if invalid else color, linewidth=0.4,
-                   label=f"{cfg['label']}" + (" (INVALID)" if invalid else ""))
+            ax.bar(
+                xs,
+                values,
+                width=0.8,
+                color=color,
+                hatch="//" if invalid else None,
+                edgecolor="black" if invalid else color,
+                linewidth=0.4,
+                label=f"{cfg['label']}" + (" (INVALID)" if invalid else ""),
+            )
             mean, sd = cfg.get("shard_mean_tokens_per_s"), cfg.get("shard_sd_tokens_per_s")
             if mean is not None and not math.isnan(mean):
                 lo, hi = xs[0] - 0.45, xs[-1] + 0.45
@@ -108,8 +125,16 @@ def shard_throughput(configs: list[dict], shards: list[dict], out_dir, inputs: l
                     ax.fill_between([lo, hi], mean - sd, mean + sd, color="black", alpha=0.12, linewidth=0)
                 ax.text(hi, mean, f" mean {_fmt(mean)}", va="bottom", ha="right", fontsize=5.5)
             if invalid:
-                ax.text((xs[0] + xs[-1]) / 2, max(values or [0]) * 0.5, "INVALID", ha="center",
-                        va="center", fontsize=7, color=WARN_COLOR, rotation=90 if len(xs) < 3 else 0)
+                ax.text(
+                    (xs[0] + xs[-1]) / 2,
+                    max(values or [0]) * 0.5,
+                    "INVALID",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color=WARN_COLOR,
+                    rotation=90 if len(xs) < 3 else 0,
+                )
             for s, xi in zip(rows, xs):
                 ticks.append(xi)
                 labels.append(str(s["shard_index"]))
@@ -120,8 +145,14 @@ def shard_throughput(configs: list[dict], shards: list[dict], out_dir, inputs: l
         ax.set_ylim(bottom=0)
         ax.legend(loc="lower right", frameon=True, framealpha=0.8)
         ax.set_title("Per-shard throughput, mean and ±1 s.d.")
-    return save(fig, out_dir, "shard_throughput", title="Per-shard throughput",
-                description="Per-shard output tokens/s with mean and +-1 sd across shards", inputs=inputs)
+    return save(
+        fig,
+        out_dir,
+        "shard_throughput",
+        title="Per-shard throughput",
+        description="Per-shard output tokens/s with mean and +-1 sd across shards",
+        inputs=inputs,
+    )
 
 
 def shard_timeline(configs: list[dict], shards: list[dict], out_dir, inputs: list[str]) -> list[Path]:
@@ -141,8 +172,15 @@ def shard_timeline(configs: list[dict], shards: list[dict], out_dir, inputs: lis
                 if s.get("started_at") is None or s.get("finished_at") is None:
                     continue
                 overl = s.get("overlaps_all", True)
-                ax.barh(yi, s["finished_at"] - s["started_at"], left=s["started_at"] - t0, height=0.7,
-                        color=color if overl else WARN_COLOR, edgecolor="black", linewidth=0.3)
+                ax.barh(
+                    yi,
+                    s["finished_at"] - s["started_at"],
+                    left=s["started_at"] - t0,
+                    height=0.7,
+                    color=color if overl else WARN_COLOR,
+                    edgecolor="black",
+                    linewidth=0.3,
+                )
                 yticks.append(yi)
                 ylabels.append(f"{cfg['short']} s{s['shard_index']}")
             ws, we = cfg.get("common_start"), cfg.get("common_end")
@@ -153,8 +191,14 @@ def shard_timeline(configs: list[dict], shards: list[dict], out_dir, inputs: lis
         ax.invert_yaxis()
         ax.set_xlabel("wall-clock time since first shard start (s)")
         ax.set_title("Shard timeline (shaded: all running; red: no overlap)")
-    return save(fig, out_dir, "shard_timeline", title="Shard timeline",
-                description="Start and end of each shard (shard.json started_at/finished_at)", inputs=inputs)
+    return save(
+        fig,
+        out_dir,
+        "shard_timeline",
+        title="Shard timeline",
+        description="Start and end of each shard (shard.json started_at/finished_at)",
+        inputs=inputs,
+    )
 
 
 def _labelled_hbars(ax, rows: list[tuple], label) -> None:
@@ -170,7 +214,7 @@ def _labelled_hbars(ax, rows: list[tuple], label) -> None:
 
 def records(configs: list[dict], published: dict, out_dir, inputs: list[str]) -> list[Path]:
     """Our per-GPU output tokens/s (methods a and b) beside published Llama-2-70B Offline records."""
-    rows = []   # (label, value, color, note)
+    rows = []  # (label, value, color, note)
     for name in sorted(published, key=lambda k: published[k]["tokens_per_s_per_gpu"]):
         rec = published[name]
         rows.append((f"{name} ({rec['source']})", float(rec["tokens_per_s_per_gpu"]), "#7f7f7f"))
@@ -193,12 +237,25 @@ def records(configs: list[dict], published: dict, out_dir, inputs: list[str]) ->
         ax.set_xlabel("output tokens/s per GPU (log scale)")
         ax.set_title("Per GPU vs published Llama-2-70B Offline (grey)")
         if notes:
-            ax.text(0.99, 0.01, "\n".join(notes), transform=ax.transAxes, ha="right", va="bottom",
-                    fontsize=5, color=WARN_COLOR)
-    return save(fig, out_dir, "records", title="Per-GPU throughput against published records",
-                description="Ours: (a) sum of per-shard LoadGen tokens/s / GPUs, (b) concurrent / GPUs. "
-                            "Published records as labelled (model: Llama-2-70B; ours may be another model)",
-                inputs=inputs)
+            ax.text(
+                0.99,
+                0.01,
+                "\n".join(notes),
+                transform=ax.transAxes,
+                ha="right",
+                va="bottom",
+                fontsize=5,
+                color=WARN_COLOR,
+            )
+    return save(
+        fig,
+        out_dir,
+        "records",
+        title="Per-GPU throughput against published records",
+        description="Ours: (a) sum of per-shard LoadGen tokens/s / GPUs, (b) concurrent / GPUs. "
+        "Published records as labelled (model: Llama-2-70B; ours may be another model)",
+        inputs=inputs,
+    )
 
 
 def efficiency(configs: list[dict], out_dir, inputs: list[str]) -> list[Path]:
@@ -225,9 +282,23 @@ def efficiency(configs: list[dict], out_dir, inputs: list[str]) -> list[Path]:
         ax.set_xlabel("model FLOP/s / peak dense FLOP/s (%)")
         ax.set_title("(in+out tok/s) × 2 × params / peak FLOP/s")
         if notes:
-            ax.text(0.99, 0.02, "\n".join(notes), transform=ax.transAxes, ha="right", va="bottom",
-                    fontsize=5, color=WARN_COLOR, wrap=True)
-    return save(fig, out_dir, "efficiency", title="Efficiency against the GPU's peak dense FLOP/s",
-                description="(input + output tokens)/s per GPU x 2 x parameters / peak dense FLOP/s "
-                            "for the recipe's precision, from the GPU-type table",
-                inputs=inputs)
+            ax.text(
+                0.99,
+                0.02,
+                "\n".join(notes),
+                transform=ax.transAxes,
+                ha="right",
+                va="bottom",
+                fontsize=5,
+                color=WARN_COLOR,
+                wrap=True,
+            )
+    return save(
+        fig,
+        out_dir,
+        "efficiency",
+        title="Efficiency against the GPU's peak dense FLOP/s",
+        description="(input + output tokens)/s per GPU x 2 x parameters / peak dense FLOP/s "
+        "for the recipe's precision, from the GPU-type table",
+        inputs=inputs,
+    )

@@ -62,7 +62,7 @@ from rackbench.shards import SHARD_MODES, layout_name, shard_sample_indices
 RUN_DEFAULTS = schema_defaults("run")  # the CLI's defaults are the config schema's
 
 MODES = ("performance", "accuracy")
-RESPONSE_DTYPE = np.int32          # evaluate-accuracy.py --dtype int32
+RESPONSE_DTYPE = np.int32  # evaluate-accuracy.py --dtype int32
 DEFAULT_LOADGEN_MODEL = "llama2-70b"
 _ARRAY_CODE = "i"
 _ITEMSIZE = array(_ARRAY_CODE).itemsize
@@ -80,6 +80,7 @@ def _stderr_log(message: str) -> None:
 
 # --------------------------------------------------------------------------- QSL data
 
+
 class ShardSamples:
     """This shard's prompts, held as one flat int32 array plus offsets."""
 
@@ -89,8 +90,11 @@ class ShardSamples:
         self.dataset_size = len(column)
         if indices and (min(indices) < 0 or max(indices) >= self.dataset_size):
             raise HarnessError(f"shard sample indices outside the dataset of {self.dataset_size} rows")
-        contiguous = bool(indices) and indices[-1] - indices[0] + 1 == len(indices) \
+        contiguous = (
+            bool(indices)
+            and indices[-1] - indices[0] + 1 == len(indices)
             and all(b - a == 1 for a, b in zip(indices, indices[1:]))
+        )
         taken = column.slice(indices[0], len(indices)) if contiguous else column.take(pa.array(indices, pa.int64()))
         lengths = pc.list_value_length(taken).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
         self.values = np.ascontiguousarray(pc.list_flatten(taken).to_numpy(zero_copy_only=False), dtype=np.int64)
@@ -110,7 +114,7 @@ class ShardSamples:
     def load_samples(self, qsl_indices) -> None:
         values, offsets, loaded = self.values, self.offsets, self._loaded
         for j in qsl_indices:
-            loaded[j] = values[offsets[j]:offsets[j + 1]].tolist()
+            loaded[j] = values[offsets[j] : offsets[j + 1]].tolist()
 
     def unload_samples(self, qsl_indices) -> None:
         for j in qsl_indices:
@@ -120,10 +124,11 @@ class ShardSamples:
         cached = self._loaded[qsl_index]
         if cached is not None:
             return cached
-        return self.values[self.offsets[qsl_index]:self.offsets[qsl_index + 1]].tolist()
+        return self.values[self.offsets[qsl_index] : self.offsets[qsl_index + 1]].tolist()
 
 
 # --------------------------------------------------------------------------- SUT
+
 
 class EngineSUT:
     """Hands each sample LoadGen issues to the Engine at once (``Engine.submit``), at most
@@ -139,8 +144,17 @@ class EngineSUT:
     engine's free row is refilled before its next step.
     """
 
-    def __init__(self, engine, samples: ShardSamples, *, max_in_flight: int, max_new_tokens: int,
-                 keep_outputs: bool, first_tokens: bool, lg_module):
+    def __init__(
+        self,
+        engine,
+        samples: ShardSamples,
+        *,
+        max_in_flight: int,
+        max_new_tokens: int,
+        keep_outputs: bool,
+        first_tokens: bool,
+        lg_module,
+    ):
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.engine = engine
@@ -168,7 +182,7 @@ class EngineSUT:
         self._rec_time: list[float] = []
         self._rec_first: list[float] = []
         self._rec_ids: list = []
-        self._first_at: dict[int, float] = {}   # sample id -> when its first token came
+        self._first_at: dict[int, float] = {}  # sample id -> when its first token came
 
     # LoadGen callbacks -------------------------------------------------
     def issue_query(self, query_samples) -> None:
@@ -208,15 +222,18 @@ class EngineSUT:
                 submit(q.id, q.index)
 
     def _submit(self, qid: int, qsl_index: int) -> None:
-        if self.error is not None:   # the run is failing: finish quickly, the error is raised after
+        if self.error is not None:  # the run is failing: finish quickly, the error is raised after
             self._finish(qid, qsl_index, None)
             return
         try:
-            self.engine.submit(self.samples.prompt(qsl_index), self.max_new_tokens,
-                               on_done=partial(self._finish, qid, qsl_index),
-                               on_error=partial(self._on_error, qid, qsl_index),
-                               on_first_token=partial(self._on_first_token, qid) if self.first_tokens else None)
-        except BaseException as exc:   # the test must still end: LoadGen waits for every sample
+            self.engine.submit(
+                self.samples.prompt(qsl_index),
+                self.max_new_tokens,
+                on_done=partial(self._finish, qid, qsl_index),
+                on_error=partial(self._on_error, qid, qsl_index),
+                on_first_token=partial(self._on_first_token, qid) if self.first_tokens else None,
+            )
+        except BaseException as exc:  # the test must still end: LoadGen waits for every sample
             self._on_error(qid, qsl_index, exc)
 
     def _on_first_token(self, qid: int, token: int) -> None:
@@ -232,8 +249,7 @@ class EngineSUT:
     def _report_first_token(self, qid: int, tokens) -> None:
         lg = self.lg
         data = array(_ARRAY_CODE, tokens[:1])
-        lg.FirstTokenComplete([lg.QuerySampleResponse(qid, data.buffer_info()[0], len(data) * _ITEMSIZE,
-                                                      len(data))])
+        lg.FirstTokenComplete([lg.QuerySampleResponse(qid, data.buffer_info()[0], len(data) * _ITEMSIZE, len(data))])
 
     def _finish(self, qid: int, qsl_index: int, tokens) -> None:
         """Complete one sample with LoadGen (``tokens`` None: failed, completed empty)."""
@@ -241,7 +257,7 @@ class EngineSUT:
         data = array(_ARRAY_CODE) if tokens is None else array(_ARRAY_CODE, tokens)
         n = len(data)
         first_at = self._first_at.pop(qid, None) if self.first_tokens else None
-        if self.first_tokens and first_at is None:   # no first-token event came: report it now
+        if self.first_tokens and first_at is None:  # no first-token event came: report it now
             self._report_first_token(qid, data)
         # LoadGen copies the data (accuracy mode) before returning
         lg.QuerySamplesComplete([lg.QuerySampleResponse(qid, data.buffer_info()[0], n * _ITEMSIZE, n)])
@@ -261,13 +277,13 @@ class EngineSUT:
                 self.output_tokens += n
                 self.completed += 1
                 self.last_complete_at = now
-                if n < 2:   # LoadGen (use_token_latencies) logs an error and counts 0 tokens for these
+                if n < 2:  # LoadGen (use_token_latencies) logs an error and counts 0 tokens for these
                     self.short_outputs += 1
                     self.short_output_tokens += n
             if not self._waiting or self._pumping:
                 return
             self._pumping = True
-        self._pump_loop()   # this sample's successor goes in from here, before the engine's next step
+        self._pump_loop()  # this sample's successor goes in from here, before the engine's next step
 
     # results -----------------------------------------------------------
     def table(self) -> pa.Table:
@@ -286,8 +302,7 @@ class EngineSUT:
             flat = np.frombuffer(b"".join(a.tobytes() for a in self._rec_ids), dtype=RESPONSE_DTYPE)
             offsets = np.zeros(len(out_len) + 1, dtype=np.int32)
             np.cumsum(out_len, out=offsets[1:])
-            columns["output_ids"] = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()),
-                                                             pa.array(flat, pa.int32()))
+            columns["output_ids"] = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, pa.int32()))
         return pa.table(columns)
 
     def input_tokens(self) -> int:
@@ -297,6 +312,7 @@ class EngineSUT:
 
 
 # --------------------------------------------------------------------------- progress
+
 
 class _Progress:
     def __init__(self, sut: EngineSUT, interval_s: float, label: str, log: Callable[[str], None]):
@@ -325,8 +341,10 @@ class _Progress:
         eta = (total - done) / sps if sps > 0 else float("inf")
         pct = 100.0 * done / total if total else 0.0
         eta_s = "?" if eta == float("inf") else f"{eta:.0f}s"
-        return (f"{self.label}: {done}/{total} samples ({pct:.1f}%) | {tps:,.1f} output tok/s | "
-                f"{sps:.2f} samples/s | elapsed {elapsed:.0f}s | ETA {eta_s}")
+        return (
+            f"{self.label}: {done}/{total} samples ({pct:.1f}%) | {tps:,.1f} output tok/s | "
+            f"{sps:.2f} samples/s | elapsed {elapsed:.0f}s | ETA {eta_s}"
+        )
 
     def _run(self):
         while not self._done.wait(self.interval_s):
@@ -342,8 +360,7 @@ _SUMMARY_FIELDS = {
     "samples_per_second": (r"^(?:Completed s|S)amples per second\s*:\s*(\S+)", float),
     "tokens_per_second": (r"^(?:Completed t|T)okens per second\s*:\s*(\S+)", float),
     "result": (r"^Result is\s*:\s*(\S+)", str),
-    "performance_constraints_satisfied": (r"^\s*Performance constraints satisfied\s*:\s*(\S+)",
-                                          lambda v: v == "Yes"),
+    "performance_constraints_satisfied": (r"^\s*Performance constraints satisfied\s*:\s*(\S+)", lambda v: v == "Yes"),
     "min_duration_satisfied": (r"^\s*Min duration satisfied\s*:\s*(\S+)", lambda v: v == "Yes"),
     "min_queries_satisfied": (r"^\s*Min queries satisfied\s*:\s*(\S+)", lambda v: v == "Yes"),
     "early_stopping_satisfied": (r"^\s*Early stopping satisfied\s*:\s*(\S+)", lambda v: v == "Yes"),
@@ -375,8 +392,18 @@ def parse_summary(text: str) -> dict:
 SCENARIOS = {"Offline": ("Offline", ""), "Server": ("Server", ""), "Interactive": ("Server", "-interactive")}
 
 
-def loadgen_settings(lg, *, scenario: str, mode: str, n_samples: int, loadgen_model: str | None,
-                     min_duration_ms=None, min_query_count=None, offline_expected_qps=None, target_qps=None):
+def loadgen_settings(
+    lg,
+    *,
+    scenario: str,
+    mode: str,
+    n_samples: int,
+    loadgen_model: str | None,
+    min_duration_ms=None,
+    min_query_count=None,
+    offline_expected_qps=None,
+    target_qps=None,
+):
     """LoadGen TestSettings from its built-in mlperf.conf, overridden by the arguments that are
     not None; returns (settings, the effective values for shard.json)."""
     if scenario not in SCENARIOS:
@@ -388,7 +415,7 @@ def loadgen_settings(lg, *, scenario: str, mode: str, n_samples: int, loadgen_mo
     settings.scenario = getattr(lg.TestScenario, lg_scenario)
     conf_model = f"{loadgen_model}{key_suffix}" if loadgen_model else None
     if conf_model:
-        rc = settings.FromConfig("", conf_model, lg_scenario, 0)   # LoadGen's built-in mlperf.conf
+        rc = settings.FromConfig("", conf_model, lg_scenario, 0)  # LoadGen's built-in mlperf.conf
         if rc != 0:
             raise HarnessError(f"LoadGen could not load its mlperf.conf for model {conf_model!r} (rc={rc})")
     settings.mode = lg.TestMode.AccuracyOnly if mode == "accuracy" else lg.TestMode.PerformanceOnly
@@ -420,8 +447,11 @@ def loadgen_settings(lg, *, scenario: str, mode: str, n_samples: int, loadgen_mo
     if lg_scenario == "Offline":
         effective["offline_expected_qps"] = float(settings.offline_expected_qps)
     else:
-        effective.update(target_qps=float(settings.server_target_qps), ttft_latency_ns=int(settings.ttft_latency),
-                         tpot_latency_ns=int(settings.tpot_latency))
+        effective.update(
+            target_qps=float(settings.server_target_qps),
+            ttft_latency_ns=int(settings.ttft_latency),
+            tpot_latency_ns=int(settings.tpot_latency),
+        )
     return settings, effective
 
 
@@ -437,6 +467,7 @@ def _log_settings(lg, outdir: Path, summary_to_stdout: bool):
 
 # --------------------------------------------------------------------------- the run
 
+
 def _check_arguments(*, mode, shard_mode, scenario, batch_size, max_new_tokens, max_in_flight, engine_limit):
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -451,8 +482,10 @@ def _check_arguments(*, mode, shard_mode, scenario, batch_size, max_new_tokens, 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size is not None and batch_size > engine_limit:
-        raise HarnessError(f"batch size {batch_size} exceeds the engine's max_in_flight {engine_limit}: "
-                           f"lower the batch size or rebuild the engine with a larger max_batch_size")
+        raise HarnessError(
+            f"batch size {batch_size} exceeds the engine's max_in_flight {engine_limit}: "
+            f"lower the batch size or rebuild the engine with a larger max_batch_size"
+        )
 
 
 def _shard_metadata(metadata: dict | None, *, batch_size, num_shards: int) -> dict:
@@ -466,8 +499,9 @@ def _shard_metadata(metadata: dict | None, *, batch_size, num_shards: int) -> di
     return metadata
 
 
-def _drive_loadgen(lg, sut_impl: EngineSUT, samples: ShardSamples, settings, log_settings,
-                   progress: "_Progress") -> tuple[float, float]:
+def _drive_loadgen(
+    lg, sut_impl: EngineSUT, samples: ShardSamples, settings, log_settings, progress: "_Progress"
+) -> tuple[float, float]:
     """One LoadGen test over ``sut_impl``; returns (started_at, finished_at)."""
     n = len(samples)
     sut = lg.ConstructSUT(sut_impl.issue_query, sut_impl.flush_queries)
@@ -484,8 +518,18 @@ def _drive_loadgen(lg, sut_impl: EngineSUT, samples: ShardSamples, settings, log
     return started_at, finished_at
 
 
-_RUN_ONLY_FIELDS = ("started_at", "finished_at", "output_tokens", "input_tokens", "completed_samples",
-                    "issued_samples", "loadgen", "hostname", "slurm_job_id", "cuda_visible_devices")
+_RUN_ONLY_FIELDS = (
+    "started_at",
+    "finished_at",
+    "output_tokens",
+    "input_tokens",
+    "completed_samples",
+    "issued_samples",
+    "loadgen",
+    "hostname",
+    "slurm_job_id",
+    "cuda_visible_devices",
+)
 
 
 def _shard_record(metadata: dict, sut_impl: EngineSUT, samples: ShardSamples, loadgen: dict, **fields) -> dict:
@@ -494,12 +538,13 @@ def _shard_record(metadata: dict, sut_impl: EngineSUT, samples: ShardSamples, lo
     return {
         **metadata,
         **fields,
-        "layout": metadata.get("layout") or (layout_name(num_shards, gpus_per_shard)
-                                              if gpus_per_shard is not None else None),
+        "layout": metadata.get("layout")
+        or (layout_name(num_shards, gpus_per_shard) if gpus_per_shard is not None else None),
         "gpus_per_shard": gpus_per_shard,
         "num_samples": len(samples),
         "sample_indices": [int(samples.sample_indices[0]), int(samples.sample_indices[-1]) + 1]
-        if samples.contiguous else None,
+        if samples.contiguous
+        else None,
         # LoadGen's timed part: first IssueQuery .. last sample completed (QSL load is before it)
         "first_issue_at": sut_impl.first_issue_at,
         "last_complete_at": sut_impl.last_complete_at,
@@ -525,13 +570,29 @@ def _write_outputs(tmp: Path, sut_impl: EngineSUT, record: dict, effective: dict
     write_json_atomic(tmp / "shard.json", record)
 
 
-def run_shard(engine, *, samples_parquet, out_dir, mode: str, shard_index: int, num_shards: int,
-              shard_mode: str, batch_size: int | None, max_new_tokens: int, scenario: str = "Offline",
-              target_qps: float | None = None, max_in_flight: int | None = None,
-              min_duration_ms: int | None = None, min_query_count: int | None = None,
-              offline_expected_qps: float | None = None, loadgen_model: str | None = DEFAULT_LOADGEN_MODEL,
-              metadata: dict | None = None, progress_interval_s: float = 30.0,
-              summary_to_stdout: bool = False, log: Callable[[str], None] = _stderr_log) -> dict:
+def run_shard(
+    engine,
+    *,
+    samples_parquet,
+    out_dir,
+    mode: str,
+    shard_index: int,
+    num_shards: int,
+    shard_mode: str,
+    batch_size: int | None,
+    max_new_tokens: int,
+    scenario: str = "Offline",
+    target_qps: float | None = None,
+    max_in_flight: int | None = None,
+    min_duration_ms: int | None = None,
+    min_query_count: int | None = None,
+    offline_expected_qps: float | None = None,
+    loadgen_model: str | None = DEFAULT_LOADGEN_MODEL,
+    metadata: dict | None = None,
+    progress_interval_s: float = 30.0,
+    summary_to_stdout: bool = False,
+    log: Callable[[str], None] = _stderr_log,
+) -> dict:
     """Run one shard (or, with ``num_shards=1``, the whole rack) through one LoadGen test and
     write its output dir; return shard.json's content.
 
@@ -547,8 +608,15 @@ def run_shard(engine, *, samples_parquet, out_dir, mode: str, shard_index: int, 
     wrapped = BatchedEngine.wrap(engine)
     try:
         engine_limit = engine_max_in_flight(wrapped)
-        _check_arguments(mode=mode, shard_mode=shard_mode, scenario=scenario, batch_size=batch_size,
-                         max_new_tokens=max_new_tokens, max_in_flight=max_in_flight, engine_limit=engine_limit)
+        _check_arguments(
+            mode=mode,
+            shard_mode=shard_mode,
+            scenario=scenario,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            max_in_flight=max_in_flight,
+            engine_limit=engine_limit,
+        )
         in_flight = max_in_flight or batch_size or engine_limit
         metadata = _shard_metadata(metadata, batch_size=batch_size, num_shards=num_shards)
         label = f"shard {shard_index}/{num_shards} {scenario} {mode}"
@@ -561,17 +629,33 @@ def run_shard(engine, *, samples_parquet, out_dir, mode: str, shard_index: int, 
         out_dir = Path(out_dir)
         with atomic_path(out_dir, directory=True) as tmp:
             settings, effective = loadgen_settings(
-                lg, scenario=scenario, mode=mode, n_samples=len(samples), loadgen_model=loadgen_model,
-                min_duration_ms=min_duration_ms, min_query_count=min_query_count,
-                offline_expected_qps=offline_expected_qps, target_qps=target_qps)
-            sut_impl = EngineSUT(wrapped, samples, max_in_flight=in_flight, max_new_tokens=max_new_tokens,
-                                 keep_outputs=(mode == "accuracy"), first_tokens=(scenario != "Offline"),
-                                 lg_module=lg)
+                lg,
+                scenario=scenario,
+                mode=mode,
+                n_samples=len(samples),
+                loadgen_model=loadgen_model,
+                min_duration_ms=min_duration_ms,
+                min_query_count=min_query_count,
+                offline_expected_qps=offline_expected_qps,
+                target_qps=target_qps,
+            )
+            sut_impl = EngineSUT(
+                wrapped,
+                samples,
+                max_in_flight=in_flight,
+                max_new_tokens=max_new_tokens,
+                keep_outputs=(mode == "accuracy"),
+                first_tokens=(scenario != "Offline"),
+                lg_module=lg,
+            )
             progress = _Progress(sut_impl, progress_interval_s, label, log)
-            log(f"{label}: {len(samples)} samples of {n_dataset} ({shard_mode}), at most {in_flight} in flight, "
-                f"max_new_tokens {max_new_tokens}, LoadGen settings {effective}")
-            started_at, finished_at = _drive_loadgen(lg, sut_impl, samples, settings,
-                                                     _log_settings(lg, tmp, summary_to_stdout), progress)
+            log(
+                f"{label}: {len(samples)} samples of {n_dataset} ({shard_mode}), at most {in_flight} in flight, "
+                f"max_new_tokens {max_new_tokens}, LoadGen settings {effective}"
+            )
+            started_at, finished_at = _drive_loadgen(
+                lg, sut_impl, samples, settings, _log_settings(lg, tmp, summary_to_stdout), progress
+            )
             if sut_impl.error is not None:
                 raise HarnessError(f"{label}: engine failed: {sut_impl.error!r}") from sut_impl.error
             log(progress.line())
@@ -581,23 +665,37 @@ def run_shard(engine, *, samples_parquet, out_dir, mode: str, shard_index: int, 
             loadgen = parse_summary(summary_path.read_text())
             loadgen["settings"] = effective
             record = _shard_record(
-                metadata, sut_impl, samples, loadgen, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                scenario=scenario, target_qps=target_qps, max_in_flight=in_flight, mode=mode,
-                shard_index=shard_index, num_shards=num_shards, shard_mode=shard_mode,
-                requested_shard_mode=requested_shard_mode, dataset_samples=n_dataset,
-                started_at=started_at, finished_at=finished_at)
+                metadata,
+                sut_impl,
+                samples,
+                loadgen,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                scenario=scenario,
+                target_qps=target_qps,
+                max_in_flight=in_flight,
+                mode=mode,
+                shard_index=shard_index,
+                num_shards=num_shards,
+                shard_mode=shard_mode,
+                requested_shard_mode=requested_shard_mode,
+                dataset_samples=n_dataset,
+                started_at=started_at,
+                finished_at=finished_at,
+            )
             _write_outputs(tmp, sut_impl, record, effective)
-            log(f"{label}: done: LoadGen result {loadgen['result']}, {loadgen['tokens_per_second']} tokens/s, "
+            log(
+                f"{label}: done: LoadGen result {loadgen['result']}, {loadgen['tokens_per_second']} tokens/s, "
                 f"{loadgen['samples_per_second']} samples/s; {record['completed_samples']} samples, "
-                f"{record['output_tokens']} output tokens in {finished_at - started_at:.1f}s")
+                f"{record['output_tokens']} output tokens in {finished_at - started_at:.1f}s"
+            )
         return record
     finally:
         if wrapped is not engine:
-            wrapped.close()   # its worker thread only: the caller closes the engine
+            wrapped.close()  # its worker thread only: the caller closes the engine
 
 
 # --------------------------------------------------------------------------- CLI
-
 
 
 def shard_gpu_ids(gpus_per_shard: int, environ=os.environ) -> list[int]:
@@ -608,6 +706,7 @@ def shard_gpu_ids(gpus_per_shard: int, environ=os.environ) -> list[int]:
         return list(range(len(entries)))
     try:
         import torch
+
         if torch.cuda.is_available():
             return list(range(gpus_per_shard))
     except ImportError:
@@ -625,18 +724,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-shards", type=int, required=True)
     p.add_argument("--shard-mode", choices=SHARD_MODES, default=RUN_DEFAULTS["performance_shard_mode"])
     p.add_argument("--gpus-per-shard", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="the configuration's batch size; bounds the requests in flight unless --max-in-flight")
-    p.add_argument("--max-in-flight", type=int, default=None,
-                   help="most requests in the engine at once (default: --batch-size, else the engine's max_in_flight)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="the configuration's batch size; bounds the requests in flight unless --max-in-flight",
+    )
+    p.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=None,
+        help="most requests in the engine at once (default: --batch-size, else the engine's max_in_flight)",
+    )
     p.add_argument("--scenario", choices=sorted(SCENARIOS), default="Offline")
     p.add_argument("--target-qps", type=float, default=None, help="Server/Interactive: LoadGen's server_target_qps")
     p.add_argument("--max-new-tokens", type=int, required=True)
     p.add_argument("--min-duration-ms", type=int, default=None, help="default: LoadGen's mlperf.conf")
     p.add_argument("--min-query-count", type=int, default=None, help="default: LoadGen's mlperf.conf")
     p.add_argument("--offline-expected-qps", type=float, default=None, help="default: LoadGen's mlperf.conf")
-    p.add_argument("--loadgen-model", default=DEFAULT_LOADGEN_MODEL,
-                   help="model name whose LoadGen mlperf.conf entries are the defaults")
+    p.add_argument(
+        "--loadgen-model",
+        default=DEFAULT_LOADGEN_MODEL,
+        help="model name whose LoadGen mlperf.conf entries are the defaults",
+    )
     p.add_argument("--progress-interval-s", type=float, default=RUN_DEFAULTS["progress_interval_s"])
     p.add_argument("--gpu-types-json", default="{}", help="JSON (or file): config['gpu_types']")
     p.add_argument("--engine-settings-json", default="{}", help="JSON (or file): engine runtime settings")
@@ -652,16 +762,37 @@ def main(argv=None) -> int:
     metadata.setdefault("gpus_per_shard", args.gpus_per_shard)
     gpu_ids = shard_gpu_ids(args.gpus_per_shard)
     if gpu_ids and len(gpu_ids) != args.gpus_per_shard:
-        _stderr_log(f"warning: CUDA_VISIBLE_DEVICES shows {len(gpu_ids)} GPUs; --gpus-per-shard is {args.gpus_per_shard}")
-    engine = open_engine(args.engine_dir, gpu_ids=gpu_ids, settings=json_arg(args.engine_settings_json),
-                         gpu_types=json_arg(args.gpu_types_json))
+        _stderr_log(
+            f"warning: CUDA_VISIBLE_DEVICES shows {len(gpu_ids)} GPUs; --gpus-per-shard is {args.gpus_per_shard}"
+        )
+    engine = open_engine(
+        args.engine_dir,
+        gpu_ids=gpu_ids,
+        settings=json_arg(args.engine_settings_json),
+        gpu_types=json_arg(args.gpu_types_json),
+    )
     try:
-        run_shard(engine, samples_parquet=args.dataset, out_dir=args.out, mode=args.mode,
-                  shard_index=args.shard_index, num_shards=args.num_shards, shard_mode=args.shard_mode,
-                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, scenario=args.scenario,
-                  target_qps=args.target_qps, max_in_flight=args.max_in_flight, min_duration_ms=args.min_duration_ms, min_query_count=args.min_query_count,
-                  offline_expected_qps=args.offline_expected_qps, loadgen_model=args.loadgen_model,
-                  metadata=metadata, progress_interval_s=args.progress_interval_s, summary_to_stdout=True)
+        run_shard(
+            engine,
+            samples_parquet=args.dataset,
+            out_dir=args.out,
+            mode=args.mode,
+            shard_index=args.shard_index,
+            num_shards=args.num_shards,
+            shard_mode=args.shard_mode,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            scenario=args.scenario,
+            target_qps=args.target_qps,
+            max_in_flight=args.max_in_flight,
+            min_duration_ms=args.min_duration_ms,
+            min_query_count=args.min_query_count,
+            offline_expected_qps=args.offline_expected_qps,
+            loadgen_model=args.loadgen_model,
+            metadata=metadata,
+            progress_interval_s=args.progress_interval_s,
+            summary_to_stdout=True,
+        )
     finally:
         engine.close()
     return 0

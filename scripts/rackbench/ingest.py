@@ -97,28 +97,60 @@ _DETAIL_KEYS = {
 }
 
 COLUMNS = [
-    "path", "group", "sut_name", "scenario", "mlperf_scenario", "test_mode", "result",
-    "tokens_per_second", "samples_per_second", "completed_tokens_per_second", "completed_samples_per_second",
-    "throughput_tokens_per_second", "throughput_tokens_per_second_value",
-    "performance_constraints_satisfied", "ttft_p99_ns", "ttft_limit_ns", "tpot_p99_ns", "tpot_limit_ns",
+    "path",
+    "group",
+    "sut_name",
+    "scenario",
+    "mlperf_scenario",
+    "test_mode",
+    "result",
+    "tokens_per_second",
+    "samples_per_second",
+    "completed_tokens_per_second",
+    "completed_samples_per_second",
+    "throughput_tokens_per_second",
+    "throughput_tokens_per_second_value",
+    "performance_constraints_satisfied",
+    "ttft_p99_ns",
+    "ttft_limit_ns",
+    "tpot_p99_ns",
+    "tpot_limit_ns",
     "target_qps",
-    "min_duration_satisfied", "min_queries_satisfied", "early_stopping_satisfied",
-    "samples_per_query", "generated_samples_per_query", "min_duration_ms", "min_query_count",
-    "loadgen_version", "test_datetime", "power_begin", "power_end", "duration_s",
-    "num_errors", "num_warnings",
-    "rouge1", "rouge2", "rougeL", "rougeLsum", "gen_len", "gen_num", "gen_tok_len",
-    "tokens_per_sample", "accuracy_hash", "accuracy_log", "accuracy_evidence",
+    "min_duration_satisfied",
+    "min_queries_satisfied",
+    "early_stopping_satisfied",
+    "samples_per_query",
+    "generated_samples_per_query",
+    "min_duration_ms",
+    "min_query_count",
+    "loadgen_version",
+    "test_datetime",
+    "power_begin",
+    "power_end",
+    "duration_s",
+    "num_errors",
+    "num_warnings",
+    "rouge1",
+    "rouge2",
+    "rougeL",
+    "rougeLsum",
+    "gen_len",
+    "gen_num",
+    "gen_tok_len",
+    "tokens_per_sample",
+    "accuracy_hash",
+    "accuracy_log",
+    "accuracy_evidence",
     "summary_detail_mismatch",
 ]
-ACCURACY_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "gen_len", "gen_num", "gen_tok_len",
-                 "tokens_per_sample")
+ACCURACY_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "gen_len", "gen_num", "gen_tok_len", "tokens_per_sample")
 EVIDENCE_SCORED = "accuracy.txt"
 EVIDENCE_UNSCORED = "accuracy log only (unscored)"
 EVIDENCE_NONE = "none"
 
 
 MLPERF_SCENARIOS = ("Offline", "Server", "Interactive", "SingleStream", "MultiStream")
-INTERACTIVE_TTFT_NS = 450e6      # LoadGen mlperf.conf: llama2-70b-interactive.Server.ttft_latency = 450 (ms)
+INTERACTIVE_TTFT_NS = 450e6  # LoadGen mlperf.conf: llama2-70b-interactive.Server.ttft_latency = 450 (ms)
 
 
 class _Raw(str):
@@ -157,7 +189,7 @@ def parse_detail(path: str | os.PathLike) -> dict:
             if not line.startswith(":::MLLOG"):
                 continue
             try:
-                entry = json.loads(line[len(":::MLLOG"):], parse_float=_Raw, parse_int=_Raw)
+                entry = json.loads(line[len(":::MLLOG") :], parse_float=_Raw, parse_int=_Raw)
             except json.JSONDecodeError:
                 continue
             meta = entry.get("metadata") or {}
@@ -220,6 +252,7 @@ def _duration_s(row: dict) -> str | None:
     begin, end = row.get("power_begin"), row.get("power_end")
     if begin and end:
         from datetime import datetime
+
         fmt = "%m-%d-%Y %H:%M:%S.%f"
         try:
             return f"{(datetime.strptime(end, fmt) - datetime.strptime(begin, fmt)).total_seconds():.3f}"
@@ -248,7 +281,7 @@ def ingest_dir(directory: str | os.PathLike) -> dict:
     detail_fields = parse_detail(detail) if detail.exists() else {}
     summary_fields = parse_summary(summary) if summary.exists() else {}
     row.update(detail_fields)
-    row.update(summary_fields)     # the summary is what submitters publish: it wins
+    row.update(summary_fields)  # the summary is what submitters publish: it wins
     mismatch = []
     for key in ("tokens_per_second", "samples_per_second", "completed_tokens_per_second", "result"):
         a, b = summary_fields.get(key), detail_fields.get(key)
@@ -333,6 +366,7 @@ def _utc(test_datetime: str | None) -> float | None:
     if not test_datetime:
         return None
     from datetime import datetime, timezone
+
     try:
         return datetime.strptime(test_datetime, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
     except ValueError:
@@ -346,8 +380,14 @@ def _fmt_printed(printed, value) -> str:
     return printed if f"{value:,.0f}" == printed else f"{printed} (= {value:,.0f})"
 
 
-def read_as_rack(root, *, gpus_per_run: int | None = None, min_overlap: float = 0.9, benchmark: str | None = None,
-                 rows: list[dict] | None = None) -> dict:
+def read_as_rack(
+    root,
+    *,
+    gpus_per_run: int | None = None,
+    min_overlap: float = 0.9,
+    benchmark: str | None = None,
+    rows: list[dict] | None = None,
+) -> dict:
     """Every performance run under ``root`` as one node of a rack, per MLPerf scenario.
 
     Per scenario: (a) the sum of the nodes' own LoadGen tokens/s, per GPU (with
@@ -358,6 +398,7 @@ def read_as_rack(root, *, gpus_per_run: int | None = None, min_overlap: float = 
     benchmark's targets), and side by side what the runs claim and what MLPerf would accept.
     """
     from rackbench import benchmarks
+
     rows = ingest(root) if rows is None else rows
     perf = [r for r in rows if r["test_mode"] == "PerformanceOnly"]
     scored = {}
@@ -370,15 +411,25 @@ def read_as_rack(root, *, gpus_per_run: int | None = None, min_overlap: float = 
         for r in sorted((r for r in perf if r["mlperf_scenario"] == scenario), key=lambda r: r["path"]):
             bench_name = benchmark or _benchmark_in(r["path"]) or benchmarks.DEFAULT_BENCHMARK
             acc = scored.get(r["group"])
-            node = {"node": r["group"], "path": r["path"], "result": r["result"],
-                    "tokens_per_second": r["throughput_tokens_per_second"],
-                    "tokens_per_second_value": r["throughput_tokens_per_second_value"],
-                    "ttft_p99_ns": r.get("ttft_p99_ns"), "tpot_p99_ns": r.get("tpot_p99_ns"),
-                    "test_datetime": r.get("test_datetime"), "start": _utc(r.get("test_datetime")),
-                    "duration_s": _number(r.get("duration_s")), "benchmark": bench_name,
-                    "accuracy": _accuracy_evidence(acc, bench_name)}
-            node["end"] = (node["start"] + node["duration_s"]
-                           if node["start"] is not None and node["duration_s"] is not None else None)
+            node = {
+                "node": r["group"],
+                "path": r["path"],
+                "result": r["result"],
+                "tokens_per_second": r["throughput_tokens_per_second"],
+                "tokens_per_second_value": r["throughput_tokens_per_second_value"],
+                "ttft_p99_ns": r.get("ttft_p99_ns"),
+                "tpot_p99_ns": r.get("tpot_p99_ns"),
+                "test_datetime": r.get("test_datetime"),
+                "start": _utc(r.get("test_datetime")),
+                "duration_s": _number(r.get("duration_s")),
+                "benchmark": bench_name,
+                "accuracy": _accuracy_evidence(acc, bench_name),
+            }
+            node["end"] = (
+                node["start"] + node["duration_s"]
+                if node["start"] is not None and node["duration_s"] is not None
+                else None
+            )
             if gpus_per_run:
                 node["per_gpu"] = (node["tokens_per_second_value"] or 0.0) / gpus_per_run
             nodes.append(node)
@@ -388,6 +439,7 @@ def read_as_rack(root, *, gpus_per_run: int | None = None, min_overlap: float = 
 
 def _benchmark_in(path: str) -> str | None:
     from rackbench import benchmarks
+
     for part in Path(path).parts:
         if part in benchmarks.BENCHMARKS:
             return part
@@ -396,6 +448,7 @@ def _benchmark_in(path: str) -> str | None:
 
 def _accuracy_evidence(acc: dict | None, bench_name: str) -> dict:
     from rackbench import benchmarks
+
     if acc is None:
         return {"evidence": EVIDENCE_NONE, "meets_target": None, "failures": ["no scored accuracy run"]}
     targets = benchmarks.get(bench_name).targets()
@@ -407,31 +460,46 @@ def _accuracy_evidence(acc: dict | None, bench_name: str) -> dict:
     tps = _number(acc.get("tokens_per_sample"))
     if tps is None or not lo <= tps <= hi:
         failures.append(f"tokens_per_sample {acc.get('tokens_per_sample')} outside [{lo:.2f}, {hi:.2f}]")
-    return {"evidence": EVIDENCE_SCORED, "path": acc["path"], "meets_target": not failures, "failures": failures,
-            **{k: acc.get(k) for k in ("rouge1", "rouge2", "rougeL", "tokens_per_sample", "gen_num")}}
+    return {
+        "evidence": EVIDENCE_SCORED,
+        "path": acc["path"],
+        "meets_target": not failures,
+        "failures": failures,
+        **{k: acc.get(k) for k in ("rouge1", "rouge2", "rougeL", "tokens_per_sample", "gen_num")},
+    }
 
 
 def _rack_figures(nodes: list[dict], gpus_per_run, min_overlap) -> dict:
     import statistics
+
     n = len(nodes)
     values = [x["tokens_per_second_value"] or 0.0 for x in nodes]
     total = sum(values)
-    fig: dict = {"nodes": nodes, "num_loadgens": n, "sum_tokens_per_second": total,
-                 "gpus": n * gpus_per_run if gpus_per_run else None}
+    fig: dict = {
+        "nodes": nodes,
+        "num_loadgens": n,
+        "sum_tokens_per_second": total,
+        "gpus": n * gpus_per_run if gpus_per_run else None,
+    }
     fig["sum_per_gpu"] = total / fig["gpus"] if fig["gpus"] else None
     per = [x.get("per_gpu", v) for x, v in zip(nodes, values)]
     mean = statistics.fmean(per) if per else float("nan")
-    fig["spread"] = {"unit": "tokens/s per GPU" if gpus_per_run else "tokens/s per node", "mean": mean,
-                     "min": min(per), "max": max(per),
-                     "cv": (statistics.stdev(per) / mean) if n > 1 and mean else 0.0}
+    fig["spread"] = {
+        "unit": "tokens/s per GPU" if gpus_per_run else "tokens/s per node",
+        "mean": mean,
+        "min": min(per),
+        "max": max(per),
+        "cv": (statistics.stdev(per) / mean) if n > 1 and mean else 0.0,
+    }
     slowest = min(nodes, key=lambda x: (x["tokens_per_second_value"] or 0.0, x["node"]))
     fig["slowest_node"] = slowest["node"]
     # (b) concurrent throughput: only where every node says when it ran
     undated = [x["node"] for x in nodes if x["start"] is None or x["duration_s"] is None]
     if undated:
         fig["concurrent_tokens_per_second"] = None
-        fig["overlap"] = ("cannot be verified: no test_datetime (or no duration) in the detail log of "
-                          + ", ".join(undated))
+        fig["overlap"] = "cannot be verified: no test_datetime (or no duration) in the detail log of " + ", ".join(
+            undated
+        )
         fig["concurrent"] = None
     else:
         first, last = min(x["start"] for x in nodes), max(x["end"] for x in nodes)
@@ -440,24 +508,33 @@ def _rack_figures(nodes: list[dict], gpus_per_run, min_overlap) -> dict:
         fig["window_s"] = last - first
         fig["concurrent_tokens_per_second"] = tokens / fig["window_s"] if fig["window_s"] > 0 else None
         for x in nodes:
-            x["overlap_fraction"] = (max(0.0, common_end - common_start) / x["duration_s"]
-                                     if x["duration_s"] else 0.0) if n > 1 else 1.0
+            x["overlap_fraction"] = (
+                (max(0.0, common_end - common_start) / x["duration_s"] if x["duration_s"] else 0.0) if n > 1 else 1.0
+            )
         late = [x["node"] for x in nodes if x["overlap_fraction"] < min_overlap]
         fig["concurrent"] = not late
-        fig["overlap"] = ("one LoadGen run: nothing to overlap" if n == 1 else
-                          "all nodes ran together (test_datetime, 1 s resolution)" if not late else
-                          f"NOT concurrent: {', '.join(late)} overlapped the others less than {min_overlap:.0%}")
+        fig["overlap"] = (
+            "one LoadGen run: nothing to overlap"
+            if n == 1
+            else "all nodes ran together (test_datetime, 1 s resolution)"
+            if not late
+            else f"NOT concurrent: {', '.join(late)} overlapped the others less than {min_overlap:.0%}"
+        )
     # claims and what MLPerf would accept
     invalid = [x["node"] for x in nodes if x["result"] != "VALID"]
     inaccurate = [x["node"] for x in nodes if not x["accuracy"]["meets_target"]]
     if n == 1:
         claim = f"{RACK_METHOD_ONE}: {_fmt_printed(nodes[0]['tokens_per_second'], values[0])} tokens/s"
-        accepted = (f"{_fmt_printed(nodes[0]['tokens_per_second'], values[0])} tokens/s as one system result"
-                    if not invalid and not inaccurate else "nothing: " + _why_not(invalid, inaccurate))
+        accepted = (
+            f"{_fmt_printed(nodes[0]['tokens_per_second'], values[0])} tokens/s as one system result"
+            if not invalid and not inaccurate
+            else "nothing: " + _why_not(invalid, inaccurate)
+        )
     else:
         claim = f"sum of {n} LoadGens (not an MLPerf result): {total:,.0f} tokens/s"
-        accepted = (f"{n} separate per-node results (each node its own system), never their sum"
-                    + (f"; not even those of {_why_not(invalid, inaccurate)}" if invalid or inaccurate else ""))
+        accepted = f"{n} separate per-node results (each node its own system), never their sum" + (
+            f"; not even those of {_why_not(invalid, inaccurate)}" if invalid or inaccurate else ""
+        )
     fig["claim"], fig["mlperf_accepts"] = claim, accepted
     return fig
 
@@ -476,46 +553,78 @@ def format_rack(rack: dict) -> str:
     lines = [f"# {rack['root']} read as one rack", ""]
     for scenario, fig in rack["scenarios"].items():
         n = fig["num_loadgens"]
-        lines += [f"## {scenario}: {n} LoadGen run{'s' if n != 1 else ''}", "",
-                  "| node | LoadGen result | tokens/s (as printed) | per GPU | TTFT p99 ns | TPOT p99 ns | "
-                  "start (test_datetime) | duration s | accuracy evidence |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {scenario}: {n} LoadGen run{'s' if n != 1 else ''}",
+            "",
+            "| node | LoadGen result | tokens/s (as printed) | per GPU | TTFT p99 ns | TPOT p99 ns | "
+            "start (test_datetime) | duration s | accuracy evidence |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for x in fig["nodes"]:
             acc = x["accuracy"]
-            acc_cell = ("none" if acc["evidence"] == EVIDENCE_NONE else
-                        f"rouge1 {acc['rouge1']}, rouge2 {acc['rouge2']}, rougeL {acc['rougeL']}, tokens/sample "
-                        f"{acc['tokens_per_sample']}: {'meets' if acc['meets_target'] else 'BELOW'} {x['benchmark']}")
+            acc_cell = (
+                "none"
+                if acc["evidence"] == EVIDENCE_NONE
+                else f"rouge1 {acc['rouge1']}, rouge2 {acc['rouge2']}, rougeL {acc['rougeL']}, tokens/sample "
+                f"{acc['tokens_per_sample']}: {'meets' if acc['meets_target'] else 'BELOW'} {x['benchmark']}"
+            )
             per_gpu = "-" if x.get("per_gpu") is None else f"{x['per_gpu']:,.0f}"
             duration = "-" if x["duration_s"] is None else f"{x['duration_s']:.1f}"
             printed = _fmt_printed(x["tokens_per_second"], x["tokens_per_second_value"])
-            lines.append(f"| {x['node']} | {x['result']} | {printed} | {per_gpu} | {x['ttft_p99_ns'] or '-'} | "
-                         f"{x['tpot_p99_ns'] or '-'} | {x['test_datetime'] or 'absent'} | {duration} | {acc_cell} |")
+            lines.append(
+                f"| {x['node']} | {x['result']} | {printed} | {per_gpu} | {x['ttft_p99_ns'] or '-'} | "
+                f"{x['tpot_p99_ns'] or '-'} | {x['test_datetime'] or 'absent'} | {duration} | {acc_cell} |"
+            )
         sp = fig["spread"]
         conc = fig["concurrent_tokens_per_second"]
-        lines += ["", f"- (a) sum: {fig['sum_tokens_per_second']:,.0f} tokens/s"
-                  + (f", {fig['sum_per_gpu']:,.0f} per GPU ({fig['gpus']} GPUs)" if fig["sum_per_gpu"] else
-                     " (per GPU: give --gpus-per-run)"),
-                  f"- spread ({sp['unit']}): mean {sp['mean']:,.0f}, min {sp['min']:,.0f}, max {sp['max']:,.0f}, "
-                  f"CV {sp['cv']:.3f}; slowest node: {fig['slowest_node']}",
-                  "- (b) concurrent: " + (f"{conc:,.0f} tokens/s over {fig['window_s']:,.0f} s" if conc else "not given")
-                  + f"; overlap {fig['overlap']}",
-                  "", "| what the runs claim | what MLPerf would accept |", "|---|---|",
-                  f"| {fig['claim']} | {fig['mlperf_accepts']} |", ""]
+        lines += [
+            "",
+            f"- (a) sum: {fig['sum_tokens_per_second']:,.0f} tokens/s"
+            + (
+                f", {fig['sum_per_gpu']:,.0f} per GPU ({fig['gpus']} GPUs)"
+                if fig["sum_per_gpu"]
+                else " (per GPU: give --gpus-per-run)"
+            ),
+            f"- spread ({sp['unit']}): mean {sp['mean']:,.0f}, min {sp['min']:,.0f}, max {sp['max']:,.0f}, "
+            f"CV {sp['cv']:.3f}; slowest node: {fig['slowest_node']}",
+            "- (b) concurrent: "
+            + (f"{conc:,.0f} tokens/s over {fig['window_s']:,.0f} s" if conc else "not given")
+            + f"; overlap {fig['overlap']}",
+            "",
+            "| what the runs claim | what MLPerf would accept |",
+            "|---|---|",
+            f"| {fig['claim']} | {fig['mlperf_accepts']} |",
+            "",
+        ]
     return "\n".join(lines)
 
 
 def to_frame(rows: list[dict]):
     import pandas as pd
+
     return pd.DataFrame(rows, columns=COLUMNS, dtype=object)
 
 
-_PRINT = [("path", "path"), ("mlperf_scenario", "scenario"), ("test_mode", "mode"), ("result", "result"),
-          ("throughput_tokens_per_second", "tokens/s"), ("samples_per_second", "samples/s"),
-          ("ttft_p99_ns", "TTFT p99 ns"), ("tpot_p99_ns", "TPOT p99 ns"),
-          ("min_duration_satisfied", "min dur"), ("min_queries_satisfied", "min q"),
-          ("samples_per_query", "samples/query"), ("loadgen_version", "loadgen"),
-          ("duration_s", "duration s"), ("rouge1", "rouge1"), ("rouge2", "rouge2"),
-          ("rougeL", "rougeL"), ("tokens_per_sample", "tok/sample"),
-          ("accuracy_evidence", "accuracy evidence")]
+_PRINT = [
+    ("path", "path"),
+    ("mlperf_scenario", "scenario"),
+    ("test_mode", "mode"),
+    ("result", "result"),
+    ("throughput_tokens_per_second", "tokens/s"),
+    ("samples_per_second", "samples/s"),
+    ("ttft_p99_ns", "TTFT p99 ns"),
+    ("tpot_p99_ns", "TPOT p99 ns"),
+    ("min_duration_satisfied", "min dur"),
+    ("min_queries_satisfied", "min q"),
+    ("samples_per_query", "samples/query"),
+    ("loadgen_version", "loadgen"),
+    ("duration_s", "duration s"),
+    ("rouge1", "rouge1"),
+    ("rouge2", "rouge2"),
+    ("rougeL", "rougeL"),
+    ("tokens_per_sample", "tok/sample"),
+    ("accuracy_evidence", "accuracy evidence"),
+]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -531,10 +640,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rackbench.ingest", description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", help="any folder of LoadGen results (searched recursively)")
     parser.add_argument("--out", help="also write the rows (with --as-rack: the rack reading) to this .csv or .json")
-    parser.add_argument("--as-rack", action="store_true",
-                        help="read every performance run under FOLDER as one node of one rack")
-    parser.add_argument("--gpus-per-run", type=int, default=None, help="with --as-rack: GPUs each LoadGen run drove (a node's GPUs; 72 for one LoadGen over an NVL72), "
-                             "for the per-GPU figures")
+    parser.add_argument(
+        "--as-rack", action="store_true", help="read every performance run under FOLDER as one node of one rack"
+    )
+    parser.add_argument(
+        "--gpus-per-run",
+        type=int,
+        default=None,
+        help="with --as-rack: GPUs each LoadGen run drove (a node's GPUs; 72 for one LoadGen over an NVL72), "
+        "for the per-GPU figures",
+    )
     parser.add_argument("--min-overlap", type=float, default=0.9, help="with --as-rack (default 0.9)")
     parser.add_argument("--benchmark", default=None, help="with --as-rack: accuracy targets (default: from the path)")
     args = parser.parse_args(argv)
@@ -545,18 +660,25 @@ def main(argv=None) -> int:
         print(f"no LoadGen results under {args.folder}", file=sys.stderr)
         return 1
     if args.as_rack:
-        rack = read_as_rack(args.folder, gpus_per_run=args.gpus_per_run, min_overlap=args.min_overlap,
-                            benchmark=args.benchmark, rows=rows)
+        rack = read_as_rack(
+            args.folder,
+            gpus_per_run=args.gpus_per_run,
+            min_overlap=args.min_overlap,
+            benchmark=args.benchmark,
+            rows=rows,
+        )
         print(format_rack(rack))
         if args.out:
             from rackbench.atomic import write_json_atomic
+
             if not args.out.endswith(".json"):
                 parser.error("with --as-rack, --out must end in .json")
             write_json_atomic(args.out, rack)
         return 0
     print(format_table(rows))
     if args.out:
-        from rackbench.atomic import write_json_atomic, atomic_path
+        from rackbench.atomic import atomic_path, write_json_atomic
+
         if args.out.endswith(".json"):
             write_json_atomic(args.out, rows)
         elif args.out.endswith(".csv"):

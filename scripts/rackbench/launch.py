@@ -58,6 +58,7 @@ class LaunchError(RuntimeError):
 
 # --------------------------------------------------------------------------- ports
 
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port the OS reports free on ``host`` now (the server binds it moments later)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -85,17 +86,41 @@ def ensure_port_free(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as exc:
-            raise LaunchError(f"port {port} on {host} is already in use ({exc.strerror or exc}); "
-                              f"stop what holds it or leave the port unset to pick a free one") from None
+            raise LaunchError(
+                f"port {port} on {host} is already in use ({exc.strerror or exc}); "
+                f"stop what holds it or leave the port unset to pick a free one"
+            ) from None
 
 
 # --------------------------------------------------------------------------- commands
 
-def rackbench_serve_command(engine_dir, *, host: str, port: int, backend: str = "reference",
-                            settings: dict | None = None, gpu_ids: Sequence[int] = (),
-                            model_name: str | None = None, python: str = sys.executable) -> list[str]:
-    argv = [python, "-m", "rackbench.serve", "--engine-dir", str(engine_dir), "--backend", backend,
-            "--host", host, "--port", str(port), "--settings", json.dumps(settings or {}, sort_keys=True)]
+
+def rackbench_serve_command(
+    engine_dir,
+    *,
+    host: str,
+    port: int,
+    backend: str = "reference",
+    settings: dict | None = None,
+    gpu_ids: Sequence[int] = (),
+    model_name: str | None = None,
+    python: str = sys.executable,
+) -> list[str]:
+    argv = [
+        python,
+        "-m",
+        "rackbench.serve",
+        "--engine-dir",
+        str(engine_dir),
+        "--backend",
+        backend,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--settings",
+        json.dumps(settings or {}, sort_keys=True),
+    ]
     if gpu_ids:
         argv += ["--gpu-ids", ",".join(map(str, gpu_ids))]
     if model_name:
@@ -103,9 +128,19 @@ def rackbench_serve_command(engine_dir, *, host: str, port: int, backend: str = 
     return argv
 
 
-def trtllm_serve_command(model, *, host: str, port: int, backend: str = "pytorch", tp_size: int = 1,
-                         max_batch_size: int | None = None, max_num_tokens: int | None = None,
-                         extra_llm_api_options=None, tokenizer=None, wrapper: bool = True) -> list[str]:
+def trtllm_serve_command(
+    model,
+    *,
+    host: str,
+    port: int,
+    backend: str = "pytorch",
+    tp_size: int = 1,
+    max_batch_size: int | None = None,
+    max_num_tokens: int | None = None,
+    extra_llm_api_options=None,
+    tokenizer=None,
+    wrapper: bool = True,
+) -> list[str]:
     """``trtllm-serve`` for one endpoint (TensorRT-LLM 1.2 flags; see the contract spec).
 
     ``model``: an HF checkpoint dir (``backend="pytorch"``) or an engine dir
@@ -115,8 +150,18 @@ def trtllm_serve_command(model, *, host: str, port: int, backend: str = "pytorch
     environment away from the server process and runs the MPI leader beside it).
     """
     argv = [TRTLLM_LAUNCH_WRAPPER] if wrapper else []
-    argv += [TRTLLM_SERVE, str(model), "--host", host, "--port", str(port), "--backend", backend,
-             "--tp_size", str(tp_size)]
+    argv += [
+        TRTLLM_SERVE,
+        str(model),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--backend",
+        backend,
+        "--tp_size",
+        str(tp_size),
+    ]
     if tokenizer is not None:
         argv += ["--tokenizer", str(tokenizer)]
     if max_batch_size is not None:
@@ -134,13 +179,24 @@ def template_command(template: str, *, host: str, port: int, model: str = "", gp
     try:
         text = template.format(host=host, port=port, model=model, gpus=",".join(map(str, gpus)))
     except (KeyError, IndexError) as exc:
-        raise LaunchError(f"server command template {template!r}: unknown placeholder {exc}; "
-                          f"known: {{host}} {{port}} {{model}} {{gpus}}") from None
+        raise LaunchError(
+            f"server command template {template!r}: unknown placeholder {exc}; "
+            f"known: {{host}} {{port}} {{model}} {{gpus}}"
+        ) from None
     return shlex.split(text)
 
 
-def srun_command(argv: Sequence[str], *, node: str, gpus: int, cpus: int | None = None, mem: str | None = None,
-                 job_name: str = "rackbench-server", output=None, extra: Sequence[str] = ()) -> list[str]:
+def srun_command(
+    argv: Sequence[str],
+    *,
+    node: str,
+    gpus: int,
+    cpus: int | None = None,
+    mem: str | None = None,
+    job_name: str = "rackbench-server",
+    output=None,
+    extra: Sequence[str] = (),
+) -> list[str]:
     """One engine server as one job step of the current allocation, on ``node``, with ``gpus`` GPUs.
 
     ``--exact`` gives the step only what it asks for, so the steps of one node run side
@@ -149,8 +205,16 @@ def srun_command(argv: Sequence[str], *, node: str, gpus: int, cpus: int | None 
     node's job memory and hold the next step back. ``--kill-on-bad-exit`` ends the step
     if its task fails.
     """
-    cmd = ["srun", "--exact", "--nodes=1", "--ntasks=1", f"--nodelist={node}", f"--gres=gpu:{gpus}",
-           f"--job-name={job_name}", "--kill-on-bad-exit=1"]
+    cmd = [
+        "srun",
+        "--exact",
+        "--nodes=1",
+        "--ntasks=1",
+        f"--nodelist={node}",
+        f"--gres=gpu:{gpus}",
+        f"--job-name={job_name}",
+        "--kill-on-bad-exit=1",
+    ]
     if cpus is not None:
         cmd.append(f"--cpus-per-task={cpus}")
     if mem is not None:
@@ -171,16 +235,18 @@ def allocation_nodes(env=os.environ) -> list[str]:
 
 # --------------------------------------------------------------------------- specs
 
+
 @dataclass
 class ServerSpec:
     """One engine server: its argv (port filled in), where it listens, its GPUs."""
+
     name: str
-    argv: list[str] | None          # None: not launched here (a server given by URL)
+    argv: list[str] | None  # None: not launched here (a server given by URL)
     host: str
     port: int
     gpus: list[int] = field(default_factory=list)
     env: dict = field(default_factory=dict)
-    slurm: bool = False             # argv is an srun step (the GPUs are Slurm's to bind)
+    slurm: bool = False  # argv is an srun step (the GPUs are Slurm's to bind)
     url_override: str | None = None
 
     @property
@@ -188,9 +254,16 @@ class ServerSpec:
         return self.url_override or f"http://{self.host}:{self.port}"
 
 
-def local_rackbench_specs(count: int, engine_dir, *, backend: str = "reference", settings: dict | None = None,
-                          host: str = "127.0.0.1", ports: Sequence[int] | None = None,
-                          gpus_per_server: int = 0) -> list[ServerSpec]:
+def local_rackbench_specs(
+    count: int,
+    engine_dir,
+    *,
+    backend: str = "reference",
+    settings: dict | None = None,
+    host: str = "127.0.0.1",
+    ports: Sequence[int] | None = None,
+    gpus_per_server: int = 0,
+) -> list[ServerSpec]:
     """``count`` local rackbench.serve servers; ports free ones unless given (a taken one: LaunchError)."""
     if ports is not None and len(ports) != count:
         raise LaunchError(f"{count} servers but {len(ports)} ports given")
@@ -203,15 +276,24 @@ def local_rackbench_specs(count: int, engine_dir, *, backend: str = "reference",
     for i in range(count):
         port = ports[i]
         gpus = list(range(i * gpus_per_server, (i + 1) * gpus_per_server))
-        argv = rackbench_serve_command(engine_dir, host=host, port=port, backend=backend, settings=settings,
-                                       gpu_ids=list(range(len(gpus))))
+        argv = rackbench_serve_command(
+            engine_dir, host=host, port=port, backend=backend, settings=settings, gpu_ids=list(range(len(gpus)))
+        )
         specs.append(ServerSpec(f"server{i}", argv, host, port, gpus=gpus))
     return specs
 
 
-def slurm_specs(server_argv, *, nodes: Sequence[str], servers_per_node: int, gpus_per_server: int,
-                base_port: int, cpus_per_server: int | None = None, mem_per_server: str | None = None,
-                log_dir=None) -> list[ServerSpec]:
+def slurm_specs(
+    server_argv,
+    *,
+    nodes: Sequence[str],
+    servers_per_node: int,
+    gpus_per_server: int,
+    base_port: int,
+    cpus_per_server: int | None = None,
+    mem_per_server: str | None = None,
+    log_dir=None,
+) -> list[ServerSpec]:
     """One srun step per server, ``servers_per_node`` on each node, ports ``base_port + slot``.
 
     ``server_argv(host, port)`` builds the server command (``trtllm_serve_command`` or
@@ -223,8 +305,15 @@ def slurm_specs(server_argv, *, nodes: Sequence[str], servers_per_node: int, gpu
             i = n * servers_per_node + slot
             port = base_port + slot
             output = Path(log_dir) / f"server{i}.log" if log_dir else None
-            argv = srun_command(server_argv("0.0.0.0", port), node=node, gpus=gpus_per_server, cpus=cpus_per_server,
-                                mem=mem_per_server, job_name=f"rackbench-server{i}", output=output)
+            argv = srun_command(
+                server_argv("0.0.0.0", port),
+                node=node,
+                gpus=gpus_per_server,
+                cpus=cpus_per_server,
+                mem=mem_per_server,
+                job_name=f"rackbench-server{i}",
+                output=output,
+            )
             specs.append(ServerSpec(f"server{i}", argv, node, port, slurm=True))
     return specs
 
@@ -235,6 +324,7 @@ def url_specs(urls: Sequence[str]) -> list[ServerSpec]:
 
 
 # --------------------------------------------------------------------------- the group
+
 
 class ServerGroup:
     """Start ``specs``, ``wait_ready``, and ``teardown`` every one (also on exceptions and signals)."""
@@ -266,7 +356,7 @@ class ServerGroup:
             return
 
         def handler(signum, frame):
-            raise SystemExit(128 + signum)   # unwinds through __exit__ -> teardown
+            raise SystemExit(128 + signum)  # unwinds through __exit__ -> teardown
 
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self._old_handlers[sig] = signal.signal(sig, handler)
@@ -290,8 +380,13 @@ class ServerGroup:
             if spec.gpus and not spec.slurm:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, spec.gpus))
             try:
-                self.procs[spec.name] = subprocess.Popen(spec.argv, stdout=log or subprocess.DEVNULL,
-                                                         stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                self.procs[spec.name] = subprocess.Popen(
+                    spec.argv,
+                    stdout=log or subprocess.DEVNULL,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                )
             except OSError as exc:
                 raise LaunchError(f"{spec.name} ({spec.url}): cannot start {spec.argv[0]!r}: {exc}") from None
             finally:
@@ -336,18 +431,18 @@ class ServerGroup:
             return
         self._torn_down = True
         try:
-            for name, proc in self.procs.items():
+            for proc in self.procs.values():
                 if proc.poll() is None:
                     _signal_group(proc, signal.SIGTERM)
             deadline = time.monotonic() + self.term_grace_s
-            for name, proc in self.procs.items():
+            for proc in self.procs.values():
                 try:
                     proc.wait(timeout=max(0.1, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     _signal_group(proc, signal.SIGKILL)
                     proc.wait(timeout=10)
                 else:
-                    _signal_group(proc, signal.SIGKILL)    # stragglers the server left in its group
+                    _signal_group(proc, signal.SIGKILL)  # stragglers the server left in its group
             if any(s.slurm for s in self.specs):
                 scancel_steps([f"rackbench-{s.name}" for s in self.specs if s.slurm])
         finally:
@@ -356,7 +451,7 @@ class ServerGroup:
 
 def _signal_group(proc: subprocess.Popen, sig) -> None:
     try:
-        os.killpg(proc.pid, sig)         # the server and anything it started (start_new_session)
+        os.killpg(proc.pid, sig)  # the server and anything it started (start_new_session)
     except (ProcessLookupError, PermissionError):
         pass
 
@@ -367,13 +462,20 @@ def scancel_steps(step_names: Sequence[str], env=os.environ) -> list[str]:
     if not job or not step_names:
         return []
     try:
-        out = subprocess.run(["squeue", "--steps", f"--jobs={job}", "--noheader", "--format=%i %j"],
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            ["squeue", "--steps", f"--jobs={job}", "--noheader", "--format=%i %j"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return []
     wanted = set(step_names)
-    steps = [sid for sid, name in (line.split(None, 1) for line in out.stdout.splitlines() if " " in line)
-             if name.strip() in wanted]
+    steps = [
+        sid
+        for sid, name in (line.split(None, 1) for line in out.stdout.splitlines() if " " in line)
+        if name.strip() in wanted
+    ]
     if steps:
         subprocess.run(["scancel", *steps], capture_output=True, timeout=30)
     return steps
@@ -381,8 +483,15 @@ def scancel_steps(step_names: Sequence[str], env=os.environ) -> list[str]:
 
 # --------------------------------------------------------------------------- CLI
 
-def run_with_servers(group: ServerGroup, command: Sequence[str], *, ready_timeout: float, urls_out=None,
-                     server_death_grace_s: float = 30.0) -> int:
+
+def run_with_servers(
+    group: ServerGroup,
+    command: Sequence[str],
+    *,
+    ready_timeout: float,
+    urls_out=None,
+    server_death_grace_s: float = 30.0,
+) -> int:
     """Start the servers, wait until ready, run ``command`` with the URLs, tear down; an exit status."""
     with group:
         urls = group.wait_ready(ready_timeout)
@@ -401,8 +510,11 @@ def run_with_servers(group: ServerGroup, command: Sequence[str], *, ready_timeou
             while child.poll() is None:
                 if died_at is None and group.dead():
                     died_at = time.monotonic()
-                    print("rackbench.launch: server died during the run: " + "; ".join(group.dead()),
-                          file=sys.stderr, flush=True)
+                    print(
+                        "rackbench.launch: server died during the run: " + "; ".join(group.dead()),
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 if died_at is not None and time.monotonic() - died_at > server_death_grace_s:
                     child.terminate()
                 time.sleep(0.2)
@@ -422,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
-        argv, command = argv[:cut], argv[cut + 1:]
+        argv, command = argv[:cut], argv[cut + 1 :]
     p = argparse.ArgumentParser(prog="python -m rackbench.launch", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="mode", required=True)
     loc = sub.add_parser("local", help="rackbench.serve servers as local processes")
@@ -442,12 +554,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.mode == "local":
             ports = [int(x) for x in args.ports.split(",")] if args.ports else None
-            specs = local_rackbench_specs(args.servers, args.engine_dir, backend=args.backend,
-                                          settings=json.loads(args.settings), host=args.host, ports=ports)
+            specs = local_rackbench_specs(
+                args.servers,
+                args.engine_dir,
+                backend=args.backend,
+                settings=json.loads(args.settings),
+                host=args.host,
+                ports=ports,
+            )
         else:
             specs = url_specs(args.urls)
-        return run_with_servers(ServerGroup(specs, log_dir=args.log_dir), command,
-                                ready_timeout=args.ready_timeout, urls_out=args.urls_out)
+        return run_with_servers(
+            ServerGroup(specs, log_dir=args.log_dir), command, ready_timeout=args.ready_timeout, urls_out=args.urls_out
+        )
     except (LaunchError, RuntimeError) as exc:
         print(f"rackbench.launch: {exc}", file=sys.stderr)
         return 2

@@ -26,13 +26,25 @@ from pathlib import Path
 
 from rackbench.atomic import write_json_atomic
 
-PACKAGES = ("torch", "transformers", "nvidia-modelopt", "mlcommons-loadgen", "tensorrt-llm",
-            "snakemake", "pandas", "matplotlib", "rouge-score", "numpy")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "nvidia-modelopt",
+    "mlcommons-loadgen",
+    "tensorrt-llm",
+    "snakemake",
+    "pandas",
+    "matplotlib",
+    "rouge-score",
+    "numpy",
+)
 
 
 # distributions published under more than one name
-_ALIASES = {"tensorrt-llm": ("tensorrt-llm", "tensorrt_llm"),
-            "mlcommons-loadgen": ("mlcommons-loadgen", "mlcommons_loadgen", "mlperf-loadgen")}
+_ALIASES = {
+    "tensorrt-llm": ("tensorrt-llm", "tensorrt_llm"),
+    "mlcommons-loadgen": ("mlcommons-loadgen", "mlcommons_loadgen", "mlperf-loadgen"),
+}
 
 
 def package_versions() -> dict[str, str | None]:
@@ -55,8 +67,10 @@ def config_hash(fragment) -> str:
 
 def git_state(repo: Path | None = None) -> dict:
     repo = repo or Path(__file__).resolve().parents[2]
+
     def git(*args):
         return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
+
     try:
         head = git("rev-parse", "HEAD")
         if head.returncode != 0:
@@ -71,14 +85,19 @@ def cuda_info() -> dict:
     info = {"cuda": None, "driver": None, "gpus": []}
     try:
         import torch
+
         info["cuda"] = torch.version.cuda
         if torch.cuda.is_available():
             info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     except ImportError:
         pass
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         if out.returncode == 0 and out.stdout.strip():
             info["driver"] = out.stdout.splitlines()[0].strip()
     except (OSError, subprocess.TimeoutExpired):
@@ -95,9 +114,16 @@ def parse_nvidia_smi_q(text: str) -> dict:
     out: dict = {"driver": None, "cuda": None, "gpus": []}
     current = None
     section = None
-    fields = {"Product Name": "name", "Serial Number": "serial", "GPU UUID": "uuid",
-              "VBIOS Version": "vbios", "Bus Id": "bus_id", "Product Architecture": "architecture",
-              "Current": "mig_mode", "Total": "memory_total"}
+    fields = {
+        "Product Name": "name",
+        "Serial Number": "serial",
+        "GPU UUID": "uuid",
+        "VBIOS Version": "vbios",
+        "Bus Id": "bus_id",
+        "Product Architecture": "architecture",
+        "Current": "mig_mode",
+        "Total": "memory_total",
+    }
     for raw in text.splitlines():
         if not raw.strip():
             continue
@@ -110,7 +136,7 @@ def parse_nvidia_smi_q(text: str) -> dict:
             section = None
             continue
         if current is not None and not value:
-            section = key           # "FB Memory Usage", "MIG Mode", "PCI", ... (no colon or empty)
+            section = key  # "FB Memory Usage", "MIG Mode", "PCI", ... (no colon or empty)
             continue
         if not sep:
             continue
@@ -173,6 +199,7 @@ def write_provenance(path, *, step: str, config_fragment=None) -> dict:
 
 # --- reading records back (the report's provenance table) -------------------
 
+
 def find_provenance(paths, *, parents: int = 1) -> list[Path]:
     """``provenance.json`` files in each of ``paths`` (a dir, or a file's dir) and up to
     ``parents`` levels above; sorted and de-duplicated."""
@@ -189,9 +216,23 @@ def find_provenance(paths, *, parents: int = 1) -> list[Path]:
     return sorted(found, key=lambda p: p.as_posix())
 
 
-SUMMARY_COLUMNS = ("file", "step", "git_commit", "git_dirty", "config_sha256", "host", "python",
-                   "torch", "transformers", "modelopt", "loadgen", "tensorrt_llm", "cuda", "driver",
-                   "gpus")
+SUMMARY_COLUMNS = (
+    "file",
+    "step",
+    "git_commit",
+    "git_dirty",
+    "config_sha256",
+    "host",
+    "python",
+    "torch",
+    "transformers",
+    "modelopt",
+    "loadgen",
+    "tensorrt_llm",
+    "cuda",
+    "driver",
+    "gpus",
+)
 
 
 def summarize(record: dict, file: str | None = None) -> dict:

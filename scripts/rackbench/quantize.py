@@ -41,8 +41,14 @@ from rackbench.padding import pad_batch
 from rackbench.provenance import write_provenance
 
 RECIPES = ("nvfp4", "fp8", "none")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 
 
 class QuantizeError(Exception):
@@ -76,8 +82,10 @@ def with_kv_cache_quant(quant_cfg: dict, kv_cache_quant_cfg) -> dict:
     elif isinstance(inner, (list, tuple)) and isinstance(kv, (list, tuple)):
         merged["quant_cfg"] = list(inner) + list(kv)
     else:
-        raise TypeError(f"cannot merge a KV-cache quant_cfg of type {type(kv).__name__} into one of type "
-                        f"{type(inner).__name__}: this ModelOpt's config layout is not one rackbench knows")
+        raise TypeError(
+            f"cannot merge a KV-cache quant_cfg of type {type(kv).__name__} into one of type "
+            f"{type(inner).__name__}: this ModelOpt's config layout is not one rackbench knows"
+        )
     if not merged.get("algorithm"):
         merged["algorithm"] = "max"
     return merged
@@ -109,7 +117,7 @@ def resolve_device(device: str) -> str:
 def batches(samples: list[list[int]], batch_size: int, pad_id: int):
     """Left-padded (input_ids, attention_mask) batches, as hf_ptq's calibration uses."""
     for i in range(0, len(samples), batch_size):
-        yield pad_batch(samples[i: i + batch_size], pad_id, side="left")
+        yield pad_batch(samples[i : i + batch_size], pad_id, side="left")
 
 
 def quantize_model(model, recipe: str, samples: list[list[int]], batch_size: int, device: str):
@@ -141,14 +149,18 @@ def save_modelopt_state(model, path: Path) -> None:
     (``export_tensorrt_llm_checkpoint``) needs the quantized torch module; it is
     rebuilt from the base model with ``restore_modelopt_state``. Small even for 70B.
     """
+    import modelopt
     import modelopt.torch.opt as mto
     import torch
 
-    import modelopt
-
-    torch.save({"modelopt_state": mto.modelopt_state(model),
-                "quantizer_state_dict": quantizer_state_dict(model),
-                "modelopt_version": modelopt.__version__}, path)
+    torch.save(
+        {
+            "modelopt_state": mto.modelopt_state(model),
+            "quantizer_state_dict": quantizer_state_dict(model),
+            "modelopt_version": modelopt.__version__,
+        },
+        path,
+    )
 
 
 def quantizer_state_dict(model) -> dict:
@@ -161,8 +173,7 @@ def quantizer_state_dict(model) -> dict:
     """
     from modelopt.torch.quantization.nn import TensorQuantizer
 
-    return {name: module.state_dict() for name, module in model.named_modules()
-            if isinstance(module, TensorQuantizer)}
+    return {name: module.state_dict() for name, module in model.named_modules() if isinstance(module, TensorQuantizer)}
 
 
 def load_quantizer_state_dict(model, state: dict) -> None:
@@ -172,8 +183,10 @@ def load_quantizer_state_dict(model, state: dict) -> None:
     quantizers = {name: m for name, m in model.named_modules() if isinstance(m, TensorQuantizer)}
     missing = sorted(set(state) - set(quantizers))
     if missing:
-        raise ValueError(f"saved quantizer state names {len(missing)} quantizer(s) the restored model lacks, "
-                         f"e.g. {missing[0]}: the base model differs from the one quantized")
+        raise ValueError(
+            f"saved quantizer state names {len(missing)} quantizer(s) the restored model lacks, "
+            f"e.g. {missing[0]}: the base model differs from the one quantized"
+        )
     for name, values in state.items():
         quantizers[name].load_state_dict(values)
 
@@ -185,17 +198,18 @@ def check_same_modelopt(saved: str | None, running: str, path) -> None:
     if saved is None:
         return  # saved before rackbench recorded the version
     if saved.split(".")[:2] != running.split(".")[:2]:
-        raise QuantizeError(f"{path} was saved by ModelOpt {saved} but this environment has {running}: "
-                            "run quantize where build_engine runs (the TensorRT-LLM container), "
-                            "e.g. snakemake -R quantize ...")
+        raise QuantizeError(
+            f"{path} was saved by ModelOpt {saved} but this environment has {running}: "
+            "run quantize where build_engine runs (the TensorRT-LLM container), "
+            "e.g. snakemake -R quantize ..."
+        )
 
 
 def restore_modelopt_state(model, path: Path):
     """Make ``model`` (the unquantized base) the calibrated quantized model again."""
+    import modelopt
     import modelopt.torch.opt as mto
     import torch
-
-    import modelopt
 
     saved = torch.load(path, map_location="cpu", weights_only=False)
     check_same_modelopt(saved.get("modelopt_version"), modelopt.__version__, path)
@@ -222,8 +236,11 @@ def run(args) -> dict:
     if args.calib_samples < 1 or args.calib_batch_size < 1 or args.calib_max_seq_len < 1:
         raise QuantizeError("--calib-samples, --calib-batch-size and --calib-max-seq-len must be >= 1")
     device = resolve_device(args.device)
-    samples = read_calibration(Path(args.calibration), args.calib_samples, args.calib_max_seq_len) \
-        if args.recipe != "none" else []
+    samples = (
+        read_calibration(Path(args.calibration), args.calib_samples, args.calib_max_seq_len)
+        if args.recipe != "none"
+        else []
+    )
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -239,8 +256,9 @@ def run(args) -> dict:
         "calib_batch_size": args.calib_batch_size,
         "calib_max_seq_len": args.calib_max_seq_len,
         "kv_cache_qformat": "fp8" if args.recipe != "none" else None,
-        "hf_ptq_equivalent": (f"hf_ptq.py --qformat {args.recipe} --kv_cache_qformat fp8"
-                              if args.recipe != "none" else None),
+        "hf_ptq_equivalent": (
+            f"hf_ptq.py --qformat {args.recipe} --kv_cache_qformat fp8" if args.recipe != "none" else None
+        ),
     }
     with atomic_path(args.out, directory=True) as tmp:
         if args.recipe == "none":
@@ -255,15 +273,21 @@ def run(args) -> dict:
                 export_hf_checkpoint(model, export_dir=tmp)
         fragment["tokenizer_files"] = copy_tokenizer(model_dir, tmp)
         write_provenance(tmp / "provenance.json", step="quantize", config_fragment=fragment)
-    summary = {"recipe": args.recipe, "device": device, "calib_samples": len(samples),
-               "seconds": round(time.time() - started, 2), "out": str(args.out)}
+    summary = {
+        "recipe": args.recipe,
+        "device": device,
+        "calib_samples": len(samples),
+        "seconds": round(time.time() - started, 2),
+        "out": str(args.out),
+    }
     print("quantize: " + json.dumps(summary))
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rackbench.quantize",
-                                     description="ModelOpt PTQ (nvfp4 / fp8 + FP8 KV cache) -> HF checkpoint")
+    parser = argparse.ArgumentParser(
+        prog="python -m rackbench.quantize", description="ModelOpt PTQ (nvfp4 / fp8 + FP8 KV cache) -> HF checkpoint"
+    )
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--calibration", required=True, help="calibration.parquet (tok_input column)")
     parser.add_argument("--recipe", required=True, help="nvfp4, fp8 or none")

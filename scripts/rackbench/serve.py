@@ -44,27 +44,43 @@ from typing import Callable, Sequence
 
 from aiohttp import web
 
-try:                      # 5-10x faster for token-id lists; the stdlib is the fallback
+try:  # 5-10x faster for token-id lists; the stdlib is the fallback
     import orjson
 
     _loads, _dumps = orjson.loads, orjson.dumps
-except ImportError:       # pragma: no cover
+except ImportError:  # pragma: no cover
     orjson = None
     _loads = json.loads
 
     def _dumps(obj) -> bytes:
         return json.dumps(obj).encode()
 
+
 HEALTH_ROUTE = "/health"
 COMPLETIONS_ROUTE = "/v1/completions"
 MODELS_ROUTE = "/v1/models"
 
 # The request fields this server understands; anything else is a 400, naming the field.
-REQUEST_FIELDS = frozenset({"model", "prompt", "max_tokens", "stream", "stream_options", "temperature",
-                            "top_p", "top_k", "detokenize", "ignore_eos", "n", "stop_token_ids"})
+REQUEST_FIELDS = frozenset(
+    {
+        "model",
+        "prompt",
+        "max_tokens",
+        "stream",
+        "stream_options",
+        "temperature",
+        "top_p",
+        "top_k",
+        "detokenize",
+        "ignore_eos",
+        "n",
+        "stop_token_ids",
+    }
+)
 
 
 # --------------------------------------------------------------------------- engines
+
 
 class BlockingEngineAdapter:
     """The asynchronous Engine contract over an engine with only blocking ``generate``.
@@ -173,12 +189,12 @@ def load_engine(backend: str, engine_dir, *, settings: dict | None = None, gpu_i
 
     record_path = Path(engine_dir) / "engine.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    engine = backend_module(backend).load(engine_dir, record=record, gpu_ids=gpu_ids or [],
-                                          settings=settings or {})
+    engine = backend_module(backend).load(engine_dir, record=record, gpu_ids=gpu_ids or [], settings=settings or {})
     return as_async_engine(engine)
 
 
 # --------------------------------------------------------------------------- HTTP
+
 
 class BadRequest(ValueError):
     pass
@@ -204,8 +220,10 @@ def _parse_request(body) -> tuple[list[list[int]], int, bool, bool]:
     elif type(prompt) is list and prompt and all(_token_ids(p) for p in prompt):
         prompts = prompt
     else:
-        raise BadRequest("prompt must be token ids: a non-empty list of ints or a list of such lists "
-                         "(this server has no tokenizer for text prompts)")
+        raise BadRequest(
+            "prompt must be token ids: a non-empty list of ints or a list of such lists "
+            "(this server has no tokenizer for text prompts)"
+        )
     max_tokens = body.get("max_tokens")
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise BadRequest(f"max_tokens must be a positive int, got {max_tokens!r}")
@@ -250,7 +268,7 @@ class CompletionServer:
     def _choice(self, index, tokens, max_tokens, detokenize, finished=True):
         text = self.decode(tokens) if (detokenize and self.decode) else ""
         choice = {"index": index, "text": text, "token_ids": None if detokenize else tokens}
-        choice["finish_reason"] = (("length" if len(tokens) >= max_tokens else "stop") if finished else None)
+        choice["finish_reason"] = ("length" if len(tokens) >= max_tokens else "stop") if finished else None
         return choice
 
     def _submit(self, loop, prompt, max_tokens, on_first=None):
@@ -271,12 +289,17 @@ class CompletionServer:
 
         first = None
         if on_first is not None:
+
             def first(token_id):
                 on_loop(on_first, token_id)
-        self.engine.submit(prompt, max_tokens,
-                           on_done=lambda toks: on_loop(settle, True, list(toks)),
-                           on_error=lambda exc: on_loop(settle, False, exc),
-                           on_first_token=first)
+
+        self.engine.submit(
+            prompt,
+            max_tokens,
+            on_done=lambda toks: on_loop(settle, True, list(toks)),
+            on_error=lambda exc: on_loop(settle, False, exc),
+            on_first_token=first,
+        )
         return fut
 
     async def completions(self, request):
@@ -300,11 +323,20 @@ class CompletionServer:
             except Exception as exc:
                 return web.json_response(_error(f"engine error: {exc!r}", 500), status=500)
             completion = sum(map(len, outs))
-            return _json_response({
-                "id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                "choices": [self._choice(i, t, max_tokens, detokenize) for i, t in enumerate(outs)],
-                "usage": {"prompt_tokens": usage_prompt, "completion_tokens": completion,
-                          "total_tokens": usage_prompt + completion}})
+            return _json_response(
+                {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": self.model_name,
+                    "choices": [self._choice(i, t, max_tokens, detokenize) for i, t in enumerate(outs)],
+                    "usage": {
+                        "prompt_tokens": usage_prompt,
+                        "completion_tokens": completion,
+                        "total_tokens": usage_prompt + completion,
+                    },
+                }
+            )
 
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
@@ -317,14 +349,25 @@ class CompletionServer:
             pending.append(fut)
 
         def chunk(choice):
-            return b"data: " + _dumps({"id": rid, "object": "text_completion", "created": created,
-                                       "model": self.model_name, "choices": [choice]}) + b"\n\n"
+            return (
+                b"data: "
+                + _dumps(
+                    {
+                        "id": rid,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": self.model_name,
+                        "choices": [choice],
+                    }
+                )
+                + b"\n\n"
+            )
 
         remaining = len(prompts)
         completion = 0
         while remaining:
             batch = [await events.get()]
-            while not events.empty():            # everything ready now goes out in one write
+            while not events.empty():  # everything ready now goes out in one write
                 batch.append(events.get_nowait())
             out = []
             for kind, i, value in batch:
@@ -346,10 +389,24 @@ class CompletionServer:
                 out.append(chunk(choice))
             await resp.write(b"".join(out))
         if (body.get("stream_options") or {}).get("include_usage"):
-            await resp.write(b"data: " + _dumps({"id": rid, "object": "text_completion", "created": created,
-                                                 "model": self.model_name, "choices": [],
-                                                 "usage": {"prompt_tokens": usage_prompt, "completion_tokens": completion,
-                                                           "total_tokens": usage_prompt + completion}}) + b"\n\n")
+            await resp.write(
+                b"data: "
+                + _dumps(
+                    {
+                        "id": rid,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": self.model_name,
+                        "choices": [],
+                        "usage": {
+                            "prompt_tokens": usage_prompt,
+                            "completion_tokens": completion,
+                            "total_tokens": usage_prompt + completion,
+                        },
+                    }
+                )
+                + b"\n\n"
+            )
         await resp.write(b"data: [DONE]\n\n")
         return resp
 
@@ -360,8 +417,12 @@ def _json_response(obj, status=200):
 
 def _error(message: str, code: int) -> dict:
     # trtllm-serve's ErrorResponse shape (openai_protocol.py): object, message, type, code.
-    return {"object": "error", "message": message, "type": "BadRequestError" if code == 400 else "ServerError",
-            "code": code}
+    return {
+        "object": "error",
+        "message": message,
+        "type": "BadRequestError" if code == 400 else "ServerError",
+        "code": code,
+    }
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -371,15 +432,19 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise SystemExit(f"rackbench.serve: cannot bind {host}:{port}: {exc.strerror or exc} "
-                         f"(is another server using port {port}?)") from None
+        raise SystemExit(
+            f"rackbench.serve: cannot bind {host}:{port}: {exc.strerror or exc} (is another server using port {port}?)"
+        ) from None
     sock.listen(1024)
     sock.setblocking(False)
     return sock
 
 
-async def serve_sockets(servers: list[tuple[CompletionServer, socket.socket]], stop: asyncio.Event,
-                        on_started: Callable[[], None] | None = None):
+async def serve_sockets(
+    servers: list[tuple[CompletionServer, socket.socket]],
+    stop: asyncio.Event,
+    on_started: Callable[[], None] | None = None,
+):
     """Run every (server, socket) pair on this event loop until ``stop`` is set."""
     runners = []
     for srv, sock in servers:
@@ -411,8 +476,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--engine-dir", type=Path, help="the engine directory (not needed for --backend instant)")
     p.add_argument("--backend", default="reference", help="rackbench engine backend, or 'instant' (zero-cost)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, action="append", required=True,
-                   help="port to serve on; repeat it to serve one engine on several ports (benchmark stubs)")
+    p.add_argument(
+        "--port",
+        type=int,
+        action="append",
+        required=True,
+        help="port to serve on; repeat it to serve one engine on several ports (benchmark stubs)",
+    )
     p.add_argument("--settings", default="{}", help="engine settings as JSON")
     p.add_argument("--gpu-ids", default="", help="comma-separated device indices as this process sees them")
     p.add_argument("--model-name", default=None, help="name reported in responses (default: engine dir name)")
@@ -438,15 +508,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         def load():
             try:
                 server.set_engine(load_engine(args.backend, args.engine_dir, settings=settings, gpu_ids=gpu_ids))
-                print(f"rackbench.serve: engine ready on {args.host}:{','.join(map(str, args.port))}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"rackbench.serve: engine ready on {args.host}:{','.join(map(str, args.port))}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             except BaseException as exc:
                 server.load_error = repr(exc)
                 print(f"rackbench.serve: engine failed to load: {exc!r}", file=sys.stderr, flush=True)
                 loop.call_soon_threadsafe(stop.set)
 
-        await serve_sockets([(server, s) for s in socks], stop,
-                            on_started=lambda: threading.Thread(target=load, daemon=True).start())
+        await serve_sockets(
+            [(server, s) for s in socks], stop, on_started=lambda: threading.Thread(target=load, daemon=True).start()
+        )
         if server.engine is not None:
             server.engine.close()
 

@@ -52,14 +52,23 @@ def _slurm_seconds(text: str) -> int | None:
 def _slurm_job_view(job_id: str) -> tuple[str, str, str]:
     """(time limit, time used, stdout path) of this Slurm job, '' where unknown."""
     try:
-        out = subprocess.run(["squeue", "-h", "-j", job_id, "-O", "TimeLimit:|,TimeUsed:|,Name:|,StdOut:4096"],
-                             capture_output=True, text=True, timeout=3).stdout
+        out = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-O", "TimeLimit:|,TimeUsed:|,Name:|,StdOut:4096"],
+            capture_output=True,
+            text=True,
+            timeout=3,
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return "", "", ""
     limit, used, name, stdout = [f.strip() for f in (out.strip().split("|") + ["", "", "", ""])[:4]]
     # squeue shows the --output pattern; fill in the placeholders a job's log name uses
-    for placeholder, value in (("%j", job_id), ("%A", job_id), ("%x", name), ("%N", socket.gethostname().split(".")[0]),
-                               ("%u", getpass.getuser())):
+    for placeholder, value in (
+        ("%j", job_id),
+        ("%A", job_id),
+        ("%x", name),
+        ("%N", socket.gethostname().split(".")[0]),
+        ("%u", getpass.getuser()),
+    ):
         stdout = stdout.replace(placeholder, value)
     return limit, used, stdout if "%" not in stdout else ""
 
@@ -73,11 +82,15 @@ def cause_line(outputs: list[str]) -> tuple[str, str]:
     limit, used, stdout = _slurm_job_view(job_id)
     limit_s, used_s = _slurm_seconds(limit), _slurm_seconds(used)
     if limit_s is not None and used_s is not None and used_s >= limit_s:
-        cause = (f"Slurm job {job_id} hit its time limit ({limit}; ran {used}): {what} not finished; "
-                 "partial output removed, nothing counts as done; a retry asks for more time (runtime x attempt)")
+        cause = (
+            f"Slurm job {job_id} hit its time limit ({limit}; ran {used}): {what} not finished; "
+            "partial output removed, nothing counts as done; a retry asks for more time (runtime x attempt)"
+        )
     else:
-        cause = (f"Slurm job {job_id} received SIGTERM (cancelled, preempted or node going down; ran {used or '?'}"
-                 f" of {limit or '?'}): {what} not finished; partial output removed, nothing counts as done")
+        cause = (
+            f"Slurm job {job_id} received SIGTERM (cancelled, preempted or node going down; ran {used or '?'}"
+            f" of {limit or '?'}): {what} not finished; partial output removed, nothing counts as done"
+        )
     return f"rackbench: {cause}", stdout
 
 

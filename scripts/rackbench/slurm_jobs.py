@@ -41,8 +41,22 @@ from pathlib import Path
 from typing import Callable
 
 # Slurm states in which a job may still write its outputs.
-ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING",
-                 "SIGNALING", "STAGE_OUT", "STOPPED", "PREEMPTED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD"}
+ACTIVE_STATES = {
+    "PENDING",
+    "CONFIGURING",
+    "RUNNING",
+    "COMPLETING",
+    "SUSPENDED",
+    "REQUEUED",
+    "RESIZING",
+    "SIGNALING",
+    "STAGE_OUT",
+    "STOPPED",
+    "PREEMPTED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "RESV_DEL_HOLD",
+}
 # The plugin names every job of one run by its run ID: an optional prefix, then a uuid4.
 RUN_ID = re.compile(r"^(?:[A-Za-z0-9_-]{1,50}_)?[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 POLL_S = 10.0
@@ -85,8 +99,12 @@ def squeue(job_ids) -> dict[str, SlurmJob]:
     if not job_ids or not shutil.which("squeue"):
         return {}
     sep = "\x1f"
-    proc = subprocess.run(["squeue", "-h", "--states=all", "-j", ",".join(job_ids), "-o", sep.join(_SQUEUE_FIELDS)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["squeue", "-h", "--states=all", "-j", ",".join(job_ids), "-o", sep.join(_SQUEUE_FIELDS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     jobs = {}
     for line in proc.stdout.splitlines():
         fields = line.split(sep)
@@ -101,8 +119,12 @@ def sacct_states(job_ids) -> dict[str, str]:
     job_ids = sorted(set(job_ids))
     if not job_ids or not shutil.which("sacct"):
         return {}
-    proc = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(job_ids), "-o", "JobIDRaw,State"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-j", ",".join(job_ids), "-o", "JobIDRaw,State"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     states = {}
     for line in proc.stdout.splitlines():
         job_id, _, state = line.partition("|")
@@ -117,22 +139,31 @@ def own_active_jobs(workdir: str | os.PathLike) -> dict[str, SlurmJob]:
         return {}
     here = os.path.realpath(workdir)
     sep = "\x1f"
-    proc = subprocess.run(["squeue", "-h", "-u", getpass.getuser(), "-o", sep.join(_SQUEUE_FIELDS)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["squeue", "-h", "-u", getpass.getuser(), "-o", sep.join(_SQUEUE_FIELDS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     jobs = {}
     for line in proc.stdout.splitlines():
         fields = line.split(sep)
         if len(fields) != len(_SQUEUE_FIELDS):
             continue
         job = SlurmJob(*(f.strip() for f in fields))
-        if (job.state in ACTIVE_STATES and os.path.realpath(job.workdir) == here and RUN_ID.match(job.name)
-                and job.comment.startswith(("rule_", "group_"))):
+        if (
+            job.state in ACTIVE_STATES
+            and os.path.realpath(job.workdir) == here
+            and RUN_ID.match(job.name)
+            and job.comment.startswith(("rule_", "group_"))
+        ):
             jobs[job.job_id] = job
     return jobs
 
 
-def settle_orphans(workdir: str | os.PathLike, log: Callable[[str], None] = print,
-                   poll_s: float = POLL_S) -> dict[str, str]:
+def settle_orphans(
+    workdir: str | os.PathLike, log: Callable[[str], None] = print, poll_s: float = POLL_S
+) -> dict[str, str]:
     """Wait for this workflow's orphaned Slurm jobs to end; returns their final states by job id.
 
     Returns {} at once, asking Slurm nothing, where Snakemake left no incomplete marker.
@@ -142,10 +173,12 @@ def settle_orphans(workdir: str | os.PathLike, log: Callable[[str], None] = prin
     orphans = own_active_jobs(workdir)
     if not orphans:
         return {}
-    log(f"rackbench: {len(orphans)} Slurm job(s) of an earlier, interrupted run of this workflow are still "
+    log(
+        f"rackbench: {len(orphans)} Slurm job(s) of an earlier, interrupted run of this workflow are still "
         "pending or running: waiting for them and adopting their outputs, not submitting them again "
         "(scancel them to rerun them instead): "
-        + ", ".join(f"{j} ({orphans[j].state}, {orphans[j].comment})" for j in sorted(orphans, key=int)))
+        + ", ".join(f"{j} ({orphans[j].state}, {orphans[j].comment})" for j in sorted(orphans, key=int))
+    )
     pending = set(orphans)
     final: dict[str, str] = {}
     while pending:
@@ -170,8 +203,9 @@ def settle_orphans(workdir: str | os.PathLike, log: Callable[[str], None] = prin
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="List this workflow's Slurm jobs still pending or running "
-                                             "(what a rerun waits for).")
+    ap = argparse.ArgumentParser(
+        description="List this workflow's Slurm jobs still pending or running (what a rerun waits for)."
+    )
     ap.add_argument("--workdir", default=".")
     args = ap.parse_args(argv)
     for job_id, job in sorted(own_active_jobs(args.workdir).items(), key=lambda item: int(item[0])):

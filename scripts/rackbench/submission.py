@@ -48,7 +48,7 @@ from rackbench.atomic import atomic_path, write_json_atomic, write_text_atomic
 from rackbench.compliance import TEST06, VERIFY_OUTPUT, checkout, checkout_revision
 
 UNKNOWN = "UNKNOWN (not recorded by rackbench; fill in before submitting)"
-DEFAULT_STATUS = "rdi"             # research, development or internal: rackbench runs are not products
+DEFAULT_STATUS = "rdi"  # research, development or internal: rackbench runs are not products
 DIVISION = "closed"
 LOADGEN_FILES = ("mlperf_log_summary.txt", "mlperf_log_detail.txt", "mlperf_log_accuracy.json")
 CHECKER_MODULE = "tools.submission.submission_checker.main"
@@ -57,38 +57,74 @@ MLPERF_CONF = Path("loadgen/mlperf.conf")
 VERDICT_OK = "SUMMARY: submission looks OK"
 VERDICT_ERRORS = "SUMMARY: submission has errors"
 PRECISION = {"nvfp4": "fp4", "fp8": "fp8", "none": "bf16"}
-WEIGHT_TRANSFORMATIONS = {"nvfp4": "quantization (NVIDIA ModelOpt post-training quantization, NVFP4 weights, FP8 KV cache)",
-                          "fp8": "quantization (NVIDIA ModelOpt post-training quantization, FP8)",
-                          "none": "none"}
+WEIGHT_TRANSFORMATIONS = {
+    "nvfp4": "quantization (NVIDIA ModelOpt post-training quantization, NVFP4 weights, FP8 KV cache)",
+    "fp8": "quantization (NVIDIA ModelOpt post-training quantization, FP8)",
+    "none": "none",
+}
 
 # checker constants.py SYSTEM_DESC_REQUIRED_FIELDS (b66003e); tests/test_submission.py compares with the checkout
 SYSTEM_FIELDS = (
-    "division", "submitter", "status", "system_name", "number_of_nodes", "host_processor_model_name",
-    "host_processors_per_node", "host_processor_core_count", "host_memory_capacity", "host_storage_capacity",
-    "host_storage_type", "accelerators_per_node", "accelerator_model_name", "accelerator_memory_capacity",
-    "framework", "operating_system", "system_type", "other_software_stack", "host_processor_frequency",
-    "host_processor_caches", "host_memory_configuration", "host_processor_interconnect", "host_networking",
-    "host_networking_topology", "accelerator_frequency", "accelerator_host_interconnect",
-    "accelerator_interconnect", "accelerator_interconnect_topology", "accelerator_memory_configuration",
-    "accelerator_on-chip_memories", "cooling", "hw_notes", "sw_notes", "host_network_card_count",
+    "division",
+    "submitter",
+    "status",
+    "system_name",
+    "number_of_nodes",
+    "host_processor_model_name",
+    "host_processors_per_node",
+    "host_processor_core_count",
+    "host_memory_capacity",
+    "host_storage_capacity",
+    "host_storage_type",
+    "accelerators_per_node",
+    "accelerator_model_name",
+    "accelerator_memory_capacity",
+    "framework",
+    "operating_system",
+    "system_type",
+    "other_software_stack",
+    "host_processor_frequency",
+    "host_processor_caches",
+    "host_memory_configuration",
+    "host_processor_interconnect",
+    "host_networking",
+    "host_networking_topology",
+    "accelerator_frequency",
+    "accelerator_host_interconnect",
+    "accelerator_interconnect",
+    "accelerator_interconnect_topology",
+    "accelerator_memory_configuration",
+    "accelerator_on-chip_memories",
+    "cooling",
+    "hw_notes",
+    "sw_notes",
+    "host_network_card_count",
     "system_type_detail",
 )
 # user.conf keys (LoadGen's config-file names) for the settings rackbench.harness records
-USER_CONF_KEYS = {"min_duration_ms": "min_duration", "min_query_count": "min_query_count",
-                  "offline_expected_qps": "target_qps", "performance_sample_count": "performance_sample_count_override"}
+USER_CONF_KEYS = {
+    "min_duration_ms": "min_duration",
+    "min_query_count": "min_query_count",
+    "offline_expected_qps": "target_qps",
+    "performance_sample_count": "performance_sample_count_override",
+}
 
 # The demo departs from MLPerf's rules on purpose (a tiny model and dataset on CPU, no
 # 10-minute run). Each departure and the checker messages that report it (checker log
 # text at b66003e: checks/performance_check.py, checks/accuracy_check.py).
 _TPS = benchmarks.LLAMA2_REFERENCE["tokens_per_sample"]
 DEMO_DEPARTURES = {
-    "sample count": (r"performance_sample_count, found \d+, needs to be >= \d+",
-                     r"Required minimum samples per query not met",
-                     r"accura?cy run does not cover all dataset"),
+    "sample count": (
+        r"performance_sample_count, found \d+, needs to be >= \d+",
+        r"Required minimum samples per query not met",
+        r"accura?cy run does not cover all dataset",
+    ),
     "minimum duration": (r"Test duration less than \d+s",),
     # the checker's tokens/sample bounds: 294.45 x 0.9 (lower) and x 1.1 (upper)
-    "tokens per sample": (rf"accuracy not met: expected={_TPS * 0.9:.6f}, found=",
-                          rf"accuracy not met: upper limit={_TPS * 1.1:.6f}, found="),
+    "tokens per sample": (
+        rf"accuracy not met: expected={_TPS * 0.9:.6f}, found=",
+        rf"accuracy not met: upper limit={_TPS * 1.1:.6f}, found=",
+    ),
 }
 # what the checker logs as a consequence of earlier messages, not as a finding of its own
 _CONSEQUENCE = re.compile(r"^Some .+ [Cc]hecks failed for: ")
@@ -102,24 +138,37 @@ class SubmissionError(RuntimeError):
 
 # --------------------------------------------------------------------------- why no tree
 
+
 def no_tree_reason(method: str, num_loadgens: int) -> str | None:
     """None where a tree can be made; otherwise the reason, for the report."""
     if num_loadgens == 1:
         return None
-    return (f"no submission tree: this figure is {method}, the sum of {num_loadgens} separate LoadGen runs. "
-            "MLPerf accepts one LoadGen instance per system result (inference_rules.adoc: LoadGen operates "
-            "with a single SUT); summed runs may not be represented as an MLPerf result.")
+    return (
+        f"no submission tree: this figure is {method}, the sum of {num_loadgens} separate LoadGen runs. "
+        "MLPerf accepts one LoadGen instance per system result (inference_rules.adoc: LoadGen operates "
+        "with a single SUT); summed runs may not be represented as an MLPerf result."
+    )
 
 
 # --------------------------------------------------------------------------- system description
+
 
 def _gb(value) -> str:
     return UNKNOWN if value in (None, "") else f"{value:g} GB"
 
 
-def system_description(*, submitter: str, system_name: str, gpu_type_name: str, gpu_type: dict, nodes: int,
-                       gpus_per_node: int, provenance: dict | None = None, status: str = DEFAULT_STATUS,
-                       backend: str | None = None) -> dict:
+def system_description(
+    *,
+    submitter: str,
+    system_name: str,
+    gpu_type_name: str,
+    gpu_type: dict,
+    nodes: int,
+    gpus_per_node: int,
+    provenance: dict | None = None,
+    status: str = DEFAULT_STATUS,
+    backend: str | None = None,
+) -> dict:
     """``<system>.json``: every required field; what rackbench does not know is UNKNOWN."""
     prov = provenance or {}
     packages = prov.get("packages") or {}
@@ -143,24 +192,29 @@ def system_description(*, submitter: str, system_name: str, gpu_type_name: str, 
         software += f", CUDA {prov['cuda']}"
     git = prov.get("git") or {}
     desc = {k: UNKNOWN for k in SYSTEM_FIELDS}
-    desc.update({
-        "division": DIVISION,
-        "submitter": submitter,
-        "status": status,
-        "system_name": system_name,
-        "system_type": "datacenter",
-        "number_of_nodes": nodes,
-        "accelerators_per_node": gpus_per_node,
-        "accelerator_model_name": accelerator,
-        "accelerator_memory_capacity": "none" if is_cpu else _gb(gpu_type.get("memory_gb")),
-        "framework": framework,
-        "operating_system": prov.get("platform") or UNKNOWN,
-        "other_software_stack": software,
-        "sw_notes": (f"rackbench commit {git.get('commit')}{' (dirty)' if git.get('dirty') else ''}"
-                     if git.get("commit") else UNKNOWN),
-        "hw_notes": f"rackbench GPU type {gpu_type_name!r}; compute capability "
-                    f"{gpu_type.get('compute_capability') or UNKNOWN}",
-    })
+    desc.update(
+        {
+            "division": DIVISION,
+            "submitter": submitter,
+            "status": status,
+            "system_name": system_name,
+            "system_type": "datacenter",
+            "number_of_nodes": nodes,
+            "accelerators_per_node": gpus_per_node,
+            "accelerator_model_name": accelerator,
+            "accelerator_memory_capacity": "none" if is_cpu else _gb(gpu_type.get("memory_gb")),
+            "framework": framework,
+            "operating_system": prov.get("platform") or UNKNOWN,
+            "other_software_stack": software,
+            "sw_notes": (
+                f"rackbench commit {git.get('commit')}{' (dirty)' if git.get('dirty') else ''}"
+                if git.get("commit")
+                else UNKNOWN
+            ),
+            "hw_notes": f"rackbench GPU type {gpu_type_name!r}; compute capability "
+            f"{gpu_type.get('compute_capability') or UNKNOWN}",
+        }
+    )
     return desc
 
 
@@ -174,9 +228,13 @@ def measurements(*, model_source: dict, recipe: str) -> dict:
         weights = f"{model_source['repo_id']} at revision {model_source.get('revision')}"
     else:
         weights = model_source.get("local") or UNKNOWN
-    return {"input_data_types": "int32", "retraining": "No", "starting_weights_filename": weights,
-            "weight_data_types": PRECISION.get(recipe, recipe), "weight_transformations":
-            WEIGHT_TRANSFORMATIONS.get(recipe, UNKNOWN)}
+    return {
+        "input_data_types": "int32",
+        "retraining": "No",
+        "starting_weights_filename": weights,
+        "weight_data_types": PRECISION.get(recipe, recipe),
+        "weight_transformations": WEIGHT_TRANSFORMATIONS.get(recipe, UNKNOWN),
+    }
 
 
 def user_conf(settings: dict, loadgen_scenario: str) -> str:
@@ -192,6 +250,7 @@ def user_conf(settings: dict, loadgen_scenario: str) -> str:
 
 # --------------------------------------------------------------------------- the tree
 
+
 def _copy_loadgen(src: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for name in LOADGEN_FILES:
@@ -202,8 +261,17 @@ def _copy_loadgen(src: Path, dst: Path) -> None:
         raise SubmissionError(f"{src}: missing {', '.join(missing)}")
 
 
-def build_tree(out, *, inference_dir, submitter: str, system_name: str, benchmark: str, system: dict,
-               measurements_json: dict, runs: dict) -> Path:
+def build_tree(
+    out,
+    *,
+    inference_dir,
+    submitter: str,
+    system_name: str,
+    benchmark: str,
+    system: dict,
+    measurements_json: dict,
+    runs: dict,
+) -> Path:
     """Write the tree at ``out`` (atomically); ``runs``: scenario -> {performance, accuracy,
     accuracy_txt, test06, settings (LoadGen settings of the performance run), readme}."""
     root = checkout(inference_dir)
@@ -215,13 +283,34 @@ def build_tree(out, *, inference_dir, submitter: str, system_name: str, benchmar
     with atomic_path(out, directory=True) as final:
         staging = final.parent / (final.name + ".untruncated")
         try:
-            _write_untruncated(staging, root=root, submitter=submitter, system_name=system_name,
-                               benchmark=benchmark, system=system, measurements_json=measurements_json, runs=runs)
+            _write_untruncated(
+                staging,
+                root=root,
+                submitter=submitter,
+                system_name=system_name,
+                benchmark=benchmark,
+                system=system,
+                measurements_json=measurements_json,
+                runs=runs,
+            )
             # MLCommons' truncation, with its own command line: a new tree at `final`
             final.rmdir()
-            proc = subprocess.run([sys.executable, str(root / TRUNCATE_SCRIPT), "--input", str(staging),
-                                   "--submitter", submitter, "--output", str(final)],
-                                  capture_output=True, text=True, timeout=600, cwd=root)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    str(root / TRUNCATE_SCRIPT),
+                    "--input",
+                    str(staging),
+                    "--submitter",
+                    submitter,
+                    "--output",
+                    str(final),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=600,
+                cwd=root,
+            )
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         if proc.returncode != 0 or not (final / DIVISION / submitter).is_dir():
@@ -232,15 +321,17 @@ def build_tree(out, *, inference_dir, submitter: str, system_name: str, benchmar
     return out
 
 
-def _write_untruncated(staging: Path, *, root: Path, submitter, system_name, benchmark, system,
-                       measurements_json, runs) -> None:
+def _write_untruncated(
+    staging: Path, *, root: Path, submitter, system_name, benchmark, system, measurements_json, runs
+) -> None:
     if staging.exists():
         shutil.rmtree(staging)
     sub = staging / DIVISION / submitter
     write_json_atomic(sub / "systems" / f"{system_name}.json", system)
     (sub / "src").mkdir(parents=True)
-    write_text_atomic(sub / "src" / "README.md",
-                      "Source: rackbench (see sw_notes in the system description for the commit).\n")
+    write_text_atomic(
+        sub / "src" / "README.md", "Source: rackbench (see sw_notes in the system description for the commit).\n"
+    )
     for scenario, run in runs.items():
         sdir = sub / "results" / system_name / benchmark / scenario
         _copy_loadgen(Path(run["performance"]), sdir / "performance" / "run_1")
@@ -251,13 +342,14 @@ def _write_untruncated(staging: Path, *, root: Path, submitter, system_name, ben
             raise SubmissionError(f"{test06}: no {VERIFY_OUTPUT} (run rackbench.compliance test06 first)")
         shutil.copytree(test06, sdir / TEST06, ignore=shutil.ignore_patterns("rackbench_*"))
         write_json_atomic(sdir / "measurements.json", measurements_json)
-        write_text_atomic(sdir / "user.conf", user_conf(run.get("settings") or {},
-                                                        benchmarks.LOADGEN_SCENARIO[scenario]))
+        write_text_atomic(
+            sdir / "user.conf", user_conf(run.get("settings") or {}, benchmarks.LOADGEN_SCENARIO[scenario])
+        )
         shutil.copy2(root / MLPERF_CONF, sdir / "mlperf.conf")
-        write_text_atomic(sdir / "README.md", run.get("readme") or
-                          f"# {benchmark} {scenario}\n\nMade by rackbench; see ../../../../src/README.md.\n")
-
-
+        write_text_atomic(
+            sdir / "README.md",
+            run.get("readme") or f"# {benchmark} {scenario}\n\nMade by rackbench; see ../../../../src/README.md.\n",
+        )
 
 
 # --------------------------------------------------------------------------- the checker
@@ -273,7 +365,7 @@ def parse_checker_log(text: str) -> dict:
         if match:
             messages.append({k: match.group(k) for k in ("file", "line", "level", "text")})
         elif messages and raw.strip():
-            messages[-1]["text"] += "\n" + raw      # a message that spans lines
+            messages[-1]["text"] += "\n" + raw  # a message that spans lines
     summary = [m["text"] for m in messages if m["text"].startswith("SUMMARY:")]
     verdict = "pass" if VERDICT_OK in summary else "fail" if VERDICT_ERRORS in summary else "unknown"
     results = {}
@@ -285,12 +377,22 @@ def parse_checker_log(text: str) -> dict:
     errors = [m for m in messages if m["level"] == "ERROR" and not m["text"].startswith(("NoResults ", "SUMMARY:"))]
     # refusals: the findings that made a check fail (errors that are not mere consequences,
     # and the warnings with which the accuracy check fails)
-    refusals = [m for m in messages
-                if (m in errors and not _CONSEQUENCE.match(m["text"]))
-                or (m["level"] == "WARNING" and _FAILING_WARNING.search(m["text"]))]
-    return {"verdict": verdict, "summary": summary[-1] if summary else None, "messages": messages,
-            "errors": errors, "warnings": [m for m in messages if m["level"] == "WARNING"],
-            "refusals": refusals, "results": results, "no_results": no_results}
+    refusals = [
+        m
+        for m in messages
+        if (m in errors and not _CONSEQUENCE.match(m["text"]))
+        or (m["level"] == "WARNING" and _FAILING_WARNING.search(m["text"]))
+    ]
+    return {
+        "verdict": verdict,
+        "summary": summary[-1] if summary else None,
+        "messages": messages,
+        "errors": errors,
+        "warnings": [m for m in messages if m["level"] == "WARNING"],
+        "refusals": refusals,
+        "results": results,
+        "no_results": no_results,
+    }
 
 
 def classify(refusals: list[dict], departures: dict = DEMO_DEPARTURES) -> dict:
@@ -312,8 +414,20 @@ def run_checker(inference_dir, tree, *, version: str, submitter: str, csv_out=No
     root = checkout(inference_dir)
     tree = Path(tree).resolve()
     csv_path = Path(csv_out).resolve() if csv_out else tree.parent / f"{tree.name}.checker.csv"
-    command = [sys.executable, "-m", CHECKER_MODULE, "--input", str(tree), "--version", version,
-               "--submitter", submitter, "--csv", str(csv_path), *extra_args]
+    command = [
+        sys.executable,
+        "-m",
+        CHECKER_MODULE,
+        "--input",
+        str(tree),
+        "--version",
+        version,
+        "--submitter",
+        submitter,
+        "--csv",
+        str(csv_path),
+        *extra_args,
+    ]
     proc = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=1800)
     parsed = parse_checker_log(proc.stderr)
     if parsed["verdict"] == "unknown":
@@ -324,25 +438,45 @@ def run_checker(inference_dir, tree, *, version: str, submitter: str, csv_out=No
     if csv_path.is_file():
         with open(csv_path, newline="") as handle:
             rows = list(csv.DictReader(handle))
-    parsed.update({"command": command, "cwd": str(root), "returncode": proc.returncode, "csv": str(csv_path),
-                   "csv_rows": rows, "inference_revision": checkout_revision(root), "version": version,
-                   "submitter": submitter, "tree": str(tree)})
+    parsed.update(
+        {
+            "command": command,
+            "cwd": str(root),
+            "returncode": proc.returncode,
+            "csv": str(csv_path),
+            "csv_rows": rows,
+            "inference_revision": checkout_revision(root),
+            "version": version,
+            "submitter": submitter,
+            "tree": str(tree),
+        }
+    )
     return parsed
 
 
 # --------------------------------------------------------------------------- report
 
-def markdown_section(verdicts: dict[str, dict], no_tree: dict[str, str] | None = None,
-                     departures: dict | None = None) -> str:
+
+def markdown_section(
+    verdicts: dict[str, dict], no_tree: dict[str, str] | None = None, departures: dict | None = None
+) -> str:
     """``{configuration: run_checker result}`` (+ ``{configuration: no_tree_reason}``) -> report section.
 
     ``departures`` (e.g. DEMO_DEPARTURES for the demo) names the rule each refusal reports."""
-    lines = ["## MLPerf submission checker", "",
-             "MLCommons' `tools/submission/submission_checker`, run with its own command line on the "
-             "configuration's submission tree. Its verdict and every error it logged:", ""]
+    lines = [
+        "## MLPerf submission checker",
+        "",
+        "MLCommons' `tools/submission/submission_checker`, run with its own command line on the "
+        "configuration's submission tree. Its verdict and every error it logged:",
+        "",
+    ]
     for name, v in sorted(verdicts.items()):
-        lines += [f"### `{name}`: **{'PASS' if v['verdict'] == 'pass' else 'REFUSED'}**", "",
-                  f"- command: `{' '.join(v['command'])}` (in `{v['cwd']}`)", f"- summary: `{v['summary']}`"]
+        lines += [
+            f"### `{name}`: **{'PASS' if v['verdict'] == 'pass' else 'REFUSED'}**",
+            "",
+            f"- command: `{' '.join(v['command'])}` (in `{v['cwd']}`)",
+            f"- summary: `{v['summary']}`",
+        ]
         for path, value in sorted(v["results"].items()):
             lines.append(f"- accepted result: {value} ({path})")
         for path in v["no_results"]:
@@ -354,8 +488,10 @@ def markdown_section(verdicts: dict[str, dict], no_tree: dict[str, str] | None =
             lines += ["", "| # | level | checker file:line | message | departure |", "|---|---|---|---|---|"]
             for i, m in enumerate(shown, 1):
                 text = m["text"].replace("|", "\\|").replace("\n", " ")
-                lines.append(f"| {i} | {m['level']} | {m['file']}:{m['line']} | {text} | "
-                             f"{kind.get(m['text'], '-') if m in v['refusals'] else 'consequence'} |")
+                lines.append(
+                    f"| {i} | {m['level']} | {m['file']}:{m['line']} | {text} | "
+                    f"{kind.get(m['text'], '-') if m in v['refusals'] else 'consequence'} |"
+                )
         lines.append("")
     for name, reason in sorted((no_tree or {}).items()):
         lines += [f"### `{name}`: no tree", "", reason, ""]
@@ -368,19 +504,21 @@ def report_sections(test06_dirs=(), verdict_files=(), departures: dict | None = 
     """Markdown for the report: TEST06 results (``TEST06/`` folders, labelled by their parent path)
     and the checker's verdicts (``check --out-json`` files, labelled by their parent folder)."""
     from rackbench import compliance
+
     sections = []
     if test06_dirs:
-        sections.append(compliance.markdown_section({str(Path(d).parent): compliance.read_result(d)
-                                                     for d in test06_dirs}))
+        sections.append(
+            compliance.markdown_section({str(Path(d).parent): compliance.read_result(d) for d in test06_dirs})
+        )
     if verdict_files:
         verdicts = {str(Path(f).parent): json.loads(Path(f).read_text()) for f in verdict_files}
         no_tree = {name: v["no_tree_reason"] for name, v in verdicts.items() if v.get("no_tree_reason")}
-        sections.append(markdown_section({k: v for k, v in verdicts.items() if k not in no_tree}, no_tree,
-                                         departures))
+        sections.append(markdown_section({k: v for k, v in verdicts.items() if k not in no_tree}, no_tree, departures))
     return sections
 
 
 # --------------------------------------------------------------------------- CLI
+
 
 def _json_arg(value: str):
     if value and not value.lstrip().startswith(("{", "[")) and Path(value).is_file():
@@ -397,9 +535,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--submitter", required=True)
     b.add_argument("--system-name", required=True, help="system_desc_id: the tree's folder and JSON name")
     b.add_argument("--benchmark", default=benchmarks.DEFAULT_BENCHMARK, choices=sorted(benchmarks.BENCHMARKS))
-    b.add_argument("--runs-json", required=True,
-                   help='JSON (or file): {"Offline": {"performance": DIR, "accuracy": DIR, "accuracy_txt": FILE, '
-                        '"test06": DIR}} (one LoadGen run per mode)')
+    b.add_argument(
+        "--runs-json",
+        required=True,
+        help='JSON (or file): {"Offline": {"performance": DIR, "accuracy": DIR, "accuracy_txt": FILE, '
+        '"test06": DIR}} (one LoadGen run per mode)',
+    )
     b.add_argument("--gpu-type", required=True)
     b.add_argument("--gpu-type-json", required=True, help="JSON (or file): config['gpu_types'][GPU_TYPE]")
     b.add_argument("--nodes", type=int, required=True)
@@ -438,18 +579,32 @@ def main(argv=None) -> int:
             first = Path(next(iter(runs.values()))["performance"])
             for run in runs.values():
                 run.setdefault("settings", _settings_of(Path(run["performance"])))
-            system = system_description(submitter=args.submitter, system_name=args.system_name,
-                                        gpu_type_name=args.gpu_type, gpu_type=_json_arg(args.gpu_type_json),
-                                        nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                                        provenance=_provenance_of(first), status=args.status, backend=args.backend)
-            build_tree(args.out, inference_dir=args.inference_dir, submitter=args.submitter,
-                       system_name=args.system_name, benchmark=args.benchmark, system=system,
-                       measurements_json=measurements(model_source=_json_arg(args.model_source_json),
-                                                      recipe=args.recipe), runs=runs)
+            system = system_description(
+                submitter=args.submitter,
+                system_name=args.system_name,
+                gpu_type_name=args.gpu_type,
+                gpu_type=_json_arg(args.gpu_type_json),
+                nodes=args.nodes,
+                gpus_per_node=args.gpus_per_node,
+                provenance=_provenance_of(first),
+                status=args.status,
+                backend=args.backend,
+            )
+            build_tree(
+                args.out,
+                inference_dir=args.inference_dir,
+                submitter=args.submitter,
+                system_name=args.system_name,
+                benchmark=args.benchmark,
+                system=system,
+                measurements_json=measurements(model_source=_json_arg(args.model_source_json), recipe=args.recipe),
+                runs=runs,
+            )
             print(f"submission tree: {args.out}; unknown system fields: {', '.join(unknown_fields(system))}")
             return 0
-        result = run_checker(args.inference_dir, args.tree, version=args.version, submitter=args.submitter,
-                             csv_out=args.csv)
+        result = run_checker(
+            args.inference_dir, args.tree, version=args.version, submitter=args.submitter, csv_out=args.csv
+        )
     except SubmissionError as err:
         print(f"submission: {err}", file=sys.stderr)
         return 2

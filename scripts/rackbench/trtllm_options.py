@@ -67,10 +67,15 @@ def check_build_flag(flag: str, value: Any, where: str) -> None:
     if flag in SET_BY_RACKBENCH:
         raise OptionError(f"{where}.{flag}: set by rackbench itself, not a config option")
     if flag not in spec:
-        hint = " (a TensorRT-LLM PluginConfig field, but not a trtllm-build argument)" \
-            if flag in contract.get("not_flags", []) else ""
-        raise OptionError(f"{where}.{flag}: not a trtllm-build {trtllm_contract()['version']} flag{hint}; "
-                          f"allowed flags: {', '.join(sorted(set(spec) - set(SET_BY_RACKBENCH)))}")
+        hint = (
+            " (a TensorRT-LLM PluginConfig field, but not a trtllm-build argument)"
+            if flag in contract.get("not_flags", [])
+            else ""
+        )
+        raise OptionError(
+            f"{where}.{flag}: not a trtllm-build {trtllm_contract()['version']} flag{hint}; "
+            f"allowed flags: {', '.join(sorted(set(spec) - set(SET_BY_RACKBENCH)))}"
+        )
     kind = spec[flag]["type"]
     if kind == "int" and not (_is_int(value) or (isinstance(value, str) and value.isdigit())):
         raise OptionError(f"{where}.{flag}: {value!r} is not an integer")
@@ -86,8 +91,10 @@ def check_llm_api_values(values: dict, where: str, fields: dict | None = None) -
     for key, value in values.items():
         name = f"{where}.{key}"
         if key not in fields:
-            raise OptionError(f"{name}: not a TensorRT-LLM {trtllm_contract()['version']} LLM-API field; "
-                              f"allowed: {', '.join(sorted(fields))}")
+            raise OptionError(
+                f"{name}: not a TensorRT-LLM {trtllm_contract()['version']} LLM-API field; "
+                f"allowed: {', '.join(sorted(fields))}"
+            )
         spec = fields[key]
         kind = spec["type"]
         if value is None and (spec.get("nullable") or kind in ("path_or_null",)):
@@ -100,7 +107,9 @@ def check_llm_api_values(values: dict, where: str, fields: dict | None = None) -
             raise OptionError(f"{name}: {value!r} is not one of {', '.join(map(str, spec['choices']))}")
         elif kind == "int" and not _is_int(value):
             raise OptionError(f"{name}: {value!r} is not an integer")
-        elif kind == "int_list" and not (isinstance(value, list) and value and all(_is_int(v) and v > 0 for v in value)):
+        elif kind == "int_list" and not (
+            isinstance(value, list) and value and all(_is_int(v) and v > 0 for v in value)
+        ):
             raise OptionError(f"{name}: {value!r} is not a non-empty list of positive integers")
         elif kind == "bool" and not isinstance(value, bool):
             raise OptionError(f"{name}: {value!r} is not true or false")
@@ -160,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     except OptionError as err:
         print(f"{argv[0]}: {err}", file=sys.stderr)
         return 2
-    print(f"{argv[0]}: engines.tensorrt-llm options match the TensorRT-LLM {trtllm_contract()['target_release']} contract")
+    print(
+        f"{argv[0]}: engines.tensorrt-llm options match the TensorRT-LLM {trtllm_contract()['target_release']} contract"
+    )
     return 0
 
 

@@ -110,17 +110,20 @@ class Cluster:
 
 # ----------------------------------------------------------------------------- helpers
 
+
 def log(msg: str) -> None:
     print(f"[slurm-cluster] {msg}", file=sys.stderr, flush=True)
 
 
 def sh(cmd, *, check=True, timeout=60, input=None, env=None) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input,
-                       env=env, shell=isinstance(cmd, str))
+    p = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, input=input, env=env, shell=isinstance(cmd, str)
+    )
     if check and p.returncode != 0:
         raise ClusterUnavailable(
             f"{cmd if isinstance(cmd, str) else ' '.join(cmd)} failed ({p.returncode}): "
-            f"{(p.stderr or p.stdout).strip()[-2000:]}")
+            f"{(p.stderr or p.stdout).strip()[-2000:]}"
+        )
     return p
 
 
@@ -230,6 +233,7 @@ def kill_pid(name: str, pid: int, timeout: float = 30) -> None:
 
 # ----------------------------------------------------------------------------- install
 
+
 def missing_binaries() -> list[str]:
     return [n for n, p in BINARIES.items() if not Path(p).exists()]
 
@@ -239,16 +243,16 @@ def ensure_installed() -> None:
     if not missing:
         return
     if os.geteuid() != 0:
-        raise ClusterUnavailable(f"Slurm is not installed ({', '.join(missing)} missing) "
-                                 "and installing needs root")
+        raise ClusterUnavailable(f"Slurm is not installed ({', '.join(missing)} missing) and installing needs root")
     if not shutil.which("apt-get"):
-        raise ClusterUnavailable(f"Slurm is not installed ({', '.join(missing)} missing) "
-                                 "and there is no apt-get")
+        raise ClusterUnavailable(f"Slurm is not installed ({', '.join(missing)} missing) and there is no apt-get")
     log(f"installing {' '.join(PACKAGES)} (missing: {', '.join(missing)})")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     lock = ["-o", "DPkg::Lock::Timeout=900"]
-    for cmd in (["apt-get", *lock, "update"],
-                ["apt-get", *lock, "install", "-y", "--no-install-recommends", *PACKAGES]):
+    for cmd in (
+        ["apt-get", *lock, "update"],
+        ["apt-get", *lock, "install", "-y", "--no-install-recommends", *PACKAGES],
+    ):
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
         if p.returncode != 0:
             raise ClusterUnavailable(f"{' '.join(cmd)} failed: {p.stderr.strip()[-1500:]}")
@@ -258,6 +262,7 @@ def ensure_installed() -> None:
 
 
 # ----------------------------------------------------------------------------- config
+
 
 def hostname() -> str:
     return socket.gethostname().split(".")[0]
@@ -282,24 +287,41 @@ def db_password() -> str:
 
 
 def render(accounting: bool, host: str) -> dict[str, str]:
-    v = dict(cluster_name=CLUSTER_NAME, host=host, state_dir=STATE_DIR, log_dir=LOG_DIR,
-             min_job_age=MIN_JOB_AGE, cpus=CPUS, real_memory=real_memory(), gpu_type=GPU_TYPE,
-             gpus=GPUS, last_gpu=GPUS - 1, partition=PARTITION, fake_gpu_dir=FAKE_GPU_DIR,
-             dbd_port=6819, db_password=db_password())
+    v = dict(
+        cluster_name=CLUSTER_NAME,
+        host=host,
+        state_dir=STATE_DIR,
+        log_dir=LOG_DIR,
+        min_job_age=MIN_JOB_AGE,
+        cpus=CPUS,
+        real_memory=real_memory(),
+        gpu_type=GPU_TYPE,
+        gpus=GPUS,
+        last_gpu=GPUS - 1,
+        partition=PARTITION,
+        fake_gpu_dir=FAKE_GPU_DIR,
+        dbd_port=6819,
+        db_password=db_password(),
+    )
     if accounting:
-        v.update(accounting_storage="accounting_storage/slurmdbd",
-                 jobacct_gather="jobacct_gather/linux",
-                 accounting_extra="\n".join([
-                     "AccountingStorageHost=localhost",
-                     "AccountingStoragePort=6819",
-                     # record GPUs per job (sacct AllocTRES / ReqTRES: gres/gpu:gb300=N)
-                     f"AccountingStorageTRES=gres/gpu,gres/gpu:{GPU_TYPE}",
-                     # keep --comment (the plugin puts rule and wildcards there)
-                     "AccountingStoreFlags=job_comment",
-                 ]))
+        v.update(
+            accounting_storage="accounting_storage/slurmdbd",
+            jobacct_gather="jobacct_gather/linux",
+            accounting_extra="\n".join(
+                [
+                    "AccountingStorageHost=localhost",
+                    "AccountingStoragePort=6819",
+                    # record GPUs per job (sacct AllocTRES / ReqTRES: gres/gpu:gb300=N)
+                    f"AccountingStorageTRES=gres/gpu,gres/gpu:{GPU_TYPE}",
+                    # keep --comment (the plugin puts rule and wildcards there)
+                    "AccountingStoreFlags=job_comment",
+                ]
+            ),
+        )
     else:
-        v.update(accounting_storage="accounting_storage/none",
-                 jobacct_gather="jobacct_gather/none", accounting_extra="")
+        v.update(
+            accounting_storage="accounting_storage/none", jobacct_gather="jobacct_gather/none", accounting_extra=""
+        )
     out = {}
     for name in ("slurm.conf", "gres.conf") + (("slurmdbd.conf",) if accounting else ()):
         out[name] = string.Template((HERE / f"{name}.in").read_text()).substitute(v)
@@ -317,8 +339,10 @@ def conf_hash(files: dict[str, str]) -> str:
 def install_conf(files: dict[str, str]) -> None:
     existing = CONF_DIR / "slurm.conf"
     if existing.exists() and MARKER not in existing.read_text(errors="replace"):
-        raise ClusterUnavailable(f"{existing} exists and is not rackbench's test config; "
-                                 "refusing to overwrite a real cluster's configuration")
+        raise ClusterUnavailable(
+            f"{existing} exists and is not rackbench's test config; "
+            "refusing to overwrite a real cluster's configuration"
+        )
     CONF_DIR.mkdir(parents=True, exist_ok=True)
     slurm = pwd.getpwnam("slurm")
     for name, text in files.items():
@@ -349,11 +373,14 @@ def prepare_dirs() -> None:
 
 # ----------------------------------------------------------------------------- daemons
 
+
 def munge_ok() -> bool:
     try:
         cred = subprocess.run(["munge", "-n"], capture_output=True, timeout=10)
-        return cred.returncode == 0 and subprocess.run(
-            ["unmunge"], input=cred.stdout, capture_output=True, timeout=10).returncode == 0
+        return (
+            cred.returncode == 0
+            and subprocess.run(["unmunge"], input=cred.stdout, capture_output=True, timeout=10).returncode == 0
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -395,11 +422,20 @@ def start_mariadbd() -> int | None:
         sh(["mariadb-install-db", "--user=mysql", f"--datadir={datadir}"], timeout=300)
     logf = LOG_DIR / "mariadbd.log"
     out = open(logf, "ab")
-    p = subprocess.Popen([BINARIES["mariadbd"], "--user=mysql", f"--datadir={datadir}",
-                          f"--socket={MYSQL_SOCKET}", "--bind-address=127.0.0.1",
-                          "--innodb-buffer-pool-size=64M"],
-                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                         start_new_session=True)
+    p = subprocess.Popen(
+        [
+            BINARIES["mariadbd"],
+            "--user=mysql",
+            f"--datadir={datadir}",
+            f"--socket={MYSQL_SOCKET}",
+            "--bind-address=127.0.0.1",
+            "--innodb-buffer-pool-size=64M",
+        ],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     out.close()
     _children[p.pid] = p
     wait_for("mariadbd", lambda: p.poll() is None and mysql_ok(), 120, logf)
@@ -436,9 +472,9 @@ def setup_accounts() -> None:
         text = (p.stdout + p.stderr).lower()
         if p.returncode != 0 and "already exist" not in text and "nothing new" not in text:
             raise ClusterUnavailable(f"sacctmgr add {' '.join(args)}: {text.strip()}")
+
     add("cluster", CLUSTER_NAME)
-    add("account", "rackbench", f"Cluster={CLUSTER_NAME}", "Description=rackbench tests",
-        "Organization=rackbench")
+    add("account", "rackbench", f"Cluster={CLUSTER_NAME}", "Description=rackbench tests", "Organization=rackbench")
     add("user", "root", "Account=rackbench", f"Cluster={CLUSTER_NAME}")
 
 
@@ -469,8 +505,7 @@ def start_slurmd() -> int | None:
     if running_pid("slurmd"):
         return None
     sh([BINARIES["slurmd"]])
-    wait_for("slurmd", lambda: pid_alive(pidfile_pid("slurmd"), "slurmd"), 30,
-             LOG_DIR / "slurmd.log")
+    wait_for("slurmd", lambda: pid_alive(pidfile_pid("slurmd"), "slurmd"), 30, LOG_DIR / "slurmd.log")
     return pidfile_pid("slurmd")
 
 
@@ -498,6 +533,7 @@ def node_ready(host: str, timeout: float = 60) -> None:
 
 # ----------------------------------------------------------------------------- API
 
+
 def start(accounting: bool = True, install: bool = True) -> Cluster:
     """Start the cluster (or reuse a running one). Raises ClusterUnavailable."""
     if sys.platform != "linux":
@@ -512,7 +548,7 @@ def start(accounting: bool = True, install: bool = True) -> Cluster:
         try:
             pwd.getpwnam(u)
         except KeyError:
-            raise ClusterUnavailable(f"system user {u!r} is missing (package install incomplete)")
+            raise ClusterUnavailable(f"system user {u!r} is missing (package install incomplete)") from None
 
     host = hostname()
     prepare_dirs()
@@ -530,7 +566,8 @@ def start(accounting: bool = True, install: bool = True) -> Cluster:
             if pid and book["pids"].get(name) != pid:
                 raise ClusterUnavailable(
                     f"{name} (pid {pid}) is running with another configuration and was "
-                    "not started by tests/slurm/cluster.py; stop it first")
+                    "not started by tests/slurm/cluster.py; stop it first"
+                )
         for name in ("slurmd", "slurmctld"):
             pid = running_pid(name)
             if pid:
@@ -572,8 +609,9 @@ def cancel_all_jobs(timeout: float = 30) -> None:
         log(f"cancelling job(s) {' '.join(ids)}")
         sh(["scancel", *ids], check=False)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and (processes_named("slurmstepd") or
-                                           sh(["squeue", "-h", "-t", "PD,R,CG", "-o", "%i"], check=False).stdout.strip()):
+    while time.monotonic() < deadline and (
+        processes_named("slurmstepd") or sh(["squeue", "-h", "-t", "PD,R,CG", "-o", "%i"], check=False).stdout.strip()
+    ):
         time.sleep(0.5)
 
 
@@ -627,6 +665,7 @@ def stop_at_exit() -> None:
             else:
                 signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
                 os.kill(os.getpid(), sig)
+
         signal.signal(signum, handler)
 
 
@@ -667,8 +706,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("start")
-    s.add_argument("--no-accounting", action="store_true",
-                   help="accounting_storage/none (use --slurm-status-command squeue)")
+    s.add_argument(
+        "--no-accounting", action="store_true", help="accounting_storage/none (use --slurm-status-command squeue)"
+    )
     s.add_argument("--no-install", action="store_true")
     sub.add_parser("stop")
     sub.add_parser("status")
@@ -676,8 +716,7 @@ def main(argv=None) -> int:
     try:
         if a.cmd == "start":
             c = start(accounting=not a.no_accounting, install=not a.no_install)
-            print(json.dumps({"host": c.host, "accounting": c.accounting,
-                              "started": c.started, "running": status()}))
+            print(json.dumps({"host": c.host, "accounting": c.accounting, "started": c.started, "running": status()}))
         elif a.cmd == "stop":
             stop()
         else:

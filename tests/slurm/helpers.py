@@ -24,8 +24,9 @@ def snakemake_env(**extra) -> dict:
     return env
 
 
-def run_snakemake(args: list[str], cwd: Path, timeout: int, env: dict | None = None,
-                  slurm: bool = True) -> subprocess.CompletedProcess:
+def run_snakemake(
+    args: list[str], cwd: Path, timeout: int, env: dict | None = None, slurm: bool = True
+) -> subprocess.CompletedProcess:
     """`snakemake [--executor slurm --workflow-profile profiles/ci-slurm] ARGS` under
     `timeout`, so that a hang fails the test instead of eating CI's time. The
     output goes to cwd/snakemake-<n>.log too."""
@@ -34,12 +35,12 @@ def run_snakemake(args: list[str], cwd: Path, timeout: int, env: dict | None = N
         cmd += ["--executor", "slurm", "--workflow-profile", str(CI_PROFILE), "--verbose"]
     cmd += args
     t0 = time.monotonic()
-    p = subprocess.run(cmd, cwd=cwd, env=env or snakemake_env(), capture_output=True,
-                       text=True)
+    p = subprocess.run(cmd, cwd=cwd, env=env or snakemake_env(), capture_output=True, text=True)
     p.elapsed = time.monotonic() - t0
     n = len(list(Path(cwd).glob("snakemake-*.log")))
     Path(cwd, f"snakemake-{n}.log").write_text(
-        f"$ {' '.join(cmd)}\n(rc {p.returncode}, {p.elapsed:.0f}s)\n{p.stdout}\n{p.stderr}")
+        f"$ {' '.join(cmd)}\n(rc {p.returncode}, {p.elapsed:.0f}s)\n{p.stdout}\n{p.stderr}"
+    )
     if p.returncode == 124:
         raise AssertionError(f"snakemake timed out after {timeout}s:\n{tail(p)}")
     return p
@@ -72,9 +73,22 @@ def sacct(run_id: str, wait_s: float = 30) -> list[dict]:
     deadline = time.monotonic() + wait_s
     while True:
         out = subprocess.run(
-            ["sacct", "-X", "-P", "-n", "--name", run_id, "--starttime", "now-1days",
-             "-o", ",".join(f + ("%200" if f.endswith("TRES") else "") for f in fields)],
-            capture_output=True, text=True, check=True).stdout
+            [
+                "sacct",
+                "-X",
+                "-P",
+                "-n",
+                "--name",
+                run_id,
+                "--starttime",
+                "now-1days",
+                "-o",
+                ",".join(f + ("%200" if f.endswith("TRES") else "") for f in fields),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         rows = [dict(zip(fields, line.split("|"))) for line in out.splitlines() if line]
         # accounting lags the controller by a moment: wait until no job looks unfinished
         if all(r["State"] not in ("PENDING", "RUNNING") for r in rows) or time.monotonic() > deadline:
@@ -91,14 +105,24 @@ def copy_tiny(dest: Path) -> Path:
 def start_snakemake(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
     """`snakemake --executor slurm --workflow-profile profiles/ci-slurm ARGS` in the background,
     in its own session (so it can be killed like a lost login shell); output to cwd/snakemake-<n>.log."""
-    cmd = [sys.executable, "-m", "snakemake", "--executor", "slurm", "--workflow-profile", str(CI_PROFILE),
-           "--verbose", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--executor",
+        "slurm",
+        "--workflow-profile",
+        str(CI_PROFILE),
+        "--verbose",
+        *args,
+    ]
     n = len(list(Path(cwd).glob("snakemake-*.log")))
     out = open(Path(cwd, f"snakemake-{n}.log"), "w")
     out.write(f"$ {' '.join(cmd)} (in the background)\n")
     out.flush()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env or snakemake_env(), stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env or snakemake_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
     out.close()
     proc.log_path = Path(cwd, f"snakemake-{n}.log")
     return proc
@@ -107,7 +131,11 @@ def start_snakemake(args: list[str], cwd: Path, env: dict | None = None) -> subp
 def queued_jobs(workdir: Path) -> list[dict]:
     """Slurm jobs (pending, running, or finished within MinJobAge) whose working directory is `workdir`."""
     fields = ["JobID", "State", "Name", "WorkDir", "Comment"]
-    out = subprocess.run(["squeue", "-h", "--states=all", "-o", "\x1f".join(["%i", "%T", "%j", "%Z", "%k"])],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["squeue", "-h", "--states=all", "-o", "\x1f".join(["%i", "%T", "%j", "%Z", "%k"])],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rows = [dict(zip(fields, line.split("\x1f"))) for line in out.splitlines() if line]
     return [r for r in rows if os.path.realpath(r["WorkDir"]) == os.path.realpath(workdir)]

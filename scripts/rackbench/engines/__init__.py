@@ -48,10 +48,15 @@ class Engine(Protocol):
 
     max_in_flight: int
 
-    def submit(self, prompt: Sequence[int], max_new_tokens: int, *,
-               on_done: Callable[[list[int]], None],
-               on_error: Callable[[BaseException], None],
-               on_first_token: Callable[[int], None] | None = None) -> None: ...
+    def submit(
+        self,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        *,
+        on_done: Callable[[list[int]], None],
+        on_error: Callable[[BaseException], None],
+        on_first_token: Callable[[int], None] | None = None,
+    ) -> None: ...
 
     def close(self) -> None: ...
 
@@ -109,8 +114,14 @@ class BatchedEngine:
     just before ``on_done``.
     """
 
-    def __init__(self, generate_batch: Callable[[list, int], list], max_batch_size: int, *, close=None,
-                 name: str = "rackbench-batched-engine"):
+    def __init__(
+        self,
+        generate_batch: Callable[[list, int], list],
+        max_batch_size: int,
+        *,
+        close=None,
+        name: str = "rackbench-batched-engine",
+    ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self._generate_batch = generate_batch
@@ -119,7 +130,7 @@ class BatchedEngine:
         self._waiting: list = []
         self._cond = threading.Condition()
         self._closed = False
-        self.batches: list[int] = []   # sizes of the batches run, for tests and benchmarks
+        self.batches: list[int] = []  # sizes of the batches run, for tests and benchmarks
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -145,7 +156,7 @@ class BatchedEngine:
             if not self._waiting:
                 return None
             n = self._waiting[0][1]
-            batch = [r for r in self._waiting if r[1] == n][:self.max_batch_size]
+            batch = [r for r in self._waiting if r[1] == n][: self.max_batch_size]
             taken = set(map(id, batch))
             self._waiting = [r for r in self._waiting if id(r) not in taken]
             return batch

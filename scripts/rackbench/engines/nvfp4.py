@@ -60,8 +60,14 @@ def pack_e2m1_codes(codes: torch.Tensor) -> torch.Tensor:
     return (codes[..., 1::2] << 4) | codes[..., 0::2]
 
 
-def dequantize_nvfp4(weight: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2: torch.Tensor,
-                     dtype: torch.dtype = torch.float32, *, shape=None) -> torch.Tensor:
+def dequantize_nvfp4(
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_scale_2: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    *,
+    shape=None,
+) -> torch.Tensor:
     """Dequantize an exported NVFP4 weight: ``e2m1 * (fp8 block scale * global scale)``.
 
     ``weight``: uint8 ``[..., in // 2]``; ``weight_scale``: float8_e4m3fn (or float)
@@ -73,8 +79,10 @@ def dequantize_nvfp4(weight: torch.Tensor, weight_scale: torch.Tensor, weight_sc
     n_in = values.shape[-1]
     n_blocks = weight_scale.shape[-1]
     if weight_scale.shape[:-1] != values.shape[:-1] or n_in % n_blocks:
-        raise ValueError(f"NVFP4 shapes do not fit: weight {tuple(weight.shape)} (unpacked "
-                         f"{tuple(values.shape)}), weight_scale {tuple(weight_scale.shape)}")
+        raise ValueError(
+            f"NVFP4 shapes do not fit: weight {tuple(weight.shape)} (unpacked "
+            f"{tuple(values.shape)}), weight_scale {tuple(weight_scale.shape)}"
+        )
     block = n_in // n_blocks
     block_scale = weight_scale.to(torch.float32) * weight_scale_2.to(torch.float32).to(values.device)
     out = (values.view(*values.shape[:-1], n_blocks, block) * block_scale.unsqueeze(-1)).reshape(values.shape)
@@ -83,8 +91,9 @@ def dequantize_nvfp4(weight: torch.Tensor, weight_scale: torch.Tensor, weight_sc
     return out.to(dtype)
 
 
-def dequantize_fp8(weight: torch.Tensor, weight_scale: torch.Tensor,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_fp8(
+    weight: torch.Tensor, weight_scale: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Dequantize an exported FP8 E4M3 weight: ``float(weight) * weight_scale``.
 
     ``weight_scale`` is a scalar (per tensor) or has one entry per output channel.
@@ -143,7 +152,7 @@ def fake_quantize_nvfp4(x: torch.Tensor, global_scale: torch.Tensor | float, blo
     gs = torch.as_tensor(global_scale, dtype=torch.float32, device=x.device)
     scale = xf.abs().amax(-1) / (E2M1_MAX * gs)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    scale = scale.clamp(2 ** -9, E4M3_MAX).to(torch.float8_e4m3fn).float() * gs
+    scale = scale.clamp(2**-9, E4M3_MAX).to(torch.float8_e4m3fn).float() * gs
     codes = round_to_e2m1(xf / scale.unsqueeze(-1))
     values = _table(E2M1_VALUES, x.device)[codes.long()]
     return (values * scale.unsqueeze(-1)).reshape(shape).to(x.dtype)

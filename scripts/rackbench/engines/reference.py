@@ -48,15 +48,29 @@ import torch
 from rackbench.engines import nvfp4
 from rackbench.padding import pad_batch
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 # Files the engine needs from a checkpoint (everything else, e.g. provenance, stays behind).
 _ENGINE_FILE_PATTERNS = (
-    r"config\.json", r"generation_config\.json", r"hf_quant_config\.json",
-    r".*\.safetensors", r".*\.safetensors\.index\.json",
-    r"tokenizer.*", r"special_tokens_map\.json", r"added_tokens\.json", r"chat_template\..*",
-    r".*\.model", r"vocab\..*", r"merges\.txt",
+    r"config\.json",
+    r"generation_config\.json",
+    r"hf_quant_config\.json",
+    r".*\.safetensors",
+    r".*\.safetensors\.index\.json",
+    r"tokenizer.*",
+    r"special_tokens_map\.json",
+    r"added_tokens\.json",
+    r"chat_template\..*",
+    r".*\.model",
+    r"vocab\..*",
+    r"merges\.txt",
 )
 _QUANT_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "k_scale", "v_scale", "pre_quant_scale")
 
@@ -64,6 +78,7 @@ RECIPES = {"NVFP4": "nvfp4", "FP8": "fp8", None: "none"}
 
 
 # --------------------------------------------------------------------------- build
+
 
 def _link_or_copy(src: Path, dst: Path) -> str:
     if dst.exists() or dst.is_symlink():
@@ -96,11 +111,18 @@ def read_quant_config(model_dir) -> dict:
         scheme = q["kv_cache_scheme"]
         kv = "FP8" if scheme.get("type") == "float" and scheme.get("num_bits") == 8 else None
     if algo is not None and algo not in RECIPES:
-        raise ValueError(f"{model_dir}: quant_algo {algo!r} is not supported by the reference backend "
-                         f"(supported: NVFP4, FP8, unquantized)")
-    return {"quant_algo": algo, "kv_cache_quant_algo": kv, "group_size": q.get("group_size"),
-            "exclude_modules": q.get("exclude_modules") or q.get("ignore"), "source": source,
-            "recipe": RECIPES[algo]}
+        raise ValueError(
+            f"{model_dir}: quant_algo {algo!r} is not supported by the reference backend "
+            f"(supported: NVFP4, FP8, unquantized)"
+        )
+    return {
+        "quant_algo": algo,
+        "kv_cache_quant_algo": kv,
+        "group_size": q.get("group_size"),
+        "exclude_modules": q.get("exclude_modules") or q.get("ignore"),
+        "source": source,
+        "recipe": RECIPES[algo],
+    }
 
 
 def _safetensors_files(model_dir: Path) -> list[Path]:
@@ -113,6 +135,7 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
 def _scan_tensors(model_dir: Path) -> dict:
     """Count quantized layers by format, without loading the tensors."""
     from safetensors import safe_open
+
     counts = {"nvfp4_linear": 0, "fp8_linear": 0, "kv_scales": 0, "tensors": 0, "parameters": 0}
     for path in _safetensors_files(model_dir):
         with safe_open(path, "pt") as f:
@@ -186,6 +209,7 @@ def build(checkpoint_dir, engine_dir, *, gpu_type, gpu_spec, settings) -> dict:
 
 # --------------------------------------------------------------------------- load
 
+
 def load_state_dict(model_dir, dtype=torch.float32) -> tuple[dict, dict]:
     """The checkpoint's tensors with quantized weights dequantized to ``dtype``.
 
@@ -193,6 +217,7 @@ def load_state_dict(model_dir, dtype=torch.float32) -> tuple[dict, dict]:
     v_scale, format} for the emulation switches. Raises on tensors it does not understand.
     """
     from safetensors import safe_open
+
     raw = {}
     for path in _safetensors_files(Path(model_dir)):
         with safe_open(path, "pt") as f:
@@ -233,6 +258,7 @@ def load_state_dict(model_dir, dtype=torch.float32) -> tuple[dict, dict]:
 
 def _model_config(model_dir: Path):
     from transformers import AutoConfig
+
     data = json.loads((model_dir / "config.json").read_text())
     data.pop("quantization_config", None)
     model_type = data.pop("model_type")
@@ -269,14 +295,23 @@ def _register_attention() -> str:
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
         b, hq, q_len, d = query.shape
         if q_len != 1 or query.device.type != "cpu" or dropout:
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                          scaling=scaling, is_causal=is_causal, **kwargs)
+            return sdpa_attention_forward(
+                module,
+                query,
+                key,
+                value,
+                attention_mask,
+                dropout=dropout,
+                scaling=scaling,
+                is_causal=is_causal,
+                **kwargs,
+            )
         hkv = key.shape[1]
-        scale = scaling if scaling is not None else d ** -0.5
+        scale = scaling if scaling is not None else d**-0.5
         q = query.reshape(b, hkv, hq // hkv, d)  # GQA: the query heads sharing a KV head side by side
         scores = torch.matmul(q, key.transpose(-1, -2)) * scale  # [b, hkv, groups, T]
         if attention_mask is not None:
-            mask = attention_mask[..., -key.shape[-2]:]
+            mask = attention_mask[..., -key.shape[-2] :]
             if mask.dtype == torch.bool:
                 scores = scores.masked_fill(~mask, float("-inf"))
             else:
@@ -366,8 +401,7 @@ class ReferenceEngine:
         self._kv = None  # (K, V, capacity): see _kv_storage
         self._fused_weights = None  # see _fused
         attn = model.model.layers[0].self_attn
-        self._heads = (model.config.num_attention_heads, model.config.num_key_value_heads,
-                       attn.head_dim, attn.scaling)
+        self._heads = (model.config.num_attention_heads, model.config.num_key_value_heads, attn.head_dim, attn.scaling)
         self._waiting: collections.deque[_Request] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -390,6 +424,7 @@ class ReferenceEngine:
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         """Blocking: every prompt's tokens, in order (``rackbench.engines.generate``)."""
         from rackbench.engines import generate
+
         return generate(self, prompts, max_new_tokens)
 
     def close(self) -> None:
@@ -432,7 +467,7 @@ class ReferenceEngine:
         the rows that finished (their places are refilled from the last rows), and decodes the
         rest one step. ``rows`` is the running batch (cache row i = rows[i])."""
         size: list[int] = []  # cache row -> positions held (prompt + fed tokens)
-        logits = None          # [len(rows), vocab]: each row's next-token logits
+        logits = None  # [len(rows), vocab]: each row's next-token logits
         eos = set(self.eos_ids)
         while True:
             new = self._take(self.max_batch_size - len(rows), block=not rows)
@@ -487,8 +522,10 @@ class ReferenceEngine:
         K, V = self._kv_storage(max(len(r.prompt) + r.max_new_tokens for r in ready), len(rows))
         row0 = len(rows)
         lengths = [len(r.prompt) for r in ready]
-        parts = [self._prefill_llama([ready[i].prompt for i in grp], K, V, row0 + grp[0])
-                 for grp in self._prefill_groups(lengths)]
+        parts = [
+            self._prefill_llama([ready[i].prompt for i in grp], K, V, row0 + grp[0])
+            for grp in self._prefill_groups(lengths)
+        ]
         rows.extend(ready)
         size.extend(lengths)
         return torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -539,8 +576,12 @@ class ReferenceEngine:
                 if any(m.bias is not None or m._forward_pre_hooks or m._forward_hooks for m in mods):
                     fused = []
                     break
-                fused.append((torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
-                              torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])))
+                fused.append(
+                    (
+                        torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+                        torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
+                    )
+                )
             self._fused_weights = fused
         return self._fused_weights or None
 
@@ -552,7 +593,7 @@ class ReferenceEngine:
             return torch.cat([attn.q_proj(x), attn.k_proj(x)], dim=-1), attn.v_proj(x)
         hq, hkv, d, _ = self._heads
         qkv = torch.nn.functional.linear(x, fused[li][0])
-        return qkv[..., :(hq + hkv) * d], qkv[..., (hq + hkv) * d:]
+        return qkv[..., : (hq + hkv) * d], qkv[..., (hq + hkv) * d :]
 
     def _mlp(self, li: int, layer, x: torch.Tensor) -> torch.Tensor:
         fused = self._fused()
@@ -576,11 +617,13 @@ class ReferenceEngine:
         dtype = body.embed_tokens.weight.dtype
         old = self._kv
         capacity = -(-max(capacity, old[2] * 5 // 4 if old else 0) // 64) * 64  # grow rarely
-        new = tuple([torch.zeros((self.max_batch_size, hkv, capacity, d), dtype=dtype, device=self.device)
-                     for _ in body.layers] for _ in range(2))
+        new = tuple(
+            [torch.zeros((self.max_batch_size, hkv, capacity, d), dtype=dtype, device=self.device) for _ in body.layers]
+            for _ in range(2)
+        )
         if old is not None and keep_rows:
             for dst, src in zip(new[0] + new[1], old[0] + old[1]):
-                dst[:keep_rows, :, :old[2]] = src[:keep_rows]
+                dst[:keep_rows, :, : old[2]] = src[:keep_rows]
         self._kv = (new[0], new[1], capacity)
         return new
 
@@ -617,10 +660,13 @@ class ReferenceEngine:
                 if fused is None:
                     k, v = attn.k_proj(x), attn.v_proj(x)
                 else:
-                    kv = torch.nn.functional.linear(x, fused[li][0][hq * d:])
-                    k, v = kv[..., :hkv * d], kv[..., hkv * d:]
-                q = attn.q_proj(x[rows, last]) if fused is None else \
-                    torch.nn.functional.linear(x[rows, last], fused[li][0][:hq * d])
+                    kv = torch.nn.functional.linear(x, fused[li][0][hq * d :])
+                    k, v = kv[..., : hkv * d], kv[..., hkv * d :]
+                q = (
+                    attn.q_proj(x[rows, last])
+                    if fused is None
+                    else torch.nn.functional.linear(x[rows, last], fused[li][0][: hq * d])
+                )
                 q = self._rotary(q.view(g, hq, 1, d), cos[rows, last][:, None, None], sin[rows, last][:, None, None])
                 k = self._rotary(k.view(g, width, hkv, d), cos4, sin4).transpose(1, 2)
             else:
@@ -630,17 +676,19 @@ class ReferenceEngine:
             v = v.reshape(g, width, hkv, d).transpose(1, 2)
             if ks is not None:
                 k, v = nvfp4.fake_quantize_fp8(k, ks[li]), nvfp4.fake_quantize_fp8(v, vs[li])
-            K[li][row0:row0 + g, :, :width] = k
-            V[li][row0:row0 + g, :, :width] = v
+            K[li][row0 : row0 + g, :, :width] = k
+            V[li][row0 : row0 + g, :, :width] = v
             if not final:
-                o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                                                     enable_gqa=hq != hkv)
+                o = torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, is_causal=True, scale=scale, enable_gqa=hq != hkv
+                )
                 h = h + attn.o_proj(o.transpose(1, 2).reshape(g, width, hq * d))
                 h = h + self._mlp(li, layer, layer.post_attention_layernorm(h))
             else:
                 mask = (torch.arange(width, device=dev).unsqueeze(0) <= last.unsqueeze(1))[:, None, None, :]
-                o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                                                     enable_gqa=hq != hkv)
+                o = torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, scale=scale, enable_gqa=hq != hkv
+                )
                 h = h[rows, last] + attn.o_proj(o.reshape(g, hq * d))
                 h = h + self._mlp(li, layer, layer.post_attention_layernorm(h))
         return self.model.lm_head(body.norm(h))
@@ -661,7 +709,7 @@ class ReferenceEngine:
         pos = torch.tensor(size, device=dev)  # where each row's token goes
         span = max(size) + 1
         chunk = max(8, -(-b // 4))
-        bands = [(r, min(r + chunk, b), max(size[r:r + chunk]) + 1) for r in range(0, b, chunk)]
+        bands = [(r, min(r + chunk, b), max(size[r : r + chunk]) + 1) for r in range(0, b, chunk)]
         rows = torch.arange(b, device=dev)
         bias = torch.zeros((b, span), dtype=torch.float32, device=dev)
         bias.masked_fill_(torch.arange(span, device=dev).unsqueeze(0) > pos.unsqueeze(1), float("-inf"))
@@ -700,6 +748,7 @@ class ReferenceEngine:
         """Full-sequence logits of one prompt (float32, CPU) through the model's own forward
         (FP8-KV rounding as in the cache): for accuracy checks."""
         from transformers.cache_utils import Cache
+
         layer = _kv_layer_class()
         ks, vs = self._kv_scales or ([None] * self._layers, [None] * self._layers)
         cache = Cache(layers=[layer(ks[i], vs[i]) for i in range(self._layers)])
@@ -716,11 +765,14 @@ def _add_activation_quant(model, extras) -> int:
             continue
         scale = info["input_scale"].to(module.weight.device)
         if info.get("format") == "nvfp4":
+
             def hook(mod, args, scale=scale):
                 return (nvfp4.fake_quantize_nvfp4(args[0], scale),) + args[1:]
         else:
+
             def hook(mod, args, scale=scale):
                 return (nvfp4.fake_quantize_fp8(args[0], scale),) + args[1:]
+
         module.register_forward_pre_hook(hook)
         hooks += 1
     return hooks
@@ -752,8 +804,7 @@ def load(engine_dir, *, record, gpu_ids, settings) -> ReferenceEngine:
     if gpu_ids is not None and len(gpu_ids) > 1:
         from rackbench.engines.replicas import ReplicaPool
 
-        return ReplicaPool(__name__, engine_dir, record=record, settings=settings, gpu_ids=gpu_ids,
-                           gpus_per_replica=1)
+        return ReplicaPool(__name__, engine_dir, record=record, settings=settings, gpu_ids=gpu_ids, gpus_per_replica=1)
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -776,8 +827,9 @@ def load(engine_dir, *, record, gpu_ids, settings) -> ReferenceEngine:
         missing = [k for k in missing if k != "lm_head.weight"]
         model.tie_weights()
     if missing or unexpected:
-        raise ValueError(f"{engine_dir}: checkpoint does not fit {type(model).__name__}: "
-                         f"missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"{engine_dir}: checkpoint does not fit {type(model).__name__}: missing {missing}, unexpected {unexpected}"
+        )
     model.to(device).eval()
     kv = None
     if settings.get("emulate_fp8_kv_cache", True) and quant["kv_cache_quant_algo"] == "FP8":
@@ -788,7 +840,20 @@ def load(engine_dir, *, record, gpu_ids, settings) -> ReferenceEngine:
     eos = _eos_ids(engine_dir, config)
     pad = getattr(config, "pad_token_id", None)
     pad = pad if pad is not None else (eos[0] if eos else 0)
-    facts = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "recipe": quant["recipe"],
-             "fp8_kv_cache_emulated": kv is not None, "activation_quant_hooks": hooks, "eos_token_ids": eos}
-    return ReferenceEngine(model, device=device, eos_ids=eos, pad_id=pad,
-                           max_batch_size=settings.get("max_batch_size", 64), kv_scales=kv, facts=facts)
+    facts = {
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "recipe": quant["recipe"],
+        "fp8_kv_cache_emulated": kv is not None,
+        "activation_quant_hooks": hooks,
+        "eos_token_ids": eos,
+    }
+    return ReferenceEngine(
+        model,
+        device=device,
+        eos_ids=eos,
+        pad_id=pad,
+        max_batch_size=settings.get("max_batch_size", 64),
+        kv_scales=kv,
+        facts=facts,
+    )

@@ -35,8 +35,9 @@ def visible_devices(gpu_ids: Sequence[int], parent_visible: str | None) -> str:
     return ",".join(str(i) for i in gpu_ids)
 
 
-def _worker_main(conn, backend: str, loader: str, engine_dir, record, settings,
-                 n_gpus: int, cuda_visible: str | None) -> None:
+def _worker_main(
+    conn, backend: str, loader: str, engine_dir, record, settings, n_gpus: int, cuda_visible: str | None
+) -> None:
     if cuda_visible is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible
     os.environ["RACKBENCH_REPLICA_DEVICES"] = cuda_visible or ""
@@ -47,8 +48,9 @@ def _worker_main(conn, backend: str, loader: str, engine_dir, record, settings,
         module = importlib.import_module(backend)
         load = getattr(module, loader)
         if loader == "load":
-            engine = load(engine_dir, record=record, gpu_ids=list(range(n_gpus)),
-                          settings={**settings, "in_process": True})
+            engine = load(
+                engine_dir, record=record, gpu_ids=list(range(n_gpus)), settings={**settings, "in_process": True}
+            )
         else:
             engine = load(engine_dir, record=record, settings=settings)
         engine = BatchedEngine.wrap(engine, owns=True)
@@ -59,18 +61,22 @@ def _worker_main(conn, backend: str, loader: str, engine_dir, record, settings,
         return
     send_lock = threading.Lock()
 
-    def send(message) -> None:   # from the engine's threads
+    def send(message) -> None:  # from the engine's threads
         try:
             with send_lock:
                 conn.send(message)
-        except (OSError, ValueError):   # the parent is gone: nobody to tell
+        except (OSError, ValueError):  # the parent is gone: nobody to tell
             pass
 
     def callbacks(rid: int, want_first: bool):
         def on_error(exc):
             send(("error", rid, "".join(traceback.format_exception(exc))))
-        return {"on_done": lambda tokens: send(("done", rid, list(tokens))), "on_error": on_error,
-                "on_first_token": (lambda token: send(("first", rid, int(token)))) if want_first else None}
+
+        return {
+            "on_done": lambda tokens: send(("done", rid, list(tokens))),
+            "on_error": on_error,
+            "on_first_token": (lambda token: send(("first", rid, int(token)))) if want_first else None,
+        }
 
     try:
         while True:
@@ -112,9 +118,18 @@ class ReplicaPool:
     ReplicaError naming it; the others go on.
     """
 
-    def __init__(self, backend: str, engine_dir, *, record: dict, settings: dict,
-                 gpu_ids: Sequence[int], gpus_per_replica: int, loader: str = "load",
-                 start_timeout_s: float | None = None):
+    def __init__(
+        self,
+        backend: str,
+        engine_dir,
+        *,
+        record: dict,
+        settings: dict,
+        gpu_ids: Sequence[int],
+        gpus_per_replica: int,
+        loader: str = "load",
+        start_timeout_s: float | None = None,
+    ):
         gpu_ids = list(gpu_ids)
         if gpus_per_replica < 1:
             raise ValueError("gpus_per_replica must be >= 1")
@@ -132,12 +147,15 @@ class ReplicaPool:
         self._closing = False
         try:
             for r in range(len(gpu_ids) // gpus_per_replica):
-                ids = gpu_ids[r * gpus_per_replica:(r + 1) * gpus_per_replica]
+                ids = gpu_ids[r * gpus_per_replica : (r + 1) * gpus_per_replica]
                 devices = visible_devices(ids, parent_visible)
                 parent, child = ctx.Pipe()
-                proc = ctx.Process(target=_worker_main, name=f"replica{r}[{devices}]",
-                                   args=(child, backend, loader, str(engine_dir), record, settings,
-                                         len(ids), devices), daemon=True)
+                proc = ctx.Process(
+                    target=_worker_main,
+                    name=f"replica{r}[{devices}]",
+                    args=(child, backend, loader, str(engine_dir), record, settings, len(ids), devices),
+                    daemon=True,
+                )
                 proc.start()
                 child.close()
                 self._procs.append(proc)
@@ -199,7 +217,7 @@ class ReplicaPool:
         try:
             with self._send_locks[r]:
                 self._conns[r].send(message)
-        except (OSError, ValueError) as exc:   # the replica died meanwhile: its reader fails the rest
+        except (OSError, ValueError) as exc:  # the replica died meanwhile: its reader fails the rest
             with self._lock:
                 lost = self._pending[r].pop(rid, None)
             if lost is not None:
@@ -235,6 +253,7 @@ class ReplicaPool:
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         """Blocking: every prompt's tokens, in order (``rackbench.engines.generate``)."""
         from rackbench.engines import generate
+
         return generate(self, prompts, max_new_tokens)
 
     def close(self) -> None:

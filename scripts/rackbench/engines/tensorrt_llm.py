@@ -72,6 +72,7 @@ class EngineMismatch(RuntimeError):
 
 # --------------------------------------------------------------------------- settings
 
+
 def resolve_settings(settings: dict | None) -> dict:
     """Defaults filled in and checked; raises ValueError naming the bad key."""
     merged = copy.deepcopy(DEFAULTS)
@@ -83,8 +84,15 @@ def resolve_settings(settings: dict | None) -> dict:
     s = merged
     if s["mode"] not in MODES:
         raise ValueError(f"tensorrt-llm mode {s['mode']!r} is not one of {MODES}")
-    for key in ("tensor_parallel_size", "pipeline_parallel_size", "max_batch_size",
-                "max_num_tokens", "max_input_len", "max_seq_len", "tokens_per_block"):
+    for key in (
+        "tensor_parallel_size",
+        "pipeline_parallel_size",
+        "max_batch_size",
+        "max_num_tokens",
+        "max_input_len",
+        "max_seq_len",
+        "tokens_per_block",
+    ):
         if not isinstance(s[key], int) or s[key] < 1:
             raise ValueError(f"tensorrt-llm {key} must be a positive integer, got {s[key]!r}")
     if s["max_input_len"] >= s["max_seq_len"]:
@@ -114,6 +122,7 @@ def replica_size(settings: dict) -> int:
 
 
 # --------------------------------------------------------------------------- pytorch mode
+
 
 def llm_api_options(settings: dict) -> dict:
     """The LLM-API arguments written as ``extra_llm_api_options.yaml``.
@@ -148,8 +157,8 @@ def write_llm_api_options(path: str | os.PathLike, settings: dict) -> dict:
     options = llm_api_options(settings)
     Path(path).write_text(
         "# TensorRT-LLM LLM-API arguments (TorchLlmArgs), written by rackbench.engines.tensorrt_llm.\n"
-        "# Usable as trtllm-serve/trtllm-bench --extra_llm_api_options.\n"
-        + yaml.safe_dump(options, sort_keys=True))
+        "# Usable as trtllm-serve/trtllm-bench --extra_llm_api_options.\n" + yaml.safe_dump(options, sort_keys=True)
+    )
     return options
 
 
@@ -158,6 +167,7 @@ def read_llm_api_options(path: str | os.PathLike) -> dict:
 
 
 # --------------------------------------------------------------------------- tensorrt mode
+
 
 def trtllm_build_flags(settings: dict) -> dict[str, Any]:
     """flag -> value for ``trtllm-build`` (without checkpoint/output dirs).
@@ -217,26 +227,35 @@ def export_trtllm_checkpoint(checkpoint_dir, out_dir, settings: dict) -> None:  
     state = Path(checkpoint_dir) / "modelopt_state.pth"
     if not base or not state.is_file():
         raise FileNotFoundError(
-            "tensorrt mode needs settings['base_model_dir'] and "
-            f"{state} (ModelOpt state saved by the quantize step)")
+            f"tensorrt mode needs settings['base_model_dir'] and {state} (ModelOpt state saved by the quantize step)"
+        )
     model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float16, device_map="cuda")
     model = restore_modelopt_state(model, state)
     with torch.inference_mode():
         export_tensorrt_llm_checkpoint(
-            model, decoder_type="llama", dtype=torch.float16, export_dir=str(out_dir),
+            model,
+            decoder_type="llama",
+            dtype=torch.float16,
+            export_dir=str(out_dir),
             inference_tensor_parallel=s["tensor_parallel_size"],
-            inference_pipeline_parallel=s["pipeline_parallel_size"])
+            inference_pipeline_parallel=s["pipeline_parallel_size"],
+        )
 
 
 # --------------------------------------------------------------------------- hardware facts
 
+
 def gpu_facts() -> dict:  # pragma: no cover - needs a GPU
     import torch
+
     if not torch.cuda.is_available():
         return {"name": None, "compute_capability": None, "count": 0}
     major, minor = torch.cuda.get_device_capability(0)
-    return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}",
-            "count": torch.cuda.device_count()}
+    return {
+        "name": torch.cuda.get_device_name(0),
+        "compute_capability": f"{major}.{minor}",
+        "count": torch.cuda.device_count(),
+    }
 
 
 def trtllm_version() -> str | None:
@@ -252,8 +271,9 @@ def check_runtime(facts: dict, *, gpu: dict, version: str | None) -> None:
     problems = []
     want_cc = facts.get("compute_capability")
     if want_cc is not None and gpu.get("compute_capability") != want_cc:
-        problems.append(f"compute capability {gpu.get('compute_capability')} != built for {want_cc}"
-                        f" ({facts.get('gpu_type')})")
+        problems.append(
+            f"compute capability {gpu.get('compute_capability')} != built for {want_cc} ({facts.get('gpu_type')})"
+        )
     want_ver = facts.get("tensorrt_llm_version")
     if want_ver is not None and version != want_ver:
         problems.append(f"TensorRT-LLM {version} != built with {want_ver}")
@@ -263,10 +283,18 @@ def check_runtime(facts: dict, *, gpu: dict, version: str | None) -> None:
 
 # --------------------------------------------------------------------------- build
 
-def build(checkpoint_dir, engine_dir, *, gpu_type: str, gpu_spec: dict, settings: dict,
-          run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
-          export: Callable[[Any, Any, dict], None] | None = None,
-          gpu: Callable[[], dict] = gpu_facts) -> dict:
+
+def build(
+    checkpoint_dir,
+    engine_dir,
+    *,
+    gpu_type: str,
+    gpu_spec: dict,
+    settings: dict,
+    run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+    export: Callable[[Any, Any, dict], None] | None = None,
+    gpu: Callable[[], dict] = gpu_facts,
+) -> dict:
     """Populate ``engine_dir`` for ``gpu_type``; return the backend facts.
 
     Runs on a GPU node of ``gpu_type`` inside the TensorRT-LLM container.
@@ -278,8 +306,10 @@ def build(checkpoint_dir, engine_dir, *, gpu_type: str, gpu_spec: dict, settings
     want_cc = gpu_spec.get("compute_capability")
     here = gpu()
     if want_cc is not None and here.get("compute_capability") not in (None, str(want_cc)):
-        raise EngineMismatch(f"building for {gpu_type} (compute capability {want_cc}) on "
-                             f"{here.get('name')} (compute capability {here.get('compute_capability')})")
+        raise EngineMismatch(
+            f"building for {gpu_type} (compute capability {want_cc}) on "
+            f"{here.get('name')} (compute capability {here.get('compute_capability')})"
+        )
     facts: dict[str, Any] = {
         "mode": s["mode"],
         "gpu_type": gpu_type,
@@ -305,13 +335,21 @@ def build(checkpoint_dir, engine_dir, *, gpu_type: str, gpu_spec: dict, settings
     started = time.time()
     proc = run(cmd, capture_output=True, text=True)
     (engine_dir / "trtllm-build.log").write_text(
-        "$ " + " ".join(cmd) + "\n" + (proc.stdout or "") + (proc.stderr or ""))
+        "$ " + " ".join(cmd) + "\n" + (proc.stdout or "") + (proc.stderr or "")
+    )
     if proc.returncode != 0:
-        raise RuntimeError(f"trtllm-build failed with exit code {proc.returncode}; "
-                           f"see {engine_dir / 'trtllm-build.log'}")
+        raise RuntimeError(
+            f"trtllm-build failed with exit code {proc.returncode}; see {engine_dir / 'trtllm-build.log'}"
+        )
     shutil.rmtree(trt_ckpt, ignore_errors=True)  # the engine holds the weights
-    facts.update({"trtllm_build_command": cmd, "trtllm_build_seconds": round(time.time() - started, 1),
-                  "engine_subdir": TRT_ENGINE_SUBDIR, "model_dir": None})
+    facts.update(
+        {
+            "trtllm_build_command": cmd,
+            "trtllm_build_seconds": round(time.time() - started, 1),
+            "engine_subdir": TRT_ENGINE_SUBDIR,
+            "model_dir": None,
+        }
+    )
     return facts
 
 
@@ -322,14 +360,21 @@ def _warmup(checkpoint_dir: Path, engine_dir: Path, s: dict, *, gpu_type: str, g
     loaded = time.time()
     ids = engine.generate([[1, 15043, 29892, 590, 1024, 338]], 8)
     engine.close()
-    record = {"gpu_type": gpu_type, "gpu": gpu, "tensorrt_llm_version": trtllm_version(),
-              "load_seconds": round(loaded - started, 1), "generated_tokens": len(ids[0]),
-              "host": os.uname().nodename, "finished_at": time.time()}
+    record = {
+        "gpu_type": gpu_type,
+        "gpu": gpu,
+        "tensorrt_llm_version": trtllm_version(),
+        "load_seconds": round(loaded - started, 1),
+        "generated_tokens": len(ids[0]),
+        "host": os.uname().nodename,
+        "finished_at": time.time(),
+    }
     (engine_dir / WARMUP_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
 
 
 # --------------------------------------------------------------------------- load / run
+
 
 class TrtllmEngine:
     """One LLM-API instance (one replica) driven in-process, on the Engine contract.
@@ -357,14 +402,15 @@ class TrtllmEngine:
 
     def sampling_params(self, max_new_tokens: int):
         # Greedy (top_k=1), token ids only, Llama-2 </s> as end id.
-        return self._sampling_params_cls(max_tokens=int(max_new_tokens), end_id=self.end_id,
-                                         pad_id=self.end_id, top_k=1, detokenize=False)
+        return self._sampling_params_cls(
+            max_tokens=int(max_new_tokens), end_id=self.end_id, pad_id=self.end_id, top_k=1, detokenize=False
+        )
 
     def answer(self, token_ids: Sequence[int], max_new_tokens: int) -> list[int]:
         """The contract's tokens: generated ids before the end id, at most ``max_new_tokens``."""
         ids = [int(t) for t in token_ids]
         if self.end_id in ids:
-            ids = ids[:ids.index(self.end_id)]
+            ids = ids[: ids.index(self.end_id)]
         return ids[:max_new_tokens]
 
     def submit(self, prompt: Sequence[int], max_new_tokens: int, *, on_done, on_error, on_first_token=None) -> None:
@@ -377,8 +423,9 @@ class TrtllmEngine:
         task = asyncio.current_task()
         self._tasks.add(task)
         try:
-            result = self.llm.generate_async(prompt, sampling_params=self.sampling_params(max_new_tokens),
-                                             streaming=on_first_token is not None)
+            result = self.llm.generate_async(
+                prompt, sampling_params=self.sampling_params(max_new_tokens), streaming=on_first_token is not None
+            )
             if on_first_token is None:
                 await result.aresult()
             else:
@@ -403,6 +450,7 @@ class TrtllmEngine:
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         """Blocking: every prompt's tokens, in order (``rackbench.engines.generate``)."""
         from rackbench.engines import generate
+
         return generate(self, prompts, max_new_tokens)
 
     async def _cancel_all(self) -> None:
@@ -432,21 +480,28 @@ def _call(callback, *args) -> None:
 
 def _open_llm(model: str, s: dict, *, mode: str, options: dict | None = None) -> TrtllmEngine:
     from tensorrt_llm import SamplingParams
+
     if mode == "pytorch":
         from tensorrt_llm import LLM
+
         options = options if options is not None else llm_api_options(s)
         llm = LLM(model=model, skip_tokenizer_init=True, **options)
-        return TrtllmEngine(llm, SamplingParams, max_batch_size=int(options["max_batch_size"]),
-                            end_id=s["end_id"])
+        return TrtllmEngine(llm, SamplingParams, max_batch_size=int(options["max_batch_size"]), end_id=s["end_id"])
     else:
         from tensorrt_llm._tensorrt_engine import LLM as TrtLLM
-        llm = TrtLLM(model=model, skip_tokenizer_init=True,
-                     max_batch_size=s["max_batch_size"],
-                     max_num_tokens=s["runtime_max_num_tokens"] or s["max_num_tokens"],
-                     enable_chunked_prefill=bool(s["enable_chunked_prefill"]),
-                     kv_cache_config={"free_gpu_memory_fraction": float(s["kv_cache"]["free_gpu_memory_fraction"]),
-                                      "enable_block_reuse": bool(s["kv_cache"]["enable_block_reuse"])},
-                     scheduler_config=llm_api_options(s)["scheduler_config"])
+
+        llm = TrtLLM(
+            model=model,
+            skip_tokenizer_init=True,
+            max_batch_size=s["max_batch_size"],
+            max_num_tokens=s["runtime_max_num_tokens"] or s["max_num_tokens"],
+            enable_chunked_prefill=bool(s["enable_chunked_prefill"]),
+            kv_cache_config={
+                "free_gpu_memory_fraction": float(s["kv_cache"]["free_gpu_memory_fraction"]),
+                "enable_block_reuse": bool(s["kv_cache"]["enable_block_reuse"]),
+            },
+            scheduler_config=llm_api_options(s)["scheduler_config"],
+        )
     return TrtllmEngine(llm, SamplingParams, max_batch_size=s["max_batch_size"], end_id=s["end_id"])
 
 
@@ -474,5 +529,13 @@ def load(engine_dir, *, record: dict, gpu_ids: Sequence[int], settings: dict):
     if len(gpu_ids) == size and settings.get("in_process", True):
         return load_replica(engine_dir, record=record, settings=settings)
     from rackbench.engines.replicas import ReplicaPool
-    return ReplicaPool(__name__, engine_dir, record=record, settings=settings,
-                       gpu_ids=gpu_ids, gpus_per_replica=size, loader="load_replica")
+
+    return ReplicaPool(
+        __name__,
+        engine_dir,
+        record=record,
+        settings=settings,
+        gpu_ids=gpu_ids,
+        gpus_per_replica=size,
+        loader="load_replica",
+    )

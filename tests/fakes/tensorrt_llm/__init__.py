@@ -125,7 +125,7 @@ class RequestOutput:
         token_ids, is_final, finish_reason = response
         if isinstance(token_ids, BaseException):
             raise token_ids
-        self.outputs[0].token_ids.extend(token_ids)   # non-beam: output.token_ids.extend(...)
+        self.outputs[0].token_ids.extend(token_ids)  # non-beam: output.token_ids.extend(...)
         self._done = is_final
         if is_final:
             self.outputs[0].finish_reason = finish_reason
@@ -133,7 +133,7 @@ class RequestOutput:
     # GenerationResult
     def result(self, timeout: float | None = None) -> "RequestOutput":
         while not self._done:
-            if self.aqueue is not None:   # the real one reads aqueue.sync_q
+            if self.aqueue is not None:  # the real one reads aqueue.sync_q
                 response = asyncio.run_coroutine_threadsafe(self.aqueue.get(), self._loop).result(timeout)
             else:
                 response = self.queue.get(timeout=timeout)
@@ -141,8 +141,9 @@ class RequestOutput:
         return self
 
     async def _aresult_step(self) -> None:
-        assert self.aqueue is not None, ("The asyncio event loop was not present during initialization, "
-                                         "so async operations are not available.")
+        assert self.aqueue is not None, (
+            "The asyncio event loop was not present during initialization, so async operations are not available."
+        )
         self._handle_response(await self.aqueue.get())
 
     async def aresult(self) -> "RequestOutput":
@@ -159,8 +160,11 @@ class RequestOutput:
     def __next__(self):
         if self._done:
             raise StopIteration
-        self._handle_response(self.queue.get() if self.queue is not None else
-                              asyncio.run_coroutine_threadsafe(self.aqueue.get(), self._loop).result())
+        self._handle_response(
+            self.queue.get()
+            if self.queue is not None
+            else asyncio.run_coroutine_threadsafe(self.aqueue.get(), self._loop).result()
+        )
         return self
 
     def __aiter__(self):
@@ -179,7 +183,7 @@ def fake_answer(prompt, params: SamplingParams) -> tuple[list[int], str]:
     if params.end_id is not None and not params.ignore_eos:
         ids.append(params.end_id)
     if len(ids) > params.max_tokens:
-        return ids[:params.max_tokens], "length"
+        return ids[: params.max_tokens], "length"
     return ids, "stop"
 
 
@@ -195,16 +199,26 @@ class LLM:
         self.cuda_visible_devices = os.environ.get("CUDA_VISIBLE_DEVICES")
         self.closed = False
         self.calls = 0
-        self.async_requests: list = []   # (prompt, streaming) per generate_async call
+        self.async_requests: list = []  # (prompt, streaming) per generate_async call
         self._next_id = 0
         self._requests: queue.Queue = queue.Queue()
         self._executor = threading.Thread(target=self._execute, name="fake-trtllm-executor", daemon=True)
         self._executor.start()
         CONSTRUCTED.append((type(self).__name__, dict(kwargs), self.cuda_visible_devices))
 
-    def generate_async(self, inputs, sampling_params=None, lora_request=None, prompt_adapter_request=None,
-                       streaming=False, kv_cache_retention_config=None, disaggregated_params=None,
-                       _postproc_params=None, scheduling_params=None, cache_salt=None):
+    def generate_async(
+        self,
+        inputs,
+        sampling_params=None,
+        lora_request=None,
+        prompt_adapter_request=None,
+        streaming=False,
+        kv_cache_retention_config=None,
+        disaggregated_params=None,
+        _postproc_params=None,
+        scheduling_params=None,
+        cache_salt=None,
+    ):
         if self.closed:
             raise RuntimeError("LLM is shutting down")
         if not isinstance(inputs, list) or not all(isinstance(t, int) for t in inputs):

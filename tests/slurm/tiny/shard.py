@@ -7,6 +7,7 @@ Control files in ./control/ (made by the tests):
   cancel-always-N partial output written, then `scancel $SLURM_JOB_ID`, every time
 The complete output appears atomically (a temp dir renamed into place).
 """
+
 import json
 import os
 import socket

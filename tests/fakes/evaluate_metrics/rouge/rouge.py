@@ -22,8 +22,9 @@ class Rouge(evaluate.Metric):
             description="FAKE rouge metric for offline tests (rouge_score F-measures)",
             citation="",
             inputs_description="predictions: list of str; references: list of str",
-            features=datasets.Features({"predictions": datasets.Value("string"),
-                                        "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
         )
 
     def _compute(self, predictions, references, rouge_types=None, use_aggregator=True, use_stemmer=False):
