@@ -18,7 +18,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from rackbench import accuracy, benchmarks, compliance, submission
+from conftest import DEMO_CONFIGURATION
+from rackbench import accuracy, benchmarks, compliance, paths, submission
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -194,8 +195,8 @@ def demo_single(demo_run, tmp_path_factory):
     scored by rackbench.accuracy, plus TEST06 through rackbench.compliance's CLI."""
     work, _ = demo_run
     out = tmp_path_factory.mktemp("single")
-    engine = work / "results/engines/tiny-llama/nvfp4/reference/cpu/engine"
-    dataset = work / "results/datasets/demo-orca/samples.parquet"
+    engine = work / DEMO_CONFIGURATION.engine_dir
+    dataset = work / DEMO_CONFIGURATION.dataset_file("samples")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "scripts")}
     common = [
         "--engine-dir",
@@ -233,7 +234,7 @@ def demo_single(demo_run, tmp_path_factory):
             "--dataset",
             str(dataset),
             "--tokenizer",
-            str(work / "results/models/tiny-llama/snapshot"),
+            str(work / DEMO_CONFIGURATION.snapshot_dir),
             "--shard-dirs",
             str(out / "accuracy"),
             "--reference-json",
@@ -328,7 +329,7 @@ def test_demo_tree_is_refused_for_exactly_its_departures(demo_single, tmp_path):
                 "--backend",
                 "reference",
                 "--model-source-json",
-                json.dumps({"local": "results/demo/source/model"}),
+                json.dumps({"local": paths.DEMO_MODEL_PATTERN}),
             ]
         )
         == 0
@@ -402,7 +403,7 @@ def test_reference_scorer_agrees(demo_single, tmp_path, rotate):
     """
     pytest.importorskip("evaluate")
     work, out = demo_single["work"], demo_single["out"]
-    pkl = next((work / "results/demo/source/dataset").glob("*sampled*.pkl"))
+    pkl = next((work / paths.DEMO_DATASET_DIR).glob("*sampled*.pkl"))
     frame = pd.read_pickle(pkl)
     if rotate:
         frame["output"] = list(frame["output"].iloc[rotate:]) + list(frame["output"].iloc[:rotate])
@@ -424,7 +425,7 @@ def test_reference_scorer_agrees(demo_single, tmp_path, rotate):
         "NLTK_DATA": str(tmp_path / "nltk_data"),
         "PYTHONPATH": str(ROOT / "scripts"),
     }
-    tokenizer = work / "results/models/tiny-llama/snapshot"
+    tokenizer = work / DEMO_CONFIGURATION.snapshot_dir
     acc_log = out / "accuracy" / "mlperf_log_accuracy.json"
     ref = subprocess.run(
         [
