@@ -8,8 +8,8 @@ the demo engine's own output, both endpoints served, each step saw only its GPU;
 server process or job step is left after success, after a server is killed mid-run (the error
 names its endpoint, no hang), and after ``scancel`` of the allocation.
 
-One node only: Debian's slurmd 22.05 is built without --enable-multiple-slurmd (docs/slurm.md,
-"A rack run inside one allocation").
+Two Slurm nodes: two slurmd on this machine (Debian's slurmd 22.05 is built with
+--enable-multiple-slurmd), in the test cluster's "rack" partition (docs/slurm.md).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from rackbench import launch
+from slurm import cluster
 from slurm.fixtures import slurm_cluster  # noqa: F401  (the session fixture)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -39,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CLIENT = ROOT / "tests" / "slurm" / "rack_client.py"
 MAX_NEW = 16
 SETTINGS = {"torch_threads": 1}
-SERVERS = 2
+NODES = 2  # the test cluster's two slurmd (tests/slurm/cluster.py: EXTRA_NODES)
+SERVERS = NODES  # one server per node
 JOB_NAME = "rackbench-rack-test"
 READY_TIMEOUT = 240  # model load on 2 busy cores
 
@@ -101,7 +103,7 @@ def direct(demo_model, samples):
 
 
 def _base_port() -> int:
-    """A port p with p and p+1 both free (server k listens on base + k)."""
+    """A port p with p .. p+SERVERS-1 free (server i listens on base + i)."""
     for _ in range(50):
         p = launch.free_port()
         try:
@@ -114,7 +116,7 @@ def _base_port() -> int:
 
 
 def _submit(wd: Path, engine_dir: Path, *, backend: str, settings: dict, client_args: list[str]) -> tuple[str, int]:
-    """sbatch the rack run: one allocation of 2 GPUs; the launcher starts the servers as srun steps."""
+    """sbatch the rack run: one allocation of 2 nodes, a GPU each; the launcher starts the servers as srun steps."""
     base = _base_port()
     launcher = [
         sys.executable,
@@ -128,7 +130,7 @@ def _submit(wd: Path, engine_dir: Path, *, backend: str, settings: dict, client_
         "--settings",
         json.dumps(settings),
         "--servers-per-node",
-        str(SERVERS),
+        str(SERVERS // NODES),
         "--gpus-per-server",
         "1",
         "--cpus-per-server",
@@ -154,11 +156,12 @@ def _submit(wd: Path, engine_dir: Path, *, backend: str, settings: dict, client_
         "sbatch",
         "--parsable",
         f"--job-name={JOB_NAME}",
-        "--nodes=1",
-        "--ntasks=1",
-        f"--cpus-per-task={SERVERS + 1}",
-        f"--gpus=gb300:{SERVERS}",
-        "--mem=3000",
+        f"--partition={cluster.RACK_PARTITION}",
+        f"--nodes={NODES}",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=2",
+        "--gpus-per-node=gb300:1",
+        "--mem=2000",
         "--time=5",
         f"--chdir={wd}",
         f"--output={wd / 'job.log'}",
@@ -268,12 +271,13 @@ def test_one_loadgen_drives_srun_step_servers_and_records_the_engine_tokens(
     # the srun lines the launcher ran (Slurm 22.05 accepted them: the servers came up)
     sruns = [line for line in log.splitlines() if line.startswith("rackbench.launch: server") and " srun " in line]
     assert len(sruns) == SERVERS, log
+    nodes = [slurm_cluster.host, *cluster.extra_node_names(slurm_cluster.host)]
     for i, line in enumerate(sruns):
         for flag in (
             "--exact",
             "--nodes=1",
             "--ntasks=1",
-            f"--nodelist={slurm_cluster.host}",
+            f"--nodelist={nodes[i]}",
             "--gres=gpu:1",
             "--kill-on-bad-exit=1",
             "--cpus-per-task=1",
@@ -282,18 +286,19 @@ def test_one_loadgen_drives_srun_step_servers_and_records_the_engine_tokens(
             assert f" {flag} " in line, (flag, line)
         assert f"--port {base + i}" in line
 
-    # each step on the allocation's node, bound to its own one GPU
+    # each step on its own node of the allocation, bound to one GPU there
     bindings = _step_bindings(tmp_path)
-    assert {b["host"] for b in bindings.values()} == {slurm_cluster.host}
+    assert [b["node"] for b in bindings.values()] == nodes, bindings
     assert all(b["job"] == job for b in bindings.values()), bindings
-    gpus = [b["SLURM_STEP_GPUS"] for b in bindings.values()]
-    assert all(g and "," not in g for g in gpus) and len(set(gpus)) == SERVERS, bindings
-    assert all(b["CUDA_VISIBLE_DEVICES"] and "," not in b["CUDA_VISIBLE_DEVICES"] for b in bindings.values())
+    for b in bindings.values():
+        assert b["SLURM_STEP_GPUS"] and "," not in b["SLURM_STEP_GPUS"], b
+        assert b["CUDA_VISIBLE_DEVICES"] and "," not in b["CUDA_VISIBLE_DEVICES"], b
     assert len({b["step"] for b in bindings.values()}) == SERVERS
 
     # one LoadGen over both endpoints; the tokens it recorded are the engine's own
     urls = json.loads((tmp_path / "urls.json").read_text())["endpoints"]
-    assert urls == [f"http://{slurm_cluster.host}:{base + i}" for i in range(SERVERS)]
+    addresses = launch.node_addresses(nodes)  # the extra node's NodeAddr is 127.0.0.1
+    assert urls == [f"http://{addresses[nodes[i]]}:{base + i}" for i in range(SERVERS)]
     assert f"one LoadGen over {SERVERS} endpoint(s)" in log
     entries = json.loads((tmp_path / "loadgen" / "mlperf_log_accuracy.json").read_text())
     got = {e["qsl_idx"]: np.frombuffer(bytes.fromhex(e["data"]), np.int32).tolist() for e in entries}
@@ -350,7 +355,8 @@ def test_a_server_killed_mid_run_fails_the_run_naming_its_endpoint_and_leaves_no
     state, elapsed = _wait_finished(job, 90, tmp_path)
     log = (tmp_path / "job.log").read_text()
     assert state.startswith("FAILED"), f"{state}\n{log}"
-    killed_url = f"http://{slurm_cluster.host}:{base + 1}"
+    killed_url = json.loads((tmp_path / "urls.json").read_text())["endpoints"][1]
+    assert killed_url.endswith(f":{base + 1}")
     assert killed_url in log and "died" in log, log
     assert not (tmp_path / "loadgen").exists()  # no half-written LoadGen output
     _assert_nothing_left(job, engine_dir, tmp_path)

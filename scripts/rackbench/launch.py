@@ -251,14 +251,14 @@ def srun_command(
 # becomes the server (exec: srun's signals reach the server itself).
 STEP_BANNER = "rackbench-step"
 _BANNER_SCRIPT = (
-    'echo "' + STEP_BANNER + ': host=$(hostname) job=$SLURM_JOB_ID step=$SLURM_STEP_ID '
+    'echo "' + STEP_BANNER + ': node=$SLURMD_NODENAME host=$(hostname) job=$SLURM_JOB_ID step=$SLURM_STEP_ID '
     'CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES SLURM_STEP_GPUS=$SLURM_STEP_GPUS" >&2; exec "$@"'
 )
 
 
 def with_step_banner(argv: Sequence[str]) -> list[str]:
     """``argv`` behind ``/bin/sh -c`` that first prints the step's node and GPU binding
-    (``rackbench-step: host=... CUDA_VISIBLE_DEVICES=... SLURM_STEP_GPUS=...``), then execs it."""
+    (``rackbench-step: node=... host=... CUDA_VISIBLE_DEVICES=... SLURM_STEP_GPUS=...``), then execs it."""
     return ["/bin/sh", "-c", _BANNER_SCRIPT, STEP_BANNER, *argv]
 
 
@@ -268,6 +268,24 @@ def parse_step_banner(text: str) -> dict | None:
         if line.startswith(STEP_BANNER + ":"):
             return dict(kv.split("=", 1) for kv in line.split(":", 1)[1].split() if "=" in kv)
     return None
+
+
+def node_addresses(nodes: Sequence[str]) -> dict[str, str]:
+    """Each node's ``NodeAddr`` (``scontrol show node``): the address Slurm itself uses to reach
+    it, which is where its servers are reached too (equal to the name on most clusters)."""
+    if not nodes:
+        return {}
+    out = subprocess.run(
+        ["scontrol", "show", "node", "--oneliner", ",".join(nodes)], capture_output=True, text=True, timeout=30
+    )
+    if out.returncode != 0:
+        raise LaunchError(f"scontrol show node {','.join(nodes)} failed: {out.stderr.strip()}")
+    addresses = {}
+    for line in out.stdout.splitlines():
+        fields = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+        if "NodeName" in fields:
+            addresses[fields["NodeName"]] = fields.get("NodeAddr") or fields["NodeName"]
+    return {n: addresses.get(n, n) for n in nodes}
 
 
 def allocation_nodes(env=os.environ) -> list[str]:
@@ -340,8 +358,12 @@ def slurm_specs(
     mem_per_server: str | None = None,
     log_dir=None,
     step_banner: bool = True,
+    addresses: dict[str, str] | None = None,
 ) -> list[ServerSpec]:
-    """One srun step per server, ``servers_per_node`` on each node, ports ``base_port + slot``.
+    """One srun step per server, ``servers_per_node`` on each node; server i listens on
+    ``base_port + i`` (distinct across the allocation, so that several slurmd on one
+    machine, as on the test cluster, never share a port). ``addresses``: node -> the host
+    its URLs use (``node_addresses``; default the node name).
 
     ``server_argv(host, port)`` builds the server command (``trtllm_serve_command`` or
     ``rackbench_serve_command`` with ``host="0.0.0.0"``: it must listen on the node's
@@ -351,7 +373,7 @@ def slurm_specs(
     for n, node in enumerate(nodes):
         for slot in range(servers_per_node):
             i = n * servers_per_node + slot
-            port = base_port + slot
+            port = base_port + i
             output = Path(log_dir) / f"server{i}.log" if log_dir else None
             server = server_argv("0.0.0.0", port)
             argv = srun_command(
@@ -363,7 +385,8 @@ def slurm_specs(
                 job_name=f"rackbench-server{i}",
                 output=output,
             )
-            specs.append(ServerSpec(f"server{i}", argv, node, port, slurm=True))
+            host = (addresses or {}).get(node, node)
+            specs.append(ServerSpec(f"server{i}", argv, host, port, slurm=True))
     return specs
 
 
@@ -384,6 +407,7 @@ def rackbench_slurm_specs(
     Each server sees only its step's GPUs (Slurm sets ``CUDA_VISIBLE_DEVICES``), so it is
     told ``--gpu-ids 0..gpus_per_server-1``. The steps' output goes through srun into
     ``ServerGroup(log_dir=...)``'s per-server logs (no ``--output``: one file per server)."""
+    nodes = list(nodes) if nodes is not None else allocation_nodes()
     return slurm_specs(
         lambda host, port: rackbench_serve_command(
             engine_dir,
@@ -393,12 +417,13 @@ def rackbench_slurm_specs(
             settings=settings,
             gpu_ids=list(range(gpus_per_server)),
         ),
-        nodes=list(nodes) if nodes is not None else allocation_nodes(),
+        nodes=nodes,
         servers_per_node=servers_per_node,
         gpus_per_server=gpus_per_server,
         base_port=base_port,
         cpus_per_server=cpus_per_server,
         mem_per_server=mem_per_server,
+        addresses=node_addresses(nodes),
     )
 
 
@@ -651,7 +676,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     slm.add_argument("--gpus-per-server", type=int, default=1)
     slm.add_argument("--cpus-per-server", type=int, default=None)
     slm.add_argument("--mem-per-server", default=None, help="srun --mem of each step, e.g. 2G")
-    slm.add_argument("--base-port", type=int, default=8100, help="server k on each node listens on base-port + k")
+    slm.add_argument("--base-port", type=int, default=8100, help="server i listens on base-port + i")
     url = sub.add_parser("urls", help="servers already running elsewhere, by URL")
     url.add_argument("urls", nargs="+")
     for sp in (loc, slm, url):
