@@ -18,7 +18,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -82,9 +81,7 @@ def samples(demo_model, tmp_path_factory):
     prompts = [[1] + tok.encode(t, add_special_tokens=False).ids for t in texts]  # <s> + text
     path = tmp_path_factory.mktemp("rack-data") / "samples.parquet"
     pq.write_table(
-        pa.table(
-            {"input": texts, "tok_input": pa.array(prompts, pa.list_(pa.int32())), "output": ["-"] * len(texts)}
-        ),
+        pa.table({"input": texts, "tok_input": pa.array(prompts, pa.list_(pa.int32())), "output": ["-"] * len(texts)}),
         path,
     )
     return path, prompts
@@ -254,7 +251,11 @@ def _step_bindings(wd: Path) -> dict[str, dict]:
 
 
 def test_one_loadgen_drives_srun_step_servers_and_records_the_engine_tokens(
-    slurm_cluster, demo_model, samples, direct, tmp_path  # noqa: F811
+    slurm_cluster,  # noqa: F811
+    demo_model,
+    samples,
+    direct,
+    tmp_path,
 ):
     ds, prompts = samples
     job, base = _submit(
@@ -341,7 +342,8 @@ def _instant_job(tmp_path, engine_dir):
 
 
 def test_a_server_killed_mid_run_fails_the_run_naming_its_endpoint_and_leaves_nothing(
-    slurm_cluster, tmp_path  # noqa: F811
+    slurm_cluster,  # noqa: F811
+    tmp_path,
 ):
     engine_dir = tmp_path / "instant-engine"
     engine_dir.mkdir()

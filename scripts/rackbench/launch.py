@@ -251,7 +251,7 @@ def srun_command(
 # becomes the server (exec: srun's signals reach the server itself).
 STEP_BANNER = "rackbench-step"
 _BANNER_SCRIPT = (
-    'echo "' + STEP_BANNER + ': node=$SLURMD_NODENAME host=$(hostname) job=$SLURM_JOB_ID step=$SLURM_STEP_ID '
+    'echo "' + STEP_BANNER + ": node=$SLURMD_NODENAME host=$(hostname) job=$SLURM_JOB_ID step=$SLURM_STEP_ID "
     'CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES SLURM_STEP_GPUS=$SLURM_STEP_GPUS" >&2; exec "$@"'
 )
 
@@ -492,7 +492,9 @@ class ServerGroup:
                 for key in JOB_GPU_ENV:
                     env.pop(key, None)
             if spec.slurm:  # the exact srun line, for the job's log
-                print(f"rackbench.launch: {spec.name} ({spec.url}): {shlex.join(spec.argv)}", file=sys.stderr, flush=True)
+                print(
+                    f"rackbench.launch: {spec.name} ({spec.url}): {shlex.join(spec.argv)}", file=sys.stderr, flush=True
+                )
             try:
                 self.procs[spec.name] = subprocess.Popen(
                     spec.argv,

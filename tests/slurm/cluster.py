@@ -1,4 +1,4 @@
-"""A real single-node Slurm cluster for rackbench's tests, from Debian's packages.
+"""A real Slurm cluster for rackbench's tests, from Debian's packages (two slurmd on one machine).
 
     python tests/slurm/cluster.py start [--no-accounting]   # idempotent
     python tests/slurm/cluster.py status
@@ -16,7 +16,10 @@ What it sets up (Slurm 22.05 on a box without systemd or cgroups, e.g. CI's 2 co
   (``SlurmdParameters=config_overrides``) and ``GPUS`` fake typed GPUs
   ``gpu:gb300`` whose device files are symlinks to /dev/null, so that
   ``--gpus=gb300:1`` schedules and each job step gets its own CUDA_VISIBLE_DEVICES;
-* one default partition ``gpu``.
+* one default partition ``gpu`` (that node only);
+* a second slurmd (``slurmd -N HOST-n1``, its own port, ``EXTRA_NODE_GPUS`` fake GPUs;
+  Debian's build has MULTIPLE_SLURMD) and partition ``rack`` of both nodes, for
+  multi-node allocations (tests/test_slurm_rack.py).
 
 Without accounting (``accounting=False``) slurm.conf uses accounting_storage/none:
 ``sacct`` then fails and Snakemake must be told ``--slurm-status-command squeue``

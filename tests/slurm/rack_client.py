@@ -41,7 +41,13 @@ def main() -> int:
                 min_duration_ms=0,
                 min_query_count=a.min_query_count,
                 offline_expected_qps=10,
-                metadata={"model": "demo", "recipe": "none", "backend": "http", "gpu_type": "gb300", "gpus_per_shard": 1},
+                metadata={
+                    "model": "demo",
+                    "recipe": "none",
+                    "backend": "http",
+                    "gpu_type": "gb300",
+                    "gpus_per_shard": 1,
+                },
                 progress_interval_s=0,
             )
         finally:
