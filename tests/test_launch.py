@@ -69,12 +69,12 @@ def test_slurm_specs_place_servers_per_node_on_distinct_ports():
         base_port=8000,
         log_dir="/logs",
     )
-    assert [s.url for s in specs] == [f"http://n{n}:{8000 + k}" for n in range(2) for k in range(4)]
+    assert [s.url for s in specs] == [f"http://n{n}:{8000 + 4 * n + k}" for n in range(2) for k in range(4)]
     assert all(s.slurm for s in specs)
     first = specs[5].argv
     assert first[:6] == ["srun", "--exact", "--nodes=1", "--ntasks=1", "--nodelist=n1", "--gres=gpu:1"]
     assert "--job-name=rackbench-server5" in first and "--output=/logs/server5.log" in first
-    assert first[-3:] == ["serve", "0.0.0.0", "8001"]  # listens on the node's network
+    assert first[-3:] == ["serve", "0.0.0.0", "8005"]  # listens on the node's network
 
 
 def test_trtllm_serve_command_uses_only_options_trtllm_serve_has(tmp_path):

@@ -24,6 +24,10 @@ Teardown runs on success, on failure, on SIGTERM (``scancel`` of the allocation 
 it to the batch script) and SIGINT: ``ServerGroup`` is a context manager and installs
 handlers that turn those signals into ``SystemExit`` while servers are up.
 
+``python -m rackbench.launch slurm --servers-per-node K --gpus-per-server G --engine-dir DIR -- CMD``
+does the same inside an allocation (sbatch/salloc), with the servers as srun steps on every
+node of the allocation; CMD (the one LoadGen) runs where the launcher runs (the first node).
+
 ``python -m rackbench.launch local --servers N --engine-dir DIR [--backend B] -- CMD ...``
 starts N rackbench.serve servers, waits until ready, runs CMD with the endpoint URLs in
 ``$RACKBENCH_ENDPOINTS`` (comma-separated) and in ``--urls-out`` (JSON), then tears the
@@ -186,6 +190,25 @@ def template_command(template: str, *, host: str, port: int, model: str = "", gp
     return shlex.split(text)
 
 
+# The job's own GPU requests, which srun reads from its environment as if given on its
+# command line (srun(1), INPUT ENVIRONMENT VARIABLES): a job submitted with --gpus=gb300:2
+# (as the Snakemake plugin does) hands every step SLURM_GPUS=gb300:2, and a step asking
+# --gres=gpu:1 beside it is refused by Slurm 22.05 ("Invalid GRES specification (with and
+# without type identification)"); SLURM_CPUS_PER_GPU clashes with the step's --cpus-per-task.
+# Server steps state their own resources, so these are dropped from their environment.
+JOB_GPU_ENV = (
+    "SLURM_GPUS",
+    "SLURM_GPUS_PER_NODE",
+    "SLURM_GPUS_PER_SOCKET",
+    "SLURM_GPUS_PER_TASK",
+    "SLURM_CPUS_PER_GPU",
+    "SLURM_MEM_PER_GPU",
+    "SLURM_GPU_BIND",
+    "SLURM_GPU_FREQ",
+    "SLURM_TRES_PER_TASK",
+)
+
+
 def srun_command(
     argv: Sequence[str],
     *,
@@ -222,6 +245,47 @@ def srun_command(
     if output is not None:
         cmd.append(f"--output={output}")
     return cmd + list(extra) + list(argv)
+
+
+# Each server step first logs where Slurm put it (one line to its stderr/log), then
+# becomes the server (exec: srun's signals reach the server itself).
+STEP_BANNER = "rackbench-step"
+_BANNER_SCRIPT = (
+    'echo "' + STEP_BANNER + ": node=$SLURMD_NODENAME host=$(hostname) job=$SLURM_JOB_ID step=$SLURM_STEP_ID "
+    'CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES SLURM_STEP_GPUS=$SLURM_STEP_GPUS" >&2; exec "$@"'
+)
+
+
+def with_step_banner(argv: Sequence[str]) -> list[str]:
+    """``argv`` behind ``/bin/sh -c`` that first prints the step's node and GPU binding
+    (``rackbench-step: node=... host=... CUDA_VISIBLE_DEVICES=... SLURM_STEP_GPUS=...``), then execs it."""
+    return ["/bin/sh", "-c", _BANNER_SCRIPT, STEP_BANNER, *argv]
+
+
+def parse_step_banner(text: str) -> dict | None:
+    """The fields of the first ``rackbench-step:`` line in a server log, or None."""
+    for line in text.splitlines():
+        if line.startswith(STEP_BANNER + ":"):
+            return dict(kv.split("=", 1) for kv in line.split(":", 1)[1].split() if "=" in kv)
+    return None
+
+
+def node_addresses(nodes: Sequence[str]) -> dict[str, str]:
+    """Each node's ``NodeAddr`` (``scontrol show node``): the address Slurm itself uses to reach
+    it, which is where its servers are reached too (equal to the name on most clusters)."""
+    if not nodes:
+        return {}
+    out = subprocess.run(
+        ["scontrol", "show", "node", "--oneliner", ",".join(nodes)], capture_output=True, text=True, timeout=30
+    )
+    if out.returncode != 0:
+        raise LaunchError(f"scontrol show node {','.join(nodes)} failed: {out.stderr.strip()}")
+    addresses = {}
+    for line in out.stdout.splitlines():
+        fields = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+        if "NodeName" in fields:
+            addresses[fields["NodeName"]] = fields.get("NodeAddr") or fields["NodeName"]
+    return {n: addresses.get(n, n) for n in nodes}
 
 
 def allocation_nodes(env=os.environ) -> list[str]:
@@ -293,20 +357,27 @@ def slurm_specs(
     cpus_per_server: int | None = None,
     mem_per_server: str | None = None,
     log_dir=None,
+    step_banner: bool = True,
+    addresses: dict[str, str] | None = None,
 ) -> list[ServerSpec]:
-    """One srun step per server, ``servers_per_node`` on each node, ports ``base_port + slot``.
+    """One srun step per server, ``servers_per_node`` on each node; server i listens on
+    ``base_port + i`` (distinct across the allocation, so that several slurmd on one
+    machine, as on the test cluster, never share a port). ``addresses``: node -> the host
+    its URLs use (``node_addresses``; default the node name).
 
     ``server_argv(host, port)`` builds the server command (``trtllm_serve_command`` or
     ``rackbench_serve_command`` with ``host="0.0.0.0"``: it must listen on the node's
-    network; the URL uses the node name)."""
+    network; the URL uses the node name). ``step_banner``: each step logs its node and
+    GPU binding first (``with_step_banner``; read back with ``parse_step_banner``)."""
     specs = []
     for n, node in enumerate(nodes):
         for slot in range(servers_per_node):
             i = n * servers_per_node + slot
-            port = base_port + slot
+            port = base_port + i
             output = Path(log_dir) / f"server{i}.log" if log_dir else None
+            server = server_argv("0.0.0.0", port)
             argv = srun_command(
-                server_argv("0.0.0.0", port),
+                with_step_banner(server) if step_banner else server,
                 node=node,
                 gpus=gpus_per_server,
                 cpus=cpus_per_server,
@@ -314,8 +385,46 @@ def slurm_specs(
                 job_name=f"rackbench-server{i}",
                 output=output,
             )
-            specs.append(ServerSpec(f"server{i}", argv, node, port, slurm=True))
+            host = (addresses or {}).get(node, node)
+            specs.append(ServerSpec(f"server{i}", argv, host, port, slurm=True))
     return specs
+
+
+def rackbench_slurm_specs(
+    engine_dir,
+    *,
+    servers_per_node: int,
+    gpus_per_server: int = 1,
+    backend: str = "reference",
+    settings: dict | None = None,
+    nodes: Sequence[str] | None = None,
+    base_port: int = 8100,
+    cpus_per_server: int | None = None,
+    mem_per_server: str | None = None,
+) -> list[ServerSpec]:
+    """``rackbench.serve`` servers as srun steps on the allocation's nodes (default: all of them).
+
+    Each server sees only its step's GPUs (Slurm sets ``CUDA_VISIBLE_DEVICES``), so it is
+    told ``--gpu-ids 0..gpus_per_server-1``. The steps' output goes through srun into
+    ``ServerGroup(log_dir=...)``'s per-server logs (no ``--output``: one file per server)."""
+    nodes = list(nodes) if nodes is not None else allocation_nodes()
+    return slurm_specs(
+        lambda host, port: rackbench_serve_command(
+            engine_dir,
+            host=host,
+            port=port,
+            backend=backend,
+            settings=settings,
+            gpu_ids=list(range(gpus_per_server)),
+        ),
+        nodes=nodes,
+        servers_per_node=servers_per_node,
+        gpus_per_server=gpus_per_server,
+        base_port=base_port,
+        cpus_per_server=cpus_per_server,
+        mem_per_server=mem_per_server,
+        addresses=node_addresses(nodes),
+    )
 
 
 def url_specs(urls: Sequence[str]) -> list[ServerSpec]:
@@ -379,6 +488,13 @@ class ServerGroup:
             env.update(spec.env)
             if spec.gpus and not spec.slurm:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, spec.gpus))
+            if spec.slurm:
+                for key in JOB_GPU_ENV:
+                    env.pop(key, None)
+            if spec.slurm:  # the exact srun line, for the job's log
+                print(
+                    f"rackbench.launch: {spec.name} ({spec.url}): {shlex.join(spec.argv)}", file=sys.stderr, flush=True
+                )
             try:
                 self.procs[spec.name] = subprocess.Popen(
                     spec.argv,
@@ -444,7 +560,8 @@ class ServerGroup:
                 else:
                     _signal_group(proc, signal.SIGKILL)  # stragglers the server left in its group
             if any(s.slurm for s in self.specs):
-                scancel_steps([f"rackbench-{s.name}" for s in self.specs if s.slurm])
+                # a step whose srun is gone but whose tasks linger (srun SIGKILLed, node slow)
+                scancel_steps([f"rackbench-{s.name}" for s in self.specs if s.slurm], wait_s=self.term_grace_s)
         finally:
             self._restore_signal_handlers()
 
@@ -456,8 +573,8 @@ def _signal_group(proc: subprocess.Popen, sig) -> None:
         pass
 
 
-def scancel_steps(step_names: Sequence[str], env=os.environ) -> list[str]:
-    """``scancel`` the current job's steps with these names that are still listed; the step ids cancelled."""
+def listed_steps(step_names: Sequence[str], env=os.environ) -> list[str]:
+    """The current job's step ids that ``squeue --steps`` still lists under these names."""
     job = env.get("SLURM_JOB_ID")
     if not job or not step_names:
         return []
@@ -471,13 +588,22 @@ def scancel_steps(step_names: Sequence[str], env=os.environ) -> list[str]:
     except (OSError, subprocess.TimeoutExpired):
         return []
     wanted = set(step_names)
-    steps = [
+    return [
         sid
         for sid, name in (line.split(None, 1) for line in out.stdout.splitlines() if " " in line)
         if name.strip() in wanted
     ]
+
+
+def scancel_steps(step_names: Sequence[str], env=os.environ, wait_s: float = 0.0) -> list[str]:
+    """``scancel`` the current job's steps with these names that are still listed; the step ids cancelled.
+    ``wait_s``: then wait up to that long until squeue lists none of them any more."""
+    steps = listed_steps(step_names, env)
     if steps:
         subprocess.run(["scancel", *steps], capture_output=True, timeout=30)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and listed_steps(step_names, env):
+            time.sleep(0.5)
     return steps
 
 
@@ -544,9 +670,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     loc.add_argument("--settings", default="{}", help="engine settings as JSON")
     loc.add_argument("--host", default="127.0.0.1")
     loc.add_argument("--ports", default=None, help="comma-separated ports (default: free ones)")
+    slm = sub.add_parser("slurm", help="rackbench.serve servers as srun --exact steps of the current allocation")
+    slm.add_argument("--engine-dir", type=Path, required=True)
+    slm.add_argument("--backend", default="reference")
+    slm.add_argument("--settings", default="{}", help="engine settings as JSON")
+    slm.add_argument("--servers-per-node", type=int, required=True)
+    slm.add_argument("--gpus-per-server", type=int, default=1)
+    slm.add_argument("--cpus-per-server", type=int, default=None)
+    slm.add_argument("--mem-per-server", default=None, help="srun --mem of each step, e.g. 2G")
+    slm.add_argument("--base-port", type=int, default=8100, help="server i listens on base-port + i")
     url = sub.add_parser("urls", help="servers already running elsewhere, by URL")
     url.add_argument("urls", nargs="+")
-    for sp in (loc, url):
+    for sp in (loc, slm, url):
         sp.add_argument("--ready-timeout", type=float, default=600.0)
         sp.add_argument("--log-dir", type=Path, default=None)
         sp.add_argument("--urls-out", type=Path, default=None)
@@ -561,6 +696,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 settings=json.loads(args.settings),
                 host=args.host,
                 ports=ports,
+            )
+        elif args.mode == "slurm":
+            specs = rackbench_slurm_specs(
+                args.engine_dir,
+                backend=args.backend,
+                settings=json.loads(args.settings),
+                servers_per_node=args.servers_per_node,
+                gpus_per_server=args.gpus_per_server,
+                cpus_per_server=args.cpus_per_server,
+                mem_per_server=args.mem_per_server,
+                base_port=args.base_port,
             )
         else:
             specs = url_specs(args.urls)

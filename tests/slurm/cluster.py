@@ -1,4 +1,4 @@
-"""A real single-node Slurm cluster for rackbench's tests, from Debian's packages.
+"""A real Slurm cluster for rackbench's tests, from Debian's packages (two slurmd on one machine).
 
     python tests/slurm/cluster.py start [--no-accounting]   # idempotent
     python tests/slurm/cluster.py status
@@ -16,7 +16,10 @@ What it sets up (Slurm 22.05 on a box without systemd or cgroups, e.g. CI's 2 co
   (``SlurmdParameters=config_overrides``) and ``GPUS`` fake typed GPUs
   ``gpu:gb300`` whose device files are symlinks to /dev/null, so that
   ``--gpus=gb300:1`` schedules and each job step gets its own CUDA_VISIBLE_DEVICES;
-* one default partition ``gpu``.
+* one default partition ``gpu`` (that node only);
+* a second slurmd (``slurmd -N HOST-n1``, its own port, ``EXTRA_NODE_GPUS`` fake GPUs;
+  Debian's build has MULTIPLE_SLURMD) and partition ``rack`` of both nodes, for
+  multi-node allocations (tests/test_slurm_rack.py).
 
 Without accounting (``accounting=False``) slurm.conf uses accounting_storage/none:
 ``sacct`` then fails and Snakemake must be told ``--slurm-status-command squeue``
@@ -53,6 +56,14 @@ GPU_TYPE = "gb300"
 GPUS = 4
 CPUS = 4
 MIN_JOB_AGE = 300
+# A second slurmd on this machine (Debian's slurmd 22.05 is built with
+# --enable-multiple-slurmd: `scontrol show config` says MULTIPLE_SLURMD = Yes), as node
+# "$(hostname -s)-n1" listening on its own port, in partition RACK_PARTITION (with the
+# first node) only, so that jobs of the default partition never land on it.
+EXTRA_NODES = 1
+EXTRA_NODE_GPUS = 2
+EXTRA_SLURMD_PORT = 6828  # the first node's slurmd keeps Slurm's default 6818
+RACK_PARTITION = "rack"
 
 CONF_DIR = Path(os.environ.get("RACKBENCH_SLURM_CONF_DIR", "/etc/slurm"))
 STATE_DIR = Path("/var/lib/slurm")
@@ -80,7 +91,8 @@ PIDFILES = {
     "mariadbd": None,  # does not daemonize itself; we keep its PID
     "slurmdbd": RUN_DIR / "slurmdbd.pid",
     "slurmctld": RUN_DIR / "slurmctld.pid",
-    "slurmd": RUN_DIR / "slurmd.pid",
+    # SlurmdPidFile has %n (the node name): one pidfile per slurmd on this machine
+    "slurmd": RUN_DIR / f"slurmd-{socket.gethostname().split('.')[0]}.pid",
 }
 MYSQL_SOCKET = Path("/run/mysqld/mysqld.sock")
 
@@ -156,11 +168,14 @@ def pid_alive(pid: int | None, name: str) -> bool:
     except OSError:
         return False
     state = stat.rsplit(")", 1)[1].split()[0]
+    name = name.split(":")[0]  # "slurmd:NODE": the slurmd of an extra node
     return state not in ("Z", "X") and name in cmdline
 
 
 def pidfile_pid(name: str) -> int | None:
     pf = PIDFILES.get(name)
+    if name.startswith("slurmd:"):
+        pf = RUN_DIR / f"slurmd-{name.split(':', 1)[1]}.pid"
     if pf is None or not pf.exists():
         return None
     try:
@@ -276,6 +291,10 @@ def real_memory() -> int:
     raise ClusterUnavailable(f"slurmd -C reports no RealMemory: {out!r}")
 
 
+def extra_node_names(host: str) -> list[str]:
+    return [f"{host}-n{i + 1}" for i in range(EXTRA_NODES)]
+
+
 def db_password() -> str:
     if DB_PASSWORD_FILE.exists():
         return DB_PASSWORD_FILE.read_text().strip()
@@ -302,6 +321,17 @@ def render(accounting: bool, host: str) -> dict[str, str]:
         fake_gpu_dir=FAKE_GPU_DIR,
         dbd_port=6819,
         db_password=db_password(),
+        extra_nodes="\n".join(
+            f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={EXTRA_SLURMD_PORT + i} CPUs={CPUS} "
+            f"RealMemory={real_memory()} Gres=gpu:{GPU_TYPE}:{EXTRA_NODE_GPUS} State=UNKNOWN"
+            for i, n in enumerate(extra_node_names(host))
+        ),
+        extra_gres="\n".join(
+            f"NodeName={n} Name=gpu Type={GPU_TYPE} File={FAKE_GPU_DIR}/{n}-nvidia[0-{EXTRA_NODE_GPUS - 1}]"
+            for n in extra_node_names(host)
+        ),
+        rack_partition=RACK_PARTITION,
+        rack_nodes=",".join([host, *extra_node_names(host)]),
     )
     if accounting:
         v.update(
@@ -358,13 +388,15 @@ def install_conf(files: dict[str, str]) -> None:
 
 def prepare_dirs() -> None:
     slurm = pwd.getpwnam("slurm")
-    for d in (STATE_DIR / "slurmctld", STATE_DIR / "slurmd", LOG_DIR, RUN_DIR):
+    nodes = [hostname(), *extra_node_names(hostname())]
+    for d in (STATE_DIR / "slurmctld", *(STATE_DIR / f"slurmd-{n}" for n in nodes), LOG_DIR, RUN_DIR):
         d.mkdir(parents=True, exist_ok=True)
         os.chown(d, slurm.pw_uid, slurm.pw_gid)
         d.chmod(0o755)
     FAKE_GPU_DIR.mkdir(parents=True, exist_ok=True)
-    for i in range(GPUS):
-        dev = FAKE_GPU_DIR / f"nvidia{i}"
+    devs = [FAKE_GPU_DIR / f"nvidia{i}" for i in range(GPUS)]
+    devs += [FAKE_GPU_DIR / f"{n}-nvidia{i}" for n in extra_node_names(hostname()) for i in range(EXTRA_NODE_GPUS)]
+    for dev in devs:
         if not dev.is_symlink():
             if dev.exists():
                 dev.unlink()
@@ -490,7 +522,8 @@ def node_state(host: str) -> str:
         p = sh(["sinfo", "-h", "-N", "-n", host, "-o", "%T"], check=False, timeout=10)
     except (subprocess.TimeoutExpired, OSError):
         return ""
-    return p.stdout.strip().lower()
+    lines = p.stdout.strip().lower().splitlines()
+    return lines[0] if lines else ""  # one line per partition the node is in
 
 
 def start_slurmctld() -> int | None:
@@ -501,12 +534,18 @@ def start_slurmctld() -> int | None:
     return pidfile_pid("slurmctld")
 
 
-def start_slurmd() -> int | None:
-    if running_pid("slurmd"):
+def slurmd_log(node: str) -> Path:
+    return LOG_DIR / f"slurmd-{node}.log"  # SlurmdLogFile has %n
+
+
+def start_slurmd(key: str = "slurmd", node: str | None = None) -> int | None:
+    """The slurmd of ``node`` (default: this host's node), under book key ``key``."""
+    node = node or hostname()
+    if running_pid(key):
         return None
-    sh([BINARIES["slurmd"]])
-    wait_for("slurmd", lambda: pid_alive(pidfile_pid("slurmd"), "slurmd"), 30, LOG_DIR / "slurmd.log")
-    return pidfile_pid("slurmd")
+    sh([BINARIES["slurmd"], "-N", node])
+    wait_for(f"slurmd of {node}", lambda: pid_alive(pidfile_pid(key), "slurmd"), 30, slurmd_log(node))
+    return pidfile_pid(key)
 
 
 def node_ready(host: str, timeout: float = 60) -> None:
@@ -525,7 +564,7 @@ def node_ready(host: str, timeout: float = 60) -> None:
         time.sleep(1)
     reason = sh(["sinfo", "-h", "-N", "-n", host, "-o", "%T %E"], check=False).stdout.strip()
     tail = ""
-    lf = LOG_DIR / "slurmd.log"
+    lf = slurmd_log(host)
     if lf.exists():
         tail = "\n" + "\n".join(lf.read_text(errors="replace").splitlines()[-15:])
     raise ClusterUnavailable(f"node {host} not schedulable: {reason!r}{tail}")
@@ -561,14 +600,15 @@ def start(accounting: bool = True, install: bool = True) -> Cluster:
     # mode) is restarted if we started it; a foreign one is left alone.
     ctld = running_pid("slurmctld")
     if ctld and book.get("conf_hash") != want_hash:
-        for name in ("slurmd", "slurmctld"):
+        slurmds = ["slurmd", *(f"slurmd:{n}" for n in extra_node_names(host))]
+        for name in (*slurmds, "slurmctld"):
             pid = running_pid(name)
             if pid and book["pids"].get(name) != pid:
                 raise ClusterUnavailable(
                     f"{name} (pid {pid}) is running with another configuration and was "
                     "not started by tests/slurm/cluster.py; stop it first"
                 )
-        for name in ("slurmd", "slurmctld"):
+        for name in (*slurmds, "slurmctld"):
             pid = running_pid(name)
             if pid:
                 kill_pid(name, pid)
@@ -593,7 +633,10 @@ def start(accounting: bool = True, install: bool = True) -> Cluster:
     book["conf_hash"] = want_hash
     write_book(book)
     note("slurmd", start_slurmd())
-    node_ready(host)
+    for n in extra_node_names(host):
+        note(f"slurmd:{n}", start_slurmd(f"slurmd:{n}", n))
+    for n in [host, *extra_node_names(host)]:
+        node_ready(n)
     c = Cluster(host=host, accounting=accounting, started=started)
     if accounting:
         wait_for("sacct", lambda: ok(["sacct", "-n", "-X", "-j", "1"]), 30)
@@ -624,7 +667,8 @@ def stop(pids: dict[str, int] | None = None) -> None:
         pids = dict(book["pids"])
     if "slurmctld" in pids and pid_alive(pids["slurmctld"], "slurmctld"):
         cancel_all_jobs()
-    for name in reversed(DAEMONS):
+    extra = sorted(k for k in pids if k.startswith("slurmd:"))  # extra nodes' slurmd first
+    for name in [*extra, *reversed(DAEMONS)]:
         pid = pids.get(name)
         if pid:
             kill_pid(name, pid)
@@ -699,7 +743,8 @@ def daemons_with_env(key: str, value: str) -> dict[int, str]:
 
 
 def status() -> dict:
-    return {name: running_pid(name) for name in DAEMONS}
+    keys = [*DAEMONS, *(f"slurmd:{n}" for n in extra_node_names(hostname()))]
+    return {name: running_pid(name) for name in keys}
 
 
 def main(argv=None) -> int:
