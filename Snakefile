@@ -5,7 +5,8 @@
 #       --workflow-profile profiles/slurm                 # the GB300 NVL72 rack
 #
 # Steps: download_model -> prepare_dataset -> quantize -> build_engine ->
-# run_shard (one job per shard) -> accuracy -> report. Logic lives in
+# run_shard (one job per shard) -> accuracy -> [one-LoadGen runs: test06 ->
+# submission_tree -> submission_check] -> report. Logic lives in
 # scripts/rackbench/; rules only call it.
 
 from snakemake.utils import min_version
@@ -35,6 +36,7 @@ include: "rules/quantize.smk"
 include: "rules/engine.smk"
 include: "rules/run.smk"
 include: "rules/accuracy.smk"
+include: "rules/mlcommons.smk"
 include: "rules/report.smk"
 
 

@@ -46,9 +46,8 @@ def as_json(obj):
 @functools.lru_cache(maxsize=None)
 def step_settings_json(step, *key):
     """The canonical JSON of one step's settings; ``key``: the step's own wildcards."""
-    if step in ("run_shard", "accuracy"):
-        fields = dict(zip(plan.CONFIG_FIELDS, key))
-        settings = (plan.run_settings if step == "run_shard" else plan.accuracy_settings)(config, fields)
+    if step in FIELD_STEP_SETTINGS:
+        settings = FIELD_STEP_SETTINGS[step](config, dict(zip(plan.CONFIG_FIELDS, key)))
     else:
         settings = STEP_SETTINGS[step](config, *key)
     return paths.canonical_json(settings)
@@ -60,6 +59,12 @@ STEP_SETTINGS = {
     "quantize": plan.checkpoint_settings,
     "build_engine": plan.engine_settings,
 }
+# steps keyed by a configuration's fields
+FIELD_STEP_SETTINGS = {
+    "run_shard": plan.run_settings,
+    "accuracy": plan.accuracy_settings,
+    "mlcommons": plan.mlcommons_settings,  # test06, submission_tree, submission_check (rules/mlcommons.smk)
+}
 STEP_KEYS = {
     "download_model": ("model",),
     "prepare_dataset": ("dataset",),
@@ -67,6 +72,7 @@ STEP_KEYS = {
     "build_engine": ("model", "recipe", "backend", "gpu_type"),
     "run_shard": plan.CONFIG_FIELDS,
     "accuracy": plan.CONFIG_FIELDS,
+    "mlcommons": plan.CONFIG_FIELDS,
 }
 
 

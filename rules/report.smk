@@ -8,6 +8,7 @@
 rule report:
     input:
         **report_inputs(),
+        **mlcommons_report_inputs(),  # TEST06 and the checker's verdicts (rules/mlcommons.smk)
     output:
         throughput=report(paths.report_file("throughput"), caption="../report/throughput.rst", category="throughput"),
         shards=report(paths.report_file("shards"), caption="../report/shards.rst", category="throughput"),
@@ -45,6 +46,8 @@ rule report:
         models=as_json(MODELS),
         out_dir=lambda wc, output: os.path.dirname(output.markdown),
         results=lambda wc: paths.RESULTS,
+        mlcommons=mlcommons_report_args,
     shell:
         "python -m rackbench.report --configurations-json {params.configurations} --results {params.results}"
-        " --gpu-types-json {params.gpu_types} --models-json {params.models} --out {params.out_dir} > {log} 2>&1"
+        " --gpu-types-json {params.gpu_types} --models-json {params.models} --out {params.out_dir}"
+        " {params.mlcommons} > {log} 2>&1"

@@ -208,6 +208,21 @@ def audit_config_read(detail_log) -> bool:
     return f"Found Audit Config file ({AUDIT_CONFIG})" in text
 
 
+# harness options that name files: made absolute, since the harness runs in the run directory
+HARNESS_PATH_OPTIONS = ("--engine-dir", "--dataset")
+
+
+def _absolute_paths(args: list[str]) -> list[str]:
+    out = list(args)
+    for i, arg in enumerate(out):
+        name, eq, value = arg.partition("=")
+        if name in HARNESS_PATH_OPTIONS and eq:
+            out[i] = f"{name}={os.path.abspath(value)}"
+        elif arg in HARNESS_PATH_OPTIONS and i + 1 < len(out):
+            out[i + 1] = os.path.abspath(out[i + 1])
+    return out
+
+
 def harness_command(harness_args: list[str], loadgen_out: Path) -> list[str]:
     forbidden = {"--out", "--mode"} & set(harness_args)
     if forbidden:
@@ -219,7 +234,7 @@ def harness_command(harness_args: list[str], loadgen_out: Path) -> list[str]:
         sys.executable,
         "-m",
         "rackbench.harness",
-        *harness_args,
+        *_absolute_paths(harness_args),
         "--mode",
         "performance",
         "--out",

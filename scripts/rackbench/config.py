@@ -361,6 +361,23 @@ def accuracy_settings(config: dict, fields: dict) -> dict:
     }
 
 
+def mlcommons_settings(config: dict, fields: dict) -> dict:
+    """TEST06, the submission tree and the checker's verdict of one configuration (one variant)."""
+    return {
+        "step": "mlcommons",
+        **fields,
+        "run_variant": paths.variant_id(run_settings(config, fields)),
+        "accuracy_variant": paths.variant_id(accuracy_settings(config, fields)),
+        "mlcommons": config["mlcommons"],
+    }
+
+
+def system_name(config: dict, gpu_type: str) -> str:
+    """The submission's system_desc_id: mlcommons.system_name, else rackbench_<gpu_type>_x<rack GPUs>."""
+    rack = config["rack"]
+    return config["mlcommons"].get("system_name") or f"rackbench_{gpu_type}_x{rack['nodes'] * rack['gpus_per_node']}"
+
+
 # The fields of a configuration: the workflow's wildcards, shard.json's keys and the
 # report's columns, by the same names.
 CONFIG_FIELDS = ("model", "recipe", "backend", "gpu_type", "batch_size", "layout")

@@ -228,3 +228,38 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ---- MLCommons' checks: TEST06, the submission tree, the checker's verdict (rules/mlcommons.smk) ----
+# One variant per configuration (rackbench.config.mlcommons_settings): the run and accuracy
+# variants it is made from, plus the mlcommons settings (checkout, submitter, system name).
+WILDCARD_CONSTRAINTS["scenario"] = r"Offline|Server|Interactive"
+MLCOMMONS_DIR_PATTERN = f"{RESULTS}/mlcommons/{CONFIG_KEY_PATTERN}/{{variant}}"
+TEST06_RUN_PATTERN = f"{MLCOMMONS_DIR_PATTERN}/test06-run/{{scenario}}"  # audit.config, LoadGen logs
+TEST06_PATTERN = f"{MLCOMMONS_DIR_PATTERN}/test06/{{scenario}}"  # holds TEST06/ as a submission tree does
+SUBMISSION_TREE_PATTERN = f"{MLCOMMONS_DIR_PATTERN}/submission"
+CHECKER_VERDICT_PATTERN = f"{MLCOMMONS_DIR_PATTERN}/checker_verdict.json"
+LOG_PATTERNS.update(
+    {
+        rule: f"{LOGS}/{rule}/{{model}}-{{recipe}}-{{backend}}-{{gpu_type}}-bs{{batch_size}}-{{layout}}"
+        f"-{{variant}}{suffix}.log"
+        for rule, suffix in (("test06", "-{scenario}"), ("submission_tree", ""), ("submission_check", ""))
+    }
+)
+
+
+def test06_run_dir(fields: dict, variant: str, scenario: str) -> str:
+    return TEST06_RUN_PATTERN.format(**fields, variant=variant, scenario=scenario)
+
+
+def test06_dir(fields: dict, variant: str, scenario: str) -> str:
+    """The folder that holds a configuration's ``TEST06/`` for one scenario."""
+    return TEST06_PATTERN.format(**fields, variant=variant, scenario=scenario)
+
+
+def submission_tree(fields: dict, variant: str) -> str:
+    return SUBMISSION_TREE_PATTERN.format(**fields, variant=variant)
+
+
+def checker_verdict(fields: dict, variant: str) -> str:
+    return CHECKER_VERDICT_PATTERN.format(**fields, variant=variant)

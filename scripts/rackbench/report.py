@@ -883,11 +883,14 @@ def build_report(
     table_sources=("gpu-types table", "models table"),
     test06_dirs=(),
     checker_verdicts=(),
+    no_tree=None,
+    mlcommons_skipped=None,
 ) -> dict:
     """The whole report for the configurations ``entries`` (Configuration.report_entry:
     fields, variant, shard_dirs, accuracy_json, and the engine/checkpoint/snapshot dirs).
     ``results_root``: where to list every run variant on disk (None: only the given ones).
-    ``test06_dirs`` / ``checker_verdicts``: TEST06 folders and submission-checker verdicts to report."""
+    ``test06_dirs`` / ``checker_verdicts``: TEST06 folders and submission-checker verdicts to report;
+    ``no_tree``: {configuration: why it has no submission tree}; ``mlcommons_skipped``: why none ran."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not entries:
@@ -911,7 +914,11 @@ def build_report(
     _write_csv(out_dir / paths.REPORT_TABLES["variants"], variants, VARIANT_COLUMNS)
     from rackbench.submission import report_sections  # TEST06 and the checker's verdicts, rendered there
 
-    extra = report_sections(test06_dirs, checker_verdicts) if test06_dirs or checker_verdicts else ()
+    extra = (
+        report_sections(test06_dirs, checker_verdicts, no_tree=no_tree, skipped=mlcommons_skipped)
+        if test06_dirs or checker_verdicts or no_tree or mlcommons_skipped
+        else ()
+    )
     write_text_atomic(
         out_dir / paths.REPORT_TABLES["markdown"],
         render_markdown(configs, shards, prov, fig_inputs, min_overlap, variants, extra),
@@ -965,6 +972,10 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--checker-verdicts", nargs="*", default=[], help="verdict JSON files (python -m rackbench.submission check)"
     )
+    parser.add_argument(
+        "--no-tree-json", default=None, help="JSON (inline or a file): {configuration: why it has no submission tree}"
+    )
+    parser.add_argument("--mlcommons-skipped", default=None, help="why TEST06 and the checker did not run")
     args = parser.parse_args(argv)
     sources = tuple(
         v if is_json_file(v) else f"{flag} (inline)"
@@ -981,6 +992,8 @@ def main(argv=None) -> int:
             table_sources=sources,
             test06_dirs=args.test06,
             checker_verdicts=args.checker_verdicts,
+            no_tree=json_arg(args.no_tree_json) if args.no_tree_json else None,
+            mlcommons_skipped=args.mlcommons_skipped,
         )
     except ReportInputError as err:
         raise SystemExit(f"report: {err}") from None

@@ -279,7 +279,7 @@ def build_tree(
     bad = sorted(set(runs) - set(benchmarks.SCENARIOS))
     if bad:
         raise SubmissionError(f"unknown scenario(s) {bad}; known: {benchmarks.SCENARIOS}")
-    out = Path(out)
+    out = Path(out).absolute()  # MLCommons' truncation runs in the checkout
     with atomic_path(out, directory=True) as final:
         staging = final.parent / (final.name + ".untruncated")
         try:
@@ -500,19 +500,39 @@ def markdown_section(
     return "\n".join(lines) + "\n"
 
 
-def report_sections(test06_dirs=(), verdict_files=(), departures: dict | None = DEMO_DEPARTURES) -> list[str]:
+MLCOMMONS_SECTION_TITLE = "## MLPerf compliance (TEST06) and submission checker"
+
+
+def report_sections(
+    test06_dirs=(),
+    verdict_files=(),
+    departures: dict | None = DEMO_DEPARTURES,
+    *,
+    no_tree: dict[str, str] | None = None,
+    skipped: str | None = None,
+) -> list[str]:
     """Markdown for the report: TEST06 results (``TEST06/`` folders, labelled by their parent path)
-    and the checker's verdicts (``check --out-json`` files, labelled by their parent folder)."""
+    and the checker's verdicts (``check --out-json`` files, labelled by their parent folder).
+    ``no_tree``: {configuration: no_tree_reason} for those with no one-LoadGen run;
+    ``skipped``: why none of this ran (no mlcommons/inference checkout)."""
     from rackbench import compliance
 
+    if skipped:
+        return [f"{MLCOMMONS_SECTION_TITLE}\n\nNot run: {skipped}.\n"]
+    no_tree = dict(no_tree or {})
     sections = []
-    if test06_dirs:
-        sections.append(
-            compliance.markdown_section({str(Path(d).parent): compliance.read_result(d) for d in test06_dirs})
-        )
-    if verdict_files:
+    if test06_dirs or no_tree:
+        section = compliance.markdown_section(
+            {str(Path(d).parent): compliance.read_result(d) for d in test06_dirs}
+        ).rstrip("\n")
+        if no_tree:
+            section += "\n\n" + "\n".join(
+                f"- `{name}`: not run (no one-LoadGen run; see the submission checker)" for name in sorted(no_tree)
+            )
+        sections.append(section + "\n")
+    if verdict_files or no_tree:
         verdicts = {str(Path(f).parent): json.loads(Path(f).read_text()) for f in verdict_files}
-        no_tree = {name: v["no_tree_reason"] for name, v in verdicts.items() if v.get("no_tree_reason")}
+        no_tree.update({name: v["no_tree_reason"] for name, v in verdicts.items() if v.get("no_tree_reason")})
         sections.append(markdown_section({k: v for k, v in verdicts.items() if k not in no_tree}, no_tree, departures))
     return sections
 
