@@ -35,6 +35,7 @@ include: "rules/quantize.smk"
 include: "rules/engine.smk"
 include: "rules/run.smk"
 include: "rules/accuracy.smk"
+include: "rules/rack.smk"
 include: "rules/report.smk"
 
 
