@@ -140,7 +140,7 @@ def checkpoint_of(model, recipe):
 def model_source_input(wildcards):
     """A local source made by the workflow itself (the demo) is an input; others are not."""
     local = MODELS[wildcards.model]["source"].get("local")
-    return [local] if local and local.startswith(paths.RESULTS + "/") else []
+    return [local] if local and local.startswith(f"{paths.RESULTS}/") else []
 
 
 def model_source_args(wildcards):
@@ -290,3 +290,132 @@ def settle_orphaned_slurm_jobs(wildcards):
 
             settle_orphans(os.getcwd(), log=logger.info)
     return []
+
+
+# ---- MLCommons' checks (rules/mlcommons.smk) ---------------------------------
+from rackbench import benchmarks, compliance, submission  # noqa: E402
+
+
+def mlcommons_checkout():
+    """(the checkout's absolute path, None), or (None, why TEST06 and the checker do not run)."""
+    configured = config["mlcommons"]["inference_dir"]
+    if configured is None:
+        return None, (
+            "mlcommons.inference_dir is null, so TEST06, the submission tree and MLCommons' submission "
+            "checker were not run (set it to your clone of https://github.com/mlcommons/inference)"
+        )
+    path = Path(configured)
+    if not path.is_absolute():  # relative to the workflow's folder, as config.yaml says
+        path = Path(workflow.basedir) / path
+    try:
+        return str(compliance.checkout(path)), None
+    except compliance.ComplianceError as err:
+        return None, f"mlcommons.inference_dir {configured!r}: {err}; TEST06 and the checker were not run"
+
+
+MLCOMMONS_DIR, MLCOMMONS_SKIPPED = mlcommons_checkout()
+ONE_LOADGEN_METHOD = "the per-shard sum (method a)"
+
+
+# ---- the input side: which runs are one LoadGen for the whole system --------------
+# The one place that says it (the rack-wide runs re-point these two functions).
+def one_loadgen_runs(cfg):
+    """{scenario: {"performance": run dir, "accuracy": run dir}} of configuration ``cfg``'s
+    one-LoadGen runs. A per-shard layout is one LoadGen for the system only with ONE
+    shard (1xG); any other layout gives {} (a sum of LoadGen runs: no tree)."""
+    if cfg.num_shards != 1:
+        return {}
+    return {"Offline": {mode: cfg.shard_dirs(mode)[0] for mode in ("performance", "accuracy")}}
+
+
+def test06_harness_args(wildcards):
+    """rackbench.harness arguments of the TEST06 run (it adds --mode performance and --out):
+    the one-LoadGen run of ``one_loadgen_runs``, with the run step's settings."""
+    cfg = configuration_of(wildcards)
+    return " ".join(
+        [
+            f"--engine-dir {cfg.engine_dir} --dataset {cfg.dataset_file('samples')}",
+            f"--shard-index 0 --num-shards 1 --shard-mode {RUN['performance_shard_mode']}",
+            f"--gpus-per-shard {shard_gpus(wildcards)} --batch-size {cfg.batch_size}",
+            f"--max-new-tokens {RUN['max_new_tokens']} --min-duration-ms {RUN['min_duration_ms']}",
+            f"--min-query-count {RUN['min_query_count']} --offline-expected-qps {RUN['offline_expected_qps']}",
+            f"--progress-interval-s {RUN['progress_interval_s']}",
+            f"--gpu-types-json {as_json({cfg.gpu_type: GPU_TYPES[cfg.gpu_type]})}",
+            f"--engine-settings-json {as_json(config['engines'][cfg.backend])}",
+            f"--meta-json {as_json({**cfg.fields, 'variant': wildcards.variant, 'test': compliance.TEST06})}",
+        ]
+    )
+
+
+# ---- what is planned --------------------------------------------------------------
+def mlcommons_variant(cfg):
+    return step_variant("mlcommons", *cfg.fields.values())
+
+
+def mlcommons_configurations():
+    return [cfg for cfg in CONFIGURATIONS if one_loadgen_runs(cfg)] if MLCOMMONS_DIR else []
+
+
+def one_loadgen_runs_of(wildcards):
+    runs = one_loadgen_runs(configuration_of(wildcards))
+    if not runs:
+        raise WorkflowError(f"{dict(wildcards)} has no one-LoadGen run: no TEST06 or submission tree")
+    return runs
+
+
+def checked_scenario(wildcards):
+    if wildcards.scenario not in one_loadgen_runs_of(wildcards):
+        raise WorkflowError(f"{dict(wildcards)}: no one-LoadGen {wildcards.scenario} run to test")
+    return wildcards.scenario
+
+
+def test06_dirs_of(cfg):
+    return {s: paths.test06_dir(cfg.fields, mlcommons_variant(cfg), s) for s in one_loadgen_runs(cfg)}
+
+
+def submission_inputs(wildcards):
+    cfg = configuration_of(wildcards)
+    inputs = {"accuracy_txt": paths.accuracy_txt(cfg.fields, cfg.accuracy_variant)}
+    for scenario, runs in one_loadgen_runs_of(wildcards).items():
+        inputs.update({f"{scenario}_{mode}": run for mode, run in runs.items()})
+    inputs.update({f"{scenario}_test06": d for scenario, d in test06_dirs_of(cfg).items()})
+    return inputs
+
+
+def submission_runs_json(wildcards, input):
+    return as_json(
+        {
+            scenario: {
+                "performance": input[f"{scenario}_performance"],
+                "accuracy": input[f"{scenario}_accuracy"],
+                "accuracy_txt": input.accuracy_txt,
+                "test06": f"{input[f'{scenario}_test06']}/{compliance.TEST06}",
+            }
+            for scenario in one_loadgen_runs_of(wildcards)
+        }
+    )
+
+
+def benchmark_of(model):
+    return MODELS[model]["accuracy"].get("benchmark") or benchmarks.DEFAULT_BENCHMARK
+
+
+def mlcommons_report_inputs():
+    cfgs = mlcommons_configurations()
+    return {
+        "test06": [d for cfg in cfgs for d in test06_dirs_of(cfg).values()],
+        "checker_verdicts": [paths.checker_verdict(cfg.fields, mlcommons_variant(cfg)) for cfg in cfgs],
+    }
+
+
+def mlcommons_report_args(wildcards, input):
+    """The report's arguments for MLCommons' checks: TEST06 folders, verdicts, why no tree, or why not run."""
+    if MLCOMMONS_SKIPPED:
+        return f"--mlcommons-skipped {shlex.quote(MLCOMMONS_SKIPPED)}"
+    no_tree = {
+        cfg.key: submission.no_tree_reason(ONE_LOADGEN_METHOD, cfg.num_shards)
+        for cfg in CONFIGURATIONS
+        if not one_loadgen_runs(cfg)
+    }
+    test06 = " ".join(f"{d}/{compliance.TEST06}" for d in input.test06)
+    return f"--test06 {test06} --checker-verdicts {' '.join(input.checker_verdicts)} --no-tree-json {as_json(no_tree)}"
