@@ -178,6 +178,15 @@ def test_subcommand_help_is_the_modules_own():
     assert cfg.run_dir in proc.stdout
 
 
+@pytest.mark.parametrize("name", sorted(cli.SUBCOMMANDS))
+def test_every_subcommand_has_help(name, capsys):
+    """Nothing installed crashes on start: each subcommand's --help exits 0 with a usage line."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([name, "--help"])
+    assert exit_info.value.code in (0, None)
+    assert "usage:" in capsys.readouterr().out
+
+
 def test_missing_module_and_unknown_subcommand_fail_in_one_line(monkeypatch):
     monkeypatch.setitem(cli.SUBCOMMANDS, "absent", ("rackbench.no_such_module", "a module not installed"))
     with pytest.raises(SystemExit, match=r"^rackbench absent: not available in this installation"):

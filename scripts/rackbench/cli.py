@@ -26,11 +26,17 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("rackbench.demo", "make the demo's tiny model and dataset"),
     "quantize": ("rackbench.quantize", "ModelOpt post-training quantization of a snapshot"),
     "build-engine": ("rackbench.build_engine", "build an engine for one backend and GPU type"),
-    "run-shard": ("rackbench.harness", "run one shard through MLPerf LoadGen (Offline)"),
+    "download-dataset": ("rackbench.dataset_download", "fetch the MLPerf OpenOrca files with checksums"),
+    "check-trtllm-options": ("rackbench.trtllm_options", "check a config's TensorRT-LLM options against 1.2.1"),
+    "run-shard": ("rackbench.harness", "run one shard through MLPerf LoadGen (Offline, Server, Interactive)"),
     "accuracy": ("rackbench.accuracy", "ROUGE accuracy gate over accuracy-mode shards"),
     "ingest": ("rackbench.ingest", "read any folder of LoadGen results (ours or published)"),
     "report": ("rackbench.report", "aggregate shard runs into tables, figures and report.md"),
     "serve": ("rackbench.serve", "serve an engine as an OpenAI-compatible completions endpoint"),
+    "launch": ("rackbench.launch", "start engine servers (local or srun steps), run a command, tear them down"),
+    "compliance": ("rackbench.compliance", "MLPerf TEST06 with MLCommons' audit.config and run_verification.py"),
+    "submission": ("rackbench.submission", "build a submission tree and run MLCommons' submission checker"),
+    "slurm-jobs": ("rackbench.slurm_jobs", "list this workflow's Slurm jobs an earlier run left running"),
 }
 # Arguments put before the user's, where a module serves several commands.
 FIXED_ARGS: dict[str, list[str]] = {"variants": ["variants"]}

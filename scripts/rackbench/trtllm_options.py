@@ -12,6 +12,7 @@ is allowed, instead of failing on a GPU node after the queue wait.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from pathlib import Path
@@ -155,11 +156,16 @@ def refuse_bad_options(settings: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m rackbench.trtllm_options CONFIG.yaml", file=sys.stderr)
-        return 2
-    config = yaml.safe_load(Path(argv[0]).read_text())
+    parser = argparse.ArgumentParser(
+        prog="python -m rackbench.trtllm_options",
+        description="Check a config's engines.tensorrt-llm options against the TensorRT-LLM 1.2.1 facts.",
+    )
+    parser.add_argument("config", help="a rackbench config file (YAML)")
+    argv = [parser.parse_args(argv).config]
+    path = Path(argv[0])
+    if not path.is_file():
+        parser.error(f"{path}: no such config file")
+    config = yaml.safe_load(path.read_text())
     settings = (config.get("engines") or {}).get("tensorrt-llm")
     if settings is None:
         print(f"{argv[0]}: no engines.tensorrt-llm section")
