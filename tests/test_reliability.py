@@ -14,8 +14,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import DEMO_RUN_DIR, LOCAL_SNAKEMAKE_ENV, snakemake
+from conftest import DEMO_CONFIGURATION, DEMO_RUN_DIR, LOCAL_SNAKEMAKE_ENV, snakemake
 from conftest import DEMO_STEP_OUTPUTS as STEP_OUTPUTS
+from rackbench import paths
 
 pytestmark = pytest.mark.slow
 
@@ -244,6 +245,11 @@ def _tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+QUANTIZE_LOG = paths.log_file("quantize").format(
+    model=DEMO_CONFIGURATION.model, recipe=DEMO_CONFIGURATION.recipe, variant=DEMO_CONFIGURATION.checkpoint_variant
+)
+
+
 def test_full_disk_stops_the_step_names_the_path_and_keeps_earlier_results(demo_copy, tmp_path):
     """Issue 14, item 4. results/ is a tmpfs with room for everything made so far and
     half of the quantized checkpoint; quantize (safetensors' writer, whose ENOSPC is no
@@ -277,12 +283,12 @@ def test_full_disk_stops_the_step_names_the_path_and_keeps_earlier_results(demo_
 
         full = snakemake(demo_copy, "--cores", "2", target, check=False)
         assert full.returncode != 0, full.stdout[-3000:]
-        log = (results / "logs" / "quantize" / "tiny-llama-nvfp4.log").read_text()
+        log = (demo_copy / QUANTIZE_LOG).read_text()
         assert "no space left on the filesystem of" in log and f"while writing {target}" in log, log[-3000:]
         assert not (demo_copy / target).exists() and not _temp_siblings(demo_copy / target)
         after = _file_hashes(results)
-        after.pop("logs/quantize/tiny-llama-nvfp4.log", None)
-        before.pop("logs/quantize/tiny-llama-nvfp4.log", None)
+        after.pop(str(Path(QUANTIZE_LOG).relative_to("results")), None)
+        before.pop(str(Path(QUANTIZE_LOG).relative_to("results")), None)
         assert after == before, "a full disk changed earlier results"
 
         subprocess.run(["mount", "-o", "remount,size=512m", str(results)], check=True)
