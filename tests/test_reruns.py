@@ -181,7 +181,8 @@ def test_max_new_tokens_change_makes_a_new_run_variant_beside_the_old(demo_copy)
 
 
 def test_changed_knob_whose_job_fails_keeps_the_previous_result(demo_copy):
-    """Issue 11's new-user case: a dataset path that passes validation but names a directory.
+    """Issue 11's new-user case: a dataset path that passes the config check but is not the
+    dataset (here the checksum list itself; a directory is now refused before any job).
     Its conversion fails; the previous samples.parquet, every result made from it and the
     report that shows them are all still there, and switching back has nothing to redo."""
     previous = [
@@ -193,7 +194,8 @@ def test_changed_knob_whose_job_fails_keeps_the_previous_result(demo_copy):
     keep = stamps(demo_copy, previous)
     report_before = (demo_copy / paths.report_file("markdown")).read_text()
     assert f"| {KEY} | **VALID** |" in report_before
-    text = f"datasets:\n  {DEMO_CONFIGURATION.dataset}:\n    samples:\n      path: {paths.DEMO_DATASET_DIR}\n"
+    not_the_dataset = f"{paths.DEMO_DATASET_DIR}/SHA256SUMS"
+    text = f"datasets:\n  {DEMO_CONFIGURATION.dataset}:\n    samples:\n      path: {not_the_dataset}\n"
     changed = configuration_with(text)
     assert changed.dataset_variant != DEMO_CONFIGURATION.dataset_variant
 
