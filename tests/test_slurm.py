@@ -506,7 +506,7 @@ def test_rerun_after_a_lost_login_session_waits_for_and_adopts_the_running_shard
     assert not [c for c in sbatch_calls(again) if rule_of(c) == "run_shard"], sbatch_calls(again)
     assert {rule_of(c) for c in sbatch_calls(again)} == {"accuracy"}, sbatch_calls(again)
     # the adopted outputs are the orphans' own, and nothing of them is marked incomplete
-    recs = [json.loads(f.read_text()) for f in wd.glob(f"results/runs/{CFG}/*/shard*/shard.json")]
+    recs = [json.loads(f.read_text()) for f in wd.glob(f"results/runs/{CFG}/*/*/shard*/shard.json")]
     assert sorted(str(r["slurm_job_id"]) for r in recs) == orphan_ids
     assert not incomplete_markers(wd)
     assert (wd / "results" / "report" / "report.md").exists()
