@@ -522,10 +522,11 @@ def test_a_shard_past_its_time_limit_says_so_counts_for_nothing_and_its_retry_ge
     wd.mkdir()
     short_limit = wd / "short-limit.yaml"
     short_limit.write_text(yaml.safe_dump({"gpu_types": {"gb300": {"slurm": {"runtime_min": 2}}}}))
-    shard0 = Path("results", "runs", CFG, "performance", "shard0")
+    # shard 0's run dir, whatever its settings variant (fnmatch: * also spans the variant level)
+    shard0_pattern = Path("results", "runs", CFG, "*", "performance", "shard0")
     env = snakemake_env(
         RACKBENCH_FAULT_PAUSE_BEFORE_RENAME_S="200",
-        RACKBENCH_FAULT_PAUSE_ONLY=str(wd / shard0),
+        RACKBENCH_FAULT_PAUSE_ONLY=str(wd / shard0_pattern),
         RACKBENCH_FAULT_PAUSE_ONCE=str(wd / "held-once"),
     )
     p = run_snakemake([*DEMO_ARGS, str(short_limit)], cwd=wd, timeout=DEMO_TIMEOUT + 600, env=env)
@@ -533,6 +534,7 @@ def test_a_shard_past_its_time_limit_says_so_counts_for_nothing_and_its_retry_ge
     assert (wd / "held-once").exists(), "the slow attempt never ran"
     calls = [c for c in sbatch_calls(p) if rule_of(c) == "run_shard" and comment_of(c).endswith("_performance_0")]
     assert len(calls) == 2, calls
+    (shard0,) = (d.relative_to(wd) for d in wd.glob(str(shard0_pattern)))
     assert "-t 2 " in calls[0] and "-t 4 " in calls[1], calls  # the retry asks for more time
     jobs = sorted(
         (j for j in sacct(slurm_run_id(p)) if j["Comment"] == comment_of(calls[0])), key=lambda j: int(j["JobIDRaw"])
