@@ -222,6 +222,8 @@ def _semantic_checks(config: dict) -> None:
     if "tensorrt-llm" in bench["backends"]:
         _check_trtllm(engines["tensorrt-llm"], config)
 
+    _check_rack_run(config)
+
     max_new = config["run"]["max_new_tokens"]
     demo = config["demo"]
     if demo["enabled"] and demo["reference_max_new_tokens"] < max_new:
@@ -229,6 +231,30 @@ def _semantic_checks(config: dict) -> None:
             f"run.max_new_tokens: {max_new} exceeds demo.reference_max_new_tokens "
             f"({demo['reference_max_new_tokens']}): the references would be cut shorter than the outputs"
         )
+
+
+def _check_rack_run(config: dict) -> None:
+    rack = config["rack_run"]
+    if not rack["enabled"]:
+        return
+    targets = config["run"].get("rack_target_qps") or {}
+    for scenario in rack["scenarios"]:
+        if scenario != "Offline" and scenario not in targets:
+            raise ConfigError(f"run.rack_target_qps.{scenario}: required for the rack run's {scenario} scenario")
+    server = rack["server"]
+    if server["kind"] == "command" and not server["command"]:
+        raise ConfigError("rack_run.server.command: required for server kind 'command'")
+    if server["kind"] == "urls" and not server["urls"]:
+        raise ConfigError("rack_run.server.urls: required for server kind 'urls'")
+    if server["kind"] == "trtllm-serve" and "tensorrt-llm" not in config["benchmarks"]["backends"]:
+        raise ConfigError(
+            "rack_run.server.kind: trtllm-serve serves the tensorrt-llm backend, which is not benchmarked"
+        )
+    if rack["configurations"] is not None:
+        known = {paths.config_key(fields) for fields in _config_fields(config)}
+        for key in rack["configurations"]:
+            if key not in known:
+                raise ConfigError(f"rack_run.configurations: {key!r} is not a configuration; known: {sorted(known)}")
 
 
 def _check_trtllm(settings: dict, config: dict) -> None:
@@ -378,6 +404,67 @@ def system_name(config: dict, gpu_type: str) -> str:
     return config["mlcommons"].get("system_name") or f"rackbench_{gpu_type}_x{rack['nodes'] * rack['gpus_per_node']}"
 
 
+# rack_run keys that change where or when the run happens, or which runs there are, not a run's result
+RACK_RUN_SCHEDULING_KEYS = (
+    "enabled",
+    "configurations",
+    "scenarios",
+    "server_qps_sweep",
+    "ready_timeout_s",
+    "base_port",
+)
+
+
+def replica_gpus(config: dict, backend: str) -> int:
+    """GPUs of one engine replica (one engine server): tp x pp for TensorRT-LLM, else 1."""
+    if backend == "tensorrt-llm":
+        settings = config["engines"]["tensorrt-llm"]
+        return settings["tensor_parallel_size"] * settings["pipeline_parallel_size"]
+    return 1
+
+
+def rack_servers(config: dict, backend: str) -> int:
+    """Engine servers of a rack run: one per engine replica over the whole rack."""
+    return config["rack"]["nodes"] * config["rack"]["gpus_per_node"] // replica_gpus(config, backend)
+
+
+def rack_settings(config: dict, fields: dict) -> dict:
+    """The settings that shape a rack run's results (its ``{variant}``); the scenario and the
+    target QPS are in the run's directory name (``paths.rack_run_name``)."""
+    dataset = config["models"][fields["model"]]["dataset"]
+    engine = engine_settings(config, fields["model"], fields["recipe"], fields["backend"], fields["gpu_type"])
+    run = {k: v for k, v in config["run"].items() if k not in RUN_REPORTING_KEYS + ("rack_target_qps",)}
+    return {
+        "step": "rack_run",
+        **fields,
+        "engine_variant": paths.variant_id(engine),
+        "dataset_variant": paths.variant_id(dataset_settings(config, dataset)),
+        "run": run,
+        "rack": config["rack"],
+        "servers": rack_servers(config, fields["backend"]),
+        "rack_run": {k: v for k, v in config["rack_run"].items() if k not in RACK_RUN_SCHEDULING_KEYS},
+        "accuracy": config["models"][fields["model"]]["accuracy"],  # the gate beside the run
+    }
+
+
+def rack_runs(config: dict, fields: dict) -> tuple:
+    """(scenario, target QPS or None, with_accuracy) of every rack run of a configuration;
+    () where it gets none (``paths.one_loadgen_runs`` turns them into directories)."""
+    rack = config["rack_run"]
+    if not rack["enabled"]:
+        return ()
+    if rack["configurations"] is not None and paths.config_key(fields) not in rack["configurations"]:
+        return ()
+    targets = config["run"].get("rack_target_qps") or {}
+    runs = [(s, None if s == "Offline" else float(targets[s]), True) for s in rack["scenarios"]]
+    taken = {paths.rack_run_name(s, q) for s, q, _ in runs}
+    for qps in rack["server_qps_sweep"]:
+        if paths.rack_run_name("Server", qps) not in taken:
+            taken.add(paths.rack_run_name("Server", qps))
+            runs.append(("Server", float(qps), False))
+    return tuple(runs)
+
+
 # The fields of a configuration: the workflow's wildcards, shard.json's keys and the
 # report's columns, by the same names.
 CONFIG_FIELDS = ("model", "recipe", "backend", "gpu_type", "batch_size", "layout")
@@ -400,6 +487,8 @@ class Configuration:
     engine_variant: str
     run_variant: str
     accuracy_variant: str
+    rack_variant: str = ""
+    rack_runs: tuple = ()  # (scenario, target QPS or None, with_accuracy): rackbench.config.rack_runs
 
     @property
     def fields(self) -> dict:
@@ -440,6 +529,10 @@ class Configuration:
     def accuracy_json(self) -> str:
         return paths.accuracy_json(self.fields, self.accuracy_variant)
 
+    def one_loadgen_runs(self) -> list[dict]:
+        """This configuration's one-LoadGen (MLPerf's method) runs: ``paths.one_loadgen_runs``."""
+        return paths.one_loadgen_runs(self.fields, self.rack_variant, self.rack_runs)
+
     def report_entry(self) -> dict:
         """What the report is given about this configuration (it never parses paths back)."""
         return {
@@ -453,29 +546,15 @@ class Configuration:
             "engine_dir": self.engine_dir,
             "checkpoint_dir": self.checkpoint_dir,
             "snapshot_dir": self.snapshot_dir,
+            "one_loadgen_runs": self.one_loadgen_runs(),
         }
 
 
 def configurations(config: dict) -> list[Configuration]:
     config = fill_defaults(copy.deepcopy(config))
-    bench = config["benchmarks"]
     out = []
-    for model, recipe, backend, gpu_type, batch_size, gps in itertools.product(
-        bench["models"],
-        bench["recipes"],
-        bench["backends"],
-        bench["gpu_types"],
-        bench["batch_sizes"],
-        bench["gpus_per_shard"],
-    ):
-        fields = {
-            "model": model,
-            "recipe": recipe,
-            "backend": backend,
-            "gpu_type": gpu_type,
-            "batch_size": batch_size,
-            "layout": layout_name(num_shards(config, gps), gps),
-        }
+    for fields in _config_fields(config):
+        model, recipe, backend, gpu_type = fields["model"], fields["recipe"], fields["backend"], fields["gpu_type"]
         dataset = config["models"][model]["dataset"]
         out.append(
             Configuration(
@@ -487,7 +566,33 @@ def configurations(config: dict) -> list[Configuration]:
                 engine_variant=paths.variant_id(engine_settings(config, model, recipe, backend, gpu_type)),
                 run_variant=paths.variant_id(run_settings(config, fields)),
                 accuracy_variant=paths.variant_id(accuracy_settings(config, fields)),
+                rack_variant=paths.variant_id(rack_settings(config, fields)),
+                rack_runs=rack_runs(config, fields),
             )
+        )
+    return out
+
+
+def _config_fields(config: dict) -> list[dict]:
+    bench = config["benchmarks"]
+    out = []
+    for model, recipe, backend, gpu_type, batch_size, gps in itertools.product(
+        bench["models"],
+        bench["recipes"],
+        bench["backends"],
+        bench["gpu_types"],
+        bench["batch_sizes"],
+        bench["gpus_per_shard"],
+    ):
+        out.append(
+            {
+                "model": model,
+                "recipe": recipe,
+                "backend": backend,
+                "gpu_type": gpu_type,
+                "batch_size": batch_size,
+                "layout": layout_name(num_shards(config, gps), gps),
+            }
         )
     return out
 

@@ -42,6 +42,7 @@ WILDCARD_CONSTRAINTS = {
     "mode": r"performance|accuracy",
     "shard": r"\d+",
     "variant": VARIANT_REGEX,
+    "rack_run": r"Offline|(?:Server|Interactive)-qps[0-9]+(?:\.[0-9]+)?",
 }
 
 # ---- patterns (Snakemake output patterns; fill them with the functions below) ----
@@ -60,6 +61,23 @@ ACCURACY_DIR_PATTERN = f"{RESULTS}/accuracy/{CONFIG_KEY_PATTERN}/{{variant}}"
 ACCURACY_JSON_PATTERN = f"{ACCURACY_DIR_PATTERN}/accuracy.json"
 ACCURACY_TXT_PATTERN = f"{ACCURACY_DIR_PATTERN}/accuracy.txt"
 ACCURACY_SUBCATEGORY = f"{CONFIG_KEY_PATTERN}/{{variant}}"  # its group in Snakemake's HTML report
+# The rack-wide runs (one LoadGen over every engine server; rackbench.rack): one directory per
+# scenario run (``rack_run_name``), with a ``performance/`` and, for the scenarios' own runs,
+# an ``accuracy/`` directory, each holding LoadGen's logs, shard.json, samples.parquet and
+# endpoints.json (RACK_MODE_FILES).
+RACK_VARIANT_PATTERN = f"{RESULTS}/rack/{CONFIG_KEY_PATTERN}/{{variant}}"
+RACK_RUN_PATTERN = f"{RACK_VARIANT_PATTERN}/{{rack_run}}"
+RACK_ACCURACY_JSON_PATTERN = f"{RACK_VARIANT_PATTERN}/{{rack_run}}.accuracy.json"
+RACK_ACCURACY_TXT_PATTERN = f"{RACK_VARIANT_PATTERN}/{{rack_run}}.accuracy.txt"
+RACK_MODE_FILES = (
+    "mlperf_log_summary.txt",
+    "mlperf_log_detail.txt",
+    "mlperf_log_accuracy.json",
+    "shard.json",
+    "samples.parquet",
+    "endpoints.json",
+)
+ENDPOINTS_FILE = "endpoints.json"
 REPORT_DIR = f"{RESULTS}/report"
 LOGS = f"{RESULTS}/logs"
 
@@ -71,7 +89,7 @@ REPORT_TABLES = {
     "variants": "variants.csv",
     "markdown": "report.md",
 }
-REPORT_FIGURES = ("shard_throughput", "shard_timeline", "records", "efficiency")
+REPORT_FIGURES = ("shard_throughput", "shard_timeline", "records", "efficiency", "server_sweep")
 FIGURE_FORMATS = (".pdf", ".svg", ".png")
 
 # Logs: one per job, named by the job's wildcards (key and variant), under results/logs/<rule>/.
@@ -86,6 +104,10 @@ LOG_PATTERNS = {
     f"-{{variant}}-{{mode}}-shard{{shard}}.log",
     "accuracy": f"{LOGS}/accuracy/{{model}}-{{recipe}}-{{backend}}-{{gpu_type}}-bs{{batch_size}}-{{layout}}"
     f"-{{variant}}.log",
+    "rack_run": f"{LOGS}/rack_run/{{model}}-{{recipe}}-{{backend}}-{{gpu_type}}-bs{{batch_size}}-{{layout}}"
+    f"-{{variant}}-{{rack_run}}.log",
+    "rack_accuracy": f"{LOGS}/rack_accuracy/{{model}}-{{recipe}}-{{backend}}-{{gpu_type}}-bs{{batch_size}}-{{layout}}"
+    f"-{{variant}}-{{rack_run}}.log",
     "report": f"{LOGS}/report.log",
 }
 
@@ -179,6 +201,72 @@ def accuracy_json(fields: dict, variant: str) -> str:
 
 def accuracy_txt(fields: dict, variant: str) -> str:
     return ACCURACY_TXT_PATTERN.format(**fields, variant=variant)
+
+
+def rack_run_name(scenario: str, target_qps: float | None = None) -> str:
+    """A rack run's directory name: ``Offline``, ``Server-qps<X>``, ``Interactive-qps<X>``."""
+    if scenario == "Offline":
+        return "Offline"
+    if scenario not in ("Server", "Interactive") or target_qps is None:
+        raise ValueError(f"a {scenario!r} rack run needs scenario Server or Interactive and a target QPS")
+    return f"{scenario}-qps{float(target_qps):g}"
+
+
+def parse_rack_run_name(name: str) -> tuple[str, float | None]:
+    """(scenario, target QPS or None) of a ``rack_run_name``."""
+    if not re.fullmatch(WILDCARD_CONSTRAINTS["rack_run"], name):
+        raise ValueError(f"{name!r} is not a rack run name (Offline, Server-qps<X>, Interactive-qps<X>)")
+    if name == "Offline":
+        return "Offline", None
+    scenario, qps = name.split("-qps")
+    return scenario, float(qps)
+
+
+def rack_run_dir(fields: dict, variant: str, run: str) -> str:
+    return RACK_RUN_PATTERN.format(**fields, variant=variant, rack_run=run)
+
+
+def rack_mode_dir(fields: dict, variant: str, run: str, mode: str) -> str:
+    """One LoadGen test of a rack run: LoadGen's logs, shard.json, samples.parquet, endpoints.json."""
+    return f"{rack_run_dir(fields, variant, run)}/{mode}"
+
+
+def rack_accuracy_json(fields: dict, variant: str, run: str) -> str:
+    return RACK_ACCURACY_JSON_PATTERN.format(**fields, variant=variant, rack_run=run)
+
+
+def one_loadgen_runs(fields: dict, variant: str, runs) -> list[dict]:
+    """Every one-LoadGen (MLPerf's method) run of one configuration: what TEST06, the
+    submission tree and the checker consume.
+
+    ``runs``: (scenario, target QPS or None, with_accuracy) triples, as
+    ``rackbench.config.Configuration.rack_runs`` holds them. Returns one dict per run::
+
+        {"scenario": "Server", "target_qps": 3200.0, "name": "Server-qps3200",
+         "run_dir": ".../Server-qps3200",
+         "performance": ".../Server-qps3200/performance",
+         "accuracy": ".../Server-qps3200/accuracy" or None (sweep points have none),
+         "accuracy_json": ".../Server-qps3200.accuracy.json" or None}
+
+    The scenarios' own runs (``rack_run.scenarios`` at ``run.rack_target_qps``) come first,
+    in config order, then the sweep's extra Server points; each has LoadGen's logs
+    (RACK_MODE_FILES) in its mode directories once ``rules/rack.smk``'s rack_run made it.
+    """
+    out = []
+    for scenario, qps, with_accuracy in runs:
+        name = rack_run_name(scenario, qps)
+        out.append(
+            {
+                "scenario": scenario,
+                "target_qps": None if qps is None else float(qps),
+                "name": name,
+                "run_dir": rack_run_dir(fields, variant, name),
+                "performance": rack_mode_dir(fields, variant, name, "performance"),
+                "accuracy": rack_mode_dir(fields, variant, name, "accuracy") if with_accuracy else None,
+                "accuracy_json": rack_accuracy_json(fields, variant, name) if with_accuracy else None,
+            }
+        )
+    return out
 
 
 def report_file(kind: str) -> str:
