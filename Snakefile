@@ -36,6 +36,7 @@ include: "rules/quantize.smk"
 include: "rules/engine.smk"
 include: "rules/run.smk"
 include: "rules/accuracy.smk"
+include: "rules/rack.smk"
 include: "rules/mlcommons.smk"
 include: "rules/report.smk"
 

@@ -64,6 +64,7 @@ FIELD_STEP_SETTINGS = {
     "run_shard": plan.run_settings,
     "accuracy": plan.accuracy_settings,
     "mlcommons": plan.mlcommons_settings,  # test06, submission_tree, submission_check (rules/mlcommons.smk)
+    "rack_run": plan.rack_settings,
 }
 STEP_KEYS = {
     "download_model": ("model",),
@@ -73,6 +74,7 @@ STEP_KEYS = {
     "run_shard": plan.CONFIG_FIELDS,
     "accuracy": plan.CONFIG_FIELDS,
     "mlcommons": plan.CONFIG_FIELDS,
+    "rack_run": plan.CONFIG_FIELDS,
 }
 
 
@@ -169,6 +171,18 @@ def expected_rows(wildcards):
     return config["datasets"][wildcards.dataset].get("num_samples") or 0
 
 
+def measured_before(wildcards):
+    """On a CPU host every job shares the same cores: the measured runs go one phase at a
+    time (the performance shards all together, then the accuracy shards, then the rack runs),
+    so no measurement competes with another for the cores. On GPUs each has its own."""
+    if GPU_TYPES[wildcards.gpu_type]["kind"] != "cpu":
+        return []
+    cfg = configuration_of(wildcards)
+    if hasattr(wildcards, "rack_run"):
+        return cfg.shard_dirs("performance") + cfg.shard_dirs("accuracy")
+    return cfg.shard_dirs("performance") if wildcards.mode == "accuracy" else []
+
+
 def accuracy_shard_inputs(wildcards):
     return configuration_of(wildcards).shard_dirs("accuracy")
 
@@ -177,6 +191,11 @@ def report_inputs():
     return {
         "shards": [d for cfg in CONFIGURATIONS for d in cfg.shard_dirs("performance")],
         "accuracy": [cfg.accuracy_json for cfg in CONFIGURATIONS],
+        # the one-LoadGen runs and their accuracy gates (rules/rack.smk)
+        "rack_runs": [run["run_dir"] for cfg in CONFIGURATIONS for run in cfg.one_loadgen_runs()],
+        "rack_accuracy": [
+            run["accuracy_json"] for cfg in CONFIGURATIONS for run in cfg.one_loadgen_runs() if run["accuracy_json"]
+        ],
     }
 
 

@@ -9,6 +9,7 @@ rule run_shard:
         engine=lambda wc: configuration_of(wc).engine_dir,
         dataset=lambda wc: configuration_of(wc).dataset_file("samples"),
         orphans=settle_orphaned_slurm_jobs,  # a shard as target: wait for an earlier run's jobs first
+        after=measured_before,  # on a CPU host: accuracy shards after the performance ones
     output:
         directory(paths.SHARD_PATTERN),
     log:
