@@ -15,6 +15,8 @@ rule report:
         variants=paths.report_file("variants"),
         markdown=report(paths.report_file("markdown"), caption="../report/report_md.rst", category="throughput"),
         provenance=report(paths.report_file("provenance"), caption="../report/provenance.rst", category="provenance"),
+        rack=paths.report_file("rack"),
+        server_sweep=multiext(paths.report_figure("server_sweep"), *paths.FIGURE_FORMATS),
         shard_throughput=report(
             multiext(paths.report_figure("shard_throughput"), *paths.FIGURE_FORMATS),
             caption="../report/shard_throughput.rst",

@@ -302,3 +302,39 @@ def efficiency(configs: list[dict], out_dir, inputs: list[str]) -> list[Path]:
         "for the recipe's precision, from the GPU-type table",
         inputs=inputs,
     )
+
+
+def server_sweep(rack_rows: list[dict], out_dir, inputs: list[str]) -> list[Path]:
+    """Output tokens/s per GPU against tokens/s per user (1 / p99 TPOT), one curve per
+    configuration, from its one-LoadGen Server runs (the target-QPS sweep); INVALID points hollow."""
+    by_config: dict[str, list[dict]] = {}
+    for r in rack_rows:
+        if r["scenario"] == "Server" and r.get("tokens_per_s_per_user") and r.get("tokens_per_s_per_gpu"):
+            by_config.setdefault(r["config"], []).append(r)
+    with plt.rc_context(RC):
+        fig, ax = _figure(2.4)
+        for ci, (_config, rows) in enumerate(sorted(by_config.items())):
+            rows.sort(key=lambda r: r["tokens_per_s_per_user"])
+            color = COLORS[ci % len(COLORS)]
+            xs = [r["tokens_per_s_per_user"] for r in rows]
+            ys = [r["tokens_per_s_per_gpu"] for r in rows]
+            ax.plot(xs, ys, "-", color=color, linewidth=1, label=rows[0]["short"])
+            for r, x, y in zip(rows, xs, ys):
+                valid = r["result"] == "VALID"
+                ax.plot(x, y, "o", color=color, markersize=3.5, markerfacecolor=color if valid else "white")
+                ax.annotate(f"{r['target_qps']:g} QPS", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=5)
+        if not by_config:
+            ax.text(0.5, 0.5, "no Server runs", transform=ax.transAxes, ha="center", va="center")
+        else:
+            ax.legend(loc="best", frameon=False)
+        ax.set_xlabel("tokens/s per user (1 / p99 TPOT)")
+        ax.set_ylabel("output tokens/s per GPU")
+        ax.set_title("Server target-QPS sweep, one LoadGen (hollow: LoadGen INVALID)")
+    return save(
+        fig,
+        out_dir,
+        "server_sweep",
+        title="Latency-throughput sweep (Server scenario, one LoadGen over the rack)",
+        description="output tokens/s per GPU vs tokens/s per user (1 / p99 TPOT) at each Server target QPS",
+        inputs=inputs,
+    )

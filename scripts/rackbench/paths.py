@@ -87,6 +87,7 @@ REPORT_TABLES = {
     "shards": "shards.csv",
     "provenance": "provenance.csv",
     "variants": "variants.csv",
+    "rack": "rack.csv",
     "markdown": "report.md",
 }
 REPORT_FIGURES = ("shard_throughput", "shard_timeline", "records", "efficiency", "server_sweep")

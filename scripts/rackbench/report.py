@@ -872,6 +872,151 @@ def render_markdown(configs, shards, prov, figure_inputs, min_overlap, variants=
     return "\n".join(md) + "\n"
 
 
+# ---- the rack-wide runs: one LoadGen over every engine server (rackbench.rack) ----
+METHOD_ONE_LOADGEN = "one LoadGen (MLPerf's method)"
+METHOD_SUM = "sum of {n} LoadGens (not an MLPerf result)"
+RACK_COLUMNS = [
+    "config",
+    "variant",
+    "method",
+    "scenario",
+    "target_qps",
+    "result",
+    "tokens_per_s",
+    "samples_per_s",
+    "tokens_per_s_per_gpu",
+    "ttft_p99_ms",
+    "ttft_limit_ms",
+    "tpot_p99_ms",
+    "tpot_limit_ms",
+    "tokens_per_s_per_user",
+    "servers",
+    "endpoints_with_samples",
+    "accuracy_passed",
+    "run_dir",
+]
+
+
+def _ms(ns):
+    return None if ns is None else ns / 1e6
+
+
+def read_rack_runs(entries: list[dict]) -> list[dict]:
+    """One row per one-LoadGen performance run (Configuration.one_loadgen_runs), read from its
+    shard.json (LoadGen's summary, parsed by harness.parse_summary) and endpoints.json."""
+    rows = []
+    for e in entries:
+        fields = configuration_fields(e)
+        shards, gps = parse_layout(fields["layout"])
+        for run in e.get("one_loadgen_runs") or ():
+            perf = Path(run["performance"])
+            if not (perf / "shard.json").is_file():
+                raise ReportInputError(f"{perf}: no shard.json (the rack run has not been made)")
+            rec = json.loads((perf / "shard.json").read_text())
+            lg = rec["loadgen"]
+            endpoints = json.loads((perf / paths.ENDPOINTS_FILE).read_text())["endpoints"]
+            acc_path = Path(run["accuracy_json"]) if run.get("accuracy_json") else None
+            acc = json.loads(acc_path.read_text()) if acc_path and acc_path.is_file() else None
+            tpot = lg.get("tpot_p99_ns")
+            tokens = lg.get("tokens_per_second")
+            rows.append(
+                {
+                    "config": config_name(fields),
+                    "variant": Path(run["run_dir"]).parent.name,
+                    "method": METHOD_ONE_LOADGEN,
+                    "scenario": run["scenario"],
+                    "target_qps": run["target_qps"],
+                    "result": lg.get("result"),
+                    "tokens_per_s": tokens,
+                    "samples_per_s": lg.get("samples_per_second"),
+                    "tokens_per_s_per_gpu": None if tokens is None else tokens / (shards * gps),
+                    "ttft_p99_ms": _ms(lg.get("ttft_p99_ns")),
+                    "ttft_limit_ms": _ms(lg.get("ttft_latency_ns")),
+                    "tpot_p99_ms": _ms(tpot),
+                    "tpot_limit_ms": _ms(lg.get("tpot_latency_ns")),
+                    "tokens_per_s_per_user": None if not tpot else 1e9 / tpot,
+                    "servers": len(endpoints),
+                    "endpoints_with_samples": sum(1 for ep in endpoints if ep["samples"] > 0),
+                    "accuracy_passed": None if acc is None else bool(acc.get("valid")),
+                    "run_dir": run["run_dir"],
+                    "short": f"{fields['gpu_type']} {fields['recipe']} bs{fields['batch_size']} {fields['layout']}",
+                    "inputs": [str(perf / "shard.json"), str(perf / paths.ENDPOINTS_FILE)],
+                }
+            )
+    return rows
+
+
+def render_rack_section(configs: list[dict], rack: list[dict]) -> list[str]:
+    """The two methods side by side per configuration, then every one-LoadGen run."""
+    if not rack:
+        return []
+    md = [
+        "## One LoadGen for the whole rack vs the per-shard sum",
+        "",
+        f"- **{METHOD_ONE_LOADGEN}**: one LoadGen instance drives every engine server of the rack "
+        "through one SUT (rackbench.rack). MLPerf's rules accept only this for a system result; a VALID "
+        "run with a passing accuracy gate (and the compliance tests) is what may be submitted as one.",
+        f"- **{METHOD_SUM.format(n='N')}**: the per-shard method's (a) sum. Even when the shards overlap "
+        "in time it may not be represented as an MLPerf result (MLPerf results messaging guidelines).",
+        "",
+    ]
+    rows = []
+    for c in configs:
+        for r in (r for r in rack if r["config"] == c["config"] and r["scenario"] == "Offline"):
+            rows.append([c["config"], METHOD_ONE_LOADGEN, r["scenario"], f"**{r['result']}**", _fmt(r["tokens_per_s"])])
+        inv = c["status"] == STATUS_INVALID
+        rows.append(
+            [
+                c["config"],
+                METHOD_SUM.format(n=c["shards_expected"]),
+                "Offline",
+                f"**{c['status']}**",
+                "INVALID" if inv else _fmt(c["a_sum_tokens_per_s"]),
+            ]
+        )
+    md += [_md_table(["configuration", "method", "scenario", "result", "output tokens/s"], rows), ""]
+    md += ["### Every one-LoadGen run", ""]
+    table = []
+    for r in rack:
+        lat = lambda v, lim: "-" if v is None else f"{_fmt(v, 1)} / {_fmt(lim, 0)}"  # noqa: E731
+        table.append(
+            [
+                r["config"],
+                r["scenario"],
+                _fmt(r["target_qps"], 1) if r["target_qps"] is not None else "-",
+                f"**{r['result']}**",
+                _fmt(r["tokens_per_s"]),
+                _fmt(r["samples_per_s"], 2),
+                lat(r["ttft_p99_ms"], r["ttft_limit_ms"]),
+                lat(r["tpot_p99_ms"], r["tpot_limit_ms"]),
+                f"{r['endpoints_with_samples']}/{r['servers']}",
+                {None: "-", True: "passed", False: "FAILED"}[r["accuracy_passed"]],
+            ]
+        )
+    md += [
+        _md_table(
+            [
+                "configuration",
+                "scenario",
+                "target QPS",
+                "LoadGen result",
+                "output tokens/s",
+                "samples/s",
+                "p99 TTFT / limit (ms)",
+                "p99 TPOT / limit (ms)",
+                "endpoints used",
+                "accuracy gate",
+            ],
+            table,
+        ),
+        "",
+        "The Server sweep figure (server_sweep.*) plots output tokens/s per GPU against tokens/s per "
+        "user (1 / p99 TPOT), one curve per configuration.",
+        "",
+    ]
+    return md
+
+
 def build_report(
     entries: list[dict],
     gpu_types: dict,
@@ -907,7 +1052,11 @@ def build_report(
     prov = provenance_rows(entries, shards, accuracy)
     variants = variant_rows(entries, results_root)
     fig_inputs = _figure_inputs(shards, [a for a in accuracy.values() if a], table_sources)
+    rack = read_rack_runs(entries)
+    fig_inputs["server_sweep"] = sorted({p for r in rack for p in r["inputs"]})
     _draw_figures(configs, shards, published_records(gpu_types), out_dir, fig_inputs)
+    figures.server_sweep(rack, out_dir, fig_inputs["server_sweep"])
+    _write_csv(out_dir / paths.REPORT_TABLES["rack"], rack, RACK_COLUMNS)
     _write_csv(out_dir / paths.REPORT_TABLES["throughput"], [_public(c) for c in configs], THROUGHPUT_COLUMNS)
     _write_csv(out_dir / paths.REPORT_TABLES["shards"], shards, SHARD_COLUMNS)
     _write_csv(out_dir / paths.REPORT_TABLES["provenance"], prov, list(provenance.SUMMARY_COLUMNS))
@@ -921,9 +1070,11 @@ def build_report(
     )
     write_text_atomic(
         out_dir / paths.REPORT_TABLES["markdown"],
-        render_markdown(configs, shards, prov, fig_inputs, min_overlap, variants, extra),
+        render_markdown(
+            configs, shards, prov, fig_inputs, min_overlap, variants, [*render_rack_section(configs, rack), *extra]
+        ),
     )
-    return {"configs": configs, "shards": shards, "provenance": prov, "variants": variants}
+    return {"configs": configs, "shards": shards, "provenance": prov, "variants": variants, "rack": rack}
 
 
 def _figure_inputs(shards: list[dict], accuracy: list[dict], table_sources) -> dict[str, list[str]]:
