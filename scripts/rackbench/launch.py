@@ -110,12 +110,10 @@ def rackbench_serve_command(
     model_name: str | None = None,
     python: str = sys.executable,
 ) -> list[str]:
-    argv = [
-        python,
-        "-m",
-        "rackbench.serve",
-        "--engine-dir",
-        str(engine_dir),
+    argv = [python, "-m", "rackbench.serve"]
+    if engine_dir is not None:  # the zero-cost "instant" backend has none
+        argv += ["--engine-dir", str(engine_dir)]
+    argv += [
         "--backend",
         backend,
         "--host",
