@@ -47,6 +47,18 @@ def test_real_config_plans_the_whole_rack(tmp_path):
     )
     # quantize calibrates on one GB300 node
     assert re.search(r"rule quantize:(.|\n)*?resources: .*gpu=1, gpu_model=gb300, cpus_per_gpu=18", proc.stdout)
+    # the rack-wide runs: one allocation of the 18 nodes, 72 trtllm-serve endpoints, one LoadGen each
+    assert counts["rack_run"] == 5  # Offline, Server at 3200, and the sweep's 2400, 2800, 3600
+    assert counts["rack_accuracy"] == 2
+    rack_jobs = [line for line in proc.stdout.splitlines() if ": rack_run " in line]
+    assert len(rack_jobs) == 5
+    for line in rack_jobs:
+        assert "one LoadGen over 72 engine server(s) (--server-kind trtllm-serve" in line, line
+        assert "--extra-llm-api-options results/engines/llama2-70b/nvfp4/tensorrt-llm/GB300/" in line, line
+        assert "one Slurm allocation of 18 node(s) x 4 gb300 GPU(s), one srun --exact step per server" in line, line
+    assert re.search(
+        r"results/rack/llama2-70b/nvfp4/tensorrt-llm/GB300/bs3072/72x1/[0-9a-f]{8}/Server-qps3200", proc.stdout
+    )
 
 
 def test_real_config_four_gpu_shards(tmp_path):
@@ -89,6 +101,50 @@ def test_demo_end_to_end(demo_run):
     markdown = (report / "report.md").read_text()
     assert "VALID" in markdown
 
+    # the shards ran at the same time, so the per-shard sum is not flagged as "not a rack throughput"
+    assert max(s["started_at"] for s in shards) < min(s["finished_at"] for s in shards)
+    assert "not a rack throughput" not in markdown
+
+    # the rack-wide runs: two engine servers on localhost, one LoadGen
+    runs_by_name = {r["name"]: r for r in DEMO_CONFIGURATION.one_loadgen_runs()}
+    assert set(runs_by_name) == {"Offline", "Server-qps10", "Server-qps5", "Server-qps20"}
+    for name, run in runs_by_name.items():
+        modes = ("performance", "accuracy") if run["accuracy"] else ("performance",)
+        for mode in modes:
+            mode_dir = workdir / run["run_dir"] / mode
+            for file in paths.RACK_MODE_FILES:
+                assert (mode_dir / file).is_file(), (name, mode, file)
+            record = json.loads((mode_dir / "shard.json").read_text())
+            assert record["num_shards"] == 1 and record["servers"] == 2 and record["completed_samples"] == 48
+            assert record["loadgen"]["scenario"] == run["scenario"]
+            endpoints = json.loads((mode_dir / paths.ENDPOINTS_FILE).read_text())["endpoints"]
+            assert len(endpoints) == 2 and all(ep["samples"] > 0 and ep["busy_s"] > 0 for ep in endpoints), endpoints
+            assert sum(ep["samples"] for ep in endpoints) == 48
+        if run["accuracy_json"]:
+            assert json.loads((workdir / run["accuracy_json"]).read_text())["valid"] is True, name
+    offline = json.loads((workdir / runs_by_name["Offline"]["performance"] / "shard.json").read_text())
+    assert offline["loadgen"]["result"] == "VALID"
+    server = json.loads((workdir / runs_by_name["Server-qps10"]["performance"] / "shard.json").read_text())
+    assert server["loadgen"]["ttft_p99_ns"] > 0 and server["loadgen"]["tpot_p99_ns"] > 0
+    rack = pd.read_csv(report / "rack.csv")
+    assert sorted(rack["scenario"]) == ["Offline", "Server", "Server", "Server"]
+    assert set(rack["method"]) == {"one LoadGen (MLPerf's method)"}
+    assert "sum of 2 LoadGens (not an MLPerf result)" in markdown
+    assert "one LoadGen (MLPerf's method)" in markdown
+    for ext in ("pdf", "svg", "png"):
+        assert (report / f"server_sweep.{ext}").stat().st_size > 0
+    # no engine server outlived the run
+    import psutil
+
+    leftovers = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if "rackbench.serve" in (proc.info["cmdline"] or []) and proc.cwd() == str(workdir):
+                leftovers.append(proc.info["cmdline"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    assert not leftovers, leftovers
+
     # every step left a log and provenance
     logs = workdir / "results" / "logs"
     for rule in (
@@ -100,6 +156,8 @@ def test_demo_end_to_end(demo_run):
         "build_engine",
         "run_shard",
         "accuracy",
+        "rack_run",
+        "rack_accuracy",
         "report",
     ):
         assert list(logs.glob(f"{rule}*")), rule
