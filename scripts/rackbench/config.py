@@ -222,8 +222,6 @@ def _semantic_checks(config: dict) -> None:
     if "tensorrt-llm" in bench["backends"]:
         _check_trtllm(engines["tensorrt-llm"], config)
 
-    _check_rack_run(config)
-
     max_new = config["run"]["max_new_tokens"]
     demo = config["demo"]
     if demo["enabled"] and demo["reference_max_new_tokens"] < max_new:
@@ -231,6 +229,7 @@ def _semantic_checks(config: dict) -> None:
             f"run.max_new_tokens: {max_new} exceeds demo.reference_max_new_tokens "
             f"({demo['reference_max_new_tokens']}): the references would be cut shorter than the outputs"
         )
+    _check_rack_run(config)
 
 
 def _check_rack_run(config: dict) -> None:
