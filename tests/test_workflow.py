@@ -101,9 +101,9 @@ def test_demo_end_to_end(demo_run):
     markdown = (report / "report.md").read_text()
     assert "VALID" in markdown
 
-    # the shards ran at the same time, so the per-shard sum is not flagged as "not a rack throughput"
+    # the shards ran at the same time (their windows intersect). The report's overlap test (each
+    # shard overlapped >= 90% of its run time) can still fail: split shards finish at different times.
     assert max(s["started_at"] for s in shards) < min(s["finished_at"] for s in shards)
-    assert "not a rack throughput" not in markdown
 
     # the rack-wide runs: two engine servers on localhost, one LoadGen
     runs_by_name = {r["name"]: r for r in DEMO_CONFIGURATION.one_loadgen_runs()}
@@ -116,7 +116,7 @@ def test_demo_end_to_end(demo_run):
                 assert (mode_dir / file).is_file(), (name, mode, file)
             record = json.loads((mode_dir / "shard.json").read_text())
             assert record["num_shards"] == 1 and record["servers"] == 2 and record["completed_samples"] == 48
-            assert record["loadgen"]["scenario"] == run["scenario"]
+            assert record["scenario"] == run["scenario"]
             endpoints = json.loads((mode_dir / paths.ENDPOINTS_FILE).read_text())["endpoints"]
             assert len(endpoints) == 2 and all(ep["samples"] > 0 and ep["busy_s"] > 0 for ep in endpoints), endpoints
             assert sum(ep["samples"] for ep in endpoints) == 48
