@@ -27,7 +27,17 @@ try:
 except plan.ConfigError as err:
     sys.exit(f"invalid config: {err}")
 
-CONFIGURATIONS = plan.configurations(config)
+# MLCommons' own tools (TEST06, the submission checker) come from the user's checkout
+# (mlcommons.inference_dir); where it is not one, their steps are not planned and the report
+# says why. The rack sessions make TEST06 runs only where it is.
+from rackbench import benchmarks, compliance, submission  # noqa: E402
+
+MLCOMMONS_DIR, MLCOMMONS_SKIPPED = compliance.configured_checkout(
+    config["mlcommons"]["inference_dir"], workflow.basedir
+)
+
+
+CONFIGURATIONS = plan.configurations(config, test06=MLCOMMONS_DIR is not None)
 MODELS = config["models"]
 GPU_TYPES = config["gpu_types"]
 RUN = config["run"]
@@ -64,7 +74,7 @@ FIELD_STEP_SETTINGS = {
     "run_shard": plan.run_settings,
     "accuracy": plan.accuracy_settings,
     "mlcommons": plan.mlcommons_settings,  # test06, submission_tree, submission_check (rules/mlcommons.smk)
-    "rack_run": plan.rack_settings,
+    "rack_run": functools.partial(plan.rack_settings, test06=MLCOMMONS_DIR is not None),
 }
 STEP_KEYS = {
     "download_model": ("model",),
@@ -178,7 +188,7 @@ def measured_before(wildcards):
     if GPU_TYPES[wildcards.gpu_type]["kind"] != "cpu":
         return []
     cfg = configuration_of(wildcards)
-    if hasattr(wildcards, "rack_run"):
+    if not hasattr(wildcards, "mode"):  # the rack session
         return [*cfg.shard_dirs("performance"), *cfg.shard_dirs("accuracy")]
     return cfg.shard_dirs("performance") if wildcards.mode == "accuracy" else []
 
@@ -191,8 +201,8 @@ def report_inputs():
     return {
         "shards": [d for cfg in CONFIGURATIONS for d in cfg.shard_dirs("performance")],
         "accuracy": [cfg.accuracy_json for cfg in CONFIGURATIONS],
-        # the one-LoadGen runs and their accuracy gates (rules/rack.smk)
-        "rack_runs": [run["run_dir"] for cfg in CONFIGURATIONS for run in cfg.one_loadgen_runs()],
+        # the rack sessions (one LoadGen per run) and their runs' accuracy gates (rules/rack.smk)
+        "rack_sessions": [cfg.rack_session_dir for cfg in CONFIGURATIONS if cfg.rack_session_dir],
         "rack_accuracy": [
             run["accuracy_json"] for cfg in CONFIGURATIONS for run in cfg.one_loadgen_runs() if run["accuracy_json"]
         ],
@@ -321,12 +331,20 @@ def rack_configuration_of(wildcards):
     return cfg
 
 
-def rack_run_entry(wildcards):
-    cfg = rack_configuration_of(wildcards)
-    for entry in cfg.one_loadgen_runs():
-        if entry["name"] == wildcards.rack_run:
-            return entry
-    raise WorkflowError(f"{wildcards.rack_run} is not one of {cfg.key}'s rack runs (rack_run in the config)")
+def rack_session_runs(wildcards):
+    """The runs of one configuration's rack session (``Configuration.one_loadgen_runs``)."""
+    runs = rack_configuration_of(wildcards).one_loadgen_runs()
+    if not runs:
+        raise WorkflowError(f"{configuration_of(wildcards).key} has no rack runs (rack_run in the config)")
+    return runs
+
+
+def rack_accuracy_run(wildcards):
+    """The accuracy mode directory of one rack run, inside its session (rack_accuracy)."""
+    for run in rack_session_runs(wildcards):
+        if run["name"] == wildcards.rack_run and run["accuracy"]:
+            return run["accuracy"]
+    raise WorkflowError(f"{wildcards.rack_run} is not one of the accuracy-checked rack runs of {dict(wildcards)}")
 
 
 def rack_nodes(wildcards):
@@ -387,19 +405,17 @@ def rack_server_args(wildcards, input):
     return " ".join(args)
 
 
-def rack_scenario_args(wildcards):
-    entry = rack_run_entry(wildcards)
-    args = [f"--scenario {entry['scenario']}"]
-    if entry["target_qps"] is not None:
-        args.append(f"--target-qps {entry['target_qps']}")
-    elif "Offline" in (RUN.get("rack_target_qps") or {}):
-        args.append(f"--offline-expected-qps {RUN['rack_target_qps']['Offline']}")
-    else:
-        args.append(
-            f"--offline-expected-qps {RUN['offline_expected_qps'] * plan.rack_servers(config, wildcards.backend)}"
-        )
-    if entry["accuracy"] is None:
-        args.append("--no-accuracy")
+def rack_session_args(wildcards):
+    """rackbench.rack's runs (name, scenario, target QPS, LoadGen modes), the Offline expected
+    QPS of the whole rack, and TEST06's audit.config where the session makes TEST06 runs."""
+    runs = rack_session_runs(wildcards)
+    listed = [{key: run[key] for key in ("name", "scenario", "target_qps", "modes")} for run in runs]
+    offline_qps = (RUN.get("rack_target_qps") or {}).get("Offline") or (
+        RUN["offline_expected_qps"] * plan.rack_servers(config, wildcards.backend)
+    )
+    args = [f"--runs-json {as_json(listed)}", f"--offline-expected-qps {offline_qps}"]
+    if configuration_of(wildcards).rack_test06:
+        args.append(f"--audit-config {compliance.audit_config(MLCOMMONS_DIR)}")
     return " ".join(args)
 
 
@@ -413,59 +429,20 @@ RACK_RUN = config["rack_run"]
 
 
 # ---- MLCommons' checks (rules/mlcommons.smk) ---------------------------------
-from rackbench import benchmarks, compliance, submission  # noqa: E402
-
-
-def mlcommons_checkout():
-    """(the checkout's absolute path, None), or (None, why TEST06 and the checker do not run)."""
-    configured = config["mlcommons"]["inference_dir"]
-    if configured is None:
-        return None, (
-            "mlcommons.inference_dir is null, so TEST06, the submission tree and MLCommons' submission "
-            "checker were not run (set it to your clone of https://github.com/mlcommons/inference)"
-        )
-    path = Path(configured)
-    if not path.is_absolute():  # relative to the workflow's folder, as config.yaml says
-        path = Path(workflow.basedir) / path
-    try:
-        return str(compliance.checkout(path)), None
-    except compliance.ComplianceError as err:
-        # named as configured, not by the absolute path: the report is the same wherever the workflow lives
-        why = str(err).replace(str(path.resolve()), str(configured)).replace(str(path), str(configured))
-        return None, f"mlcommons.inference_dir {configured!r}: {why}; TEST06 and the checker were not run"
-
-
-MLCOMMONS_DIR, MLCOMMONS_SKIPPED = mlcommons_checkout()
-ONE_LOADGEN_METHOD = "the per-shard sum (method a)"
-
-
-# ---- the input side: which runs are one LoadGen for the whole system --------------
-# The one place that says it (the rack-wide runs re-point these two functions).
+# The input side: which runs are one LoadGen for the whole system. The rack sessions' runs
+# with an accuracy run (the scenarios' own, not the sweep points) are; a per-shard sum of
+# several LoadGens never is, and a configuration with no rack run gets no tree.
 def one_loadgen_runs(cfg):
-    """{scenario: {"performance": run dir, "accuracy": run dir}} of configuration ``cfg``'s
-    one-LoadGen runs. A per-shard layout is one LoadGen for the system only with ONE
-    shard (1xG); any other layout gives {} (a sum of LoadGen runs: no tree)."""
-    if cfg.num_shards != 1:
-        return {}
-    return {"Offline": {mode: cfg.shard_dirs(mode)[0] for mode in ("performance", "accuracy")}}
+    """{scenario: run (``Configuration.one_loadgen_runs``)} of ``cfg``'s accuracy-checked
+    rack runs, each with its TEST06 run; {} where it has none."""
+    return {run["scenario"]: run for run in cfg.one_loadgen_runs() if run["test06"]}
 
 
-def test06_harness_args(wildcards):
-    """rackbench.harness arguments of the TEST06 run (it adds --mode performance and --out):
-    the one-LoadGen run of ``one_loadgen_runs``, with the run step's settings."""
-    cfg = configuration_of(wildcards)
-    return " ".join(
-        [
-            f"--engine-dir {cfg.engine_dir} --dataset {cfg.dataset_file('samples')}",
-            f"--shard-index 0 --num-shards 1 --shard-mode {RUN['performance_shard_mode']}",
-            f"--gpus-per-shard {shard_gpus(wildcards)} --batch-size {cfg.batch_size}",
-            f"--max-new-tokens {RUN['max_new_tokens']} --min-duration-ms {RUN['min_duration_ms']}",
-            f"--min-query-count {RUN['min_query_count']} --offline-expected-qps {RUN['offline_expected_qps']}",
-            f"--progress-interval-s {RUN['progress_interval_s']}",
-            f"--gpu-types-json {as_json({cfg.gpu_type: GPU_TYPES[cfg.gpu_type]})}",
-            f"--engine-settings-json {as_json(config['engines'][cfg.backend])}",
-            f"--meta-json {as_json({**cfg.fields, 'variant': wildcards.variant, 'test': compliance.TEST06})}",
-        ]
+def no_tree_reason(cfg):
+    why = submission.no_tree_reason("the per-shard sum", cfg.num_shards) or "no submission tree:"
+    return (
+        f"{why} No rack-wide run (one LoadGen over every engine server) is configured for {cfg.key}:"
+        " rack_run.enabled and rack_run.configurations in the config say which configurations get one."
     )
 
 
@@ -491,15 +468,20 @@ def checked_scenario(wildcards):
     return wildcards.scenario
 
 
+def test06_run_of(wildcards):
+    """The TEST06 LoadGen run (inside the rack session) that test06 verifies."""
+    return one_loadgen_runs_of(wildcards)[checked_scenario(wildcards)]["test06"]
+
+
 def test06_dirs_of(cfg):
     return {s: paths.test06_dir(cfg.fields, mlcommons_variant(cfg), s) for s in one_loadgen_runs(cfg)}
 
 
 def submission_inputs(wildcards):
     cfg = configuration_of(wildcards)
-    inputs = {"accuracy_txt": paths.accuracy_txt(cfg.fields, cfg.accuracy_variant)}
-    for scenario, runs in one_loadgen_runs_of(wildcards).items():
-        inputs.update({f"{scenario}_{mode}": run for mode, run in runs.items()})
+    inputs = {"session": cfg.rack_session_dir}
+    for scenario, run in one_loadgen_runs_of(wildcards).items():
+        inputs[f"{scenario}_accuracy_txt"] = run["accuracy_txt"]
     inputs.update({f"{scenario}_test06": d for scenario, d in test06_dirs_of(cfg).items()})
     return inputs
 
@@ -508,12 +490,12 @@ def submission_runs_json(wildcards, input):
     return as_json(
         {
             scenario: {
-                "performance": input[f"{scenario}_performance"],
-                "accuracy": input[f"{scenario}_accuracy"],
-                "accuracy_txt": input.accuracy_txt,
+                "performance": run["performance"],
+                "accuracy": run["accuracy"],
+                "accuracy_txt": input[f"{scenario}_accuracy_txt"],
                 "test06": f"{input[f'{scenario}_test06']}/{compliance.TEST06}",
             }
-            for scenario in one_loadgen_runs_of(wildcards)
+            for scenario, run in one_loadgen_runs_of(wildcards).items()
         }
     )
 
@@ -534,10 +516,6 @@ def mlcommons_report_args(wildcards, input):
     """The report's arguments for MLCommons' checks: TEST06 folders, verdicts, why no tree, or why not run."""
     if MLCOMMONS_SKIPPED:
         return f"--mlcommons-skipped {shlex.quote(MLCOMMONS_SKIPPED)}"
-    no_tree = {
-        cfg.key: submission.no_tree_reason(ONE_LOADGEN_METHOD, cfg.num_shards)
-        for cfg in CONFIGURATIONS
-        if not one_loadgen_runs(cfg)
-    }
+    no_tree = {cfg.key: no_tree_reason(cfg) for cfg in CONFIGURATIONS if not one_loadgen_runs(cfg)}
     test06 = " ".join(f"{d}/{compliance.TEST06}" for d in input.test06)
     return f"--test06 {test06} --checker-verdicts {' '.join(input.checker_verdicts)} --no-tree-json {as_json(no_tree)}"

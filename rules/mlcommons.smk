@@ -1,7 +1,8 @@
 # MLCommons' own checks on one-LoadGen runs (issue 13), with the tools of the user's
 # mlcommons/inference checkout (config mlcommons.inference_dir):
-#   test06            LoadGen with TEST06's audit.config, then run_verification.py
-#                     (per configuration and scenario; rackbench.compliance)
+#   test06            run_verification.py on the TEST06 run that the rack session made
+#                     with TEST06's audit.config (per configuration and scenario;
+#                     rackbench.compliance, rackbench.rack)
 #   submission_tree   closed/<submitter>/{systems,results,src} (rackbench.submission build)
 #   submission_check  MLCommons' submission checker; its verdict is data (exit 0 either way)
 # and the report shows all three. Not planned where no checkout is configured (or it is
@@ -14,33 +15,26 @@
 # ---- rules ------------------------------------------------------------------------
 rule test06:
     input:
-        engine=lambda wc: configuration_of(wc).engine_dir,
-        dataset=lambda wc: configuration_of(wc).dataset_file("samples"),
+        session=lambda wc: configuration_of(wc).rack_session_dir,
     output:
-        run=directory(paths.TEST06_RUN_PATTERN),
         test06=directory(paths.TEST06_PATTERN),
     log:
         paths.log_file("test06"),
+    localrule: True
     conda:
         RUN_ENV
-    container:
-        engine_container
-    threads: shard_threads
-    resources:
-        **job_resources(lambda wc: wc.gpu_type, shard_gpus),
     params:
-        launch=lambda wc: launch_prefix(wc.backend),
         inference_dir=MLCOMMONS_DIR,
-        harness=test06_harness_args,
+        run=test06_run_of,
         scenario=lambda wc: checked_scenario(wc),
         settings=write_settings("mlcommons"),
     message:
         "TEST06 {wildcards.scenario} of {wildcards.model}/{wildcards.recipe} on {wildcards.backend}/{wildcards.gpu_type}"
-        " (layout {wildcards.layout}, batch {wildcards.batch_size})"
+        " (layout {wildcards.layout}, batch {wildcards.batch_size}): run_verification.py on the rack session's TEST06 run"
     shell:
-        "{params.settings} > {log} 2>&1 && {params.launch}python -m rackbench.compliance test06"
-        " --inference-dir {params.inference_dir} --scenario {params.scenario} --run-dir {output.run}"
-        " --out {output.test06} -- {params.harness} >> {log} 2>&1"
+        "{params.settings} > {log} 2>&1 && python -m rackbench.compliance verify"
+        " --inference-dir {params.inference_dir} --scenario {params.scenario} --compliance-dir {params.run}"
+        " --out {output.test06} >> {log} 2>&1"
 
 
 rule submission_tree:

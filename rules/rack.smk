@@ -1,7 +1,9 @@
 # rack_run: one LoadGen over every engine server of the rack (MLPerf's method; rackbench.rack).
 # One job = one Slurm allocation of the layout's nodes: inside it one srun step per engine
-# server, then the LoadGen on the first node. Locally the same servers run as local processes.
-# rack_accuracy: the accuracy gate (rackbench.accuracy, as rules/accuracy.smk) on its accuracy run.
+# server, started once, then on the first node one LoadGen run after another: every run of
+# the configuration (the scenarios' own, the Server sweep points, TEST06). Locally the same
+# servers run as local processes.
+# rack_accuracy: the accuracy gate (rackbench.accuracy, as rules/accuracy.smk) of one run.
 
 
 rule rack_run:
@@ -11,7 +13,7 @@ rule rack_run:
         orphans=settle_orphaned_slurm_jobs,
         after=measured_before,  # on a CPU host: after the per-shard runs (the same cores)
     output:
-        directory(paths.RACK_RUN_PATTERN),
+        directory(paths.RACK_SESSION_PATTERN),
     log:
         paths.log_file("rack_run"),
     conda:
@@ -22,19 +24,18 @@ rule rack_run:
     resources:
         **rack_resources(),
     params:
-        check=rack_run_entry,
         servers=lambda wc: plan.rack_servers(config, wc.backend),
         gpus_per_server=lambda wc: (
             plan.replica_gpus(config, wc.backend) if GPU_TYPES[wc.gpu_type]["kind"] == "gpu" else 0
         ),
         server=rack_server_args,
-        scenario=rack_scenario_args,
+        runs=rack_session_args,
         engine_settings=lambda wc: as_json(config["engines"][wc.backend]),
         cpus_per_server=lambda wc: GPU_TYPES[wc.gpu_type]["slurm"]["cpus_per_gpu"]
         * plan.replica_gpus(config, wc.backend),
         mem_per_server=lambda wc: f"{GPU_TYPES[wc.gpu_type]['slurm']['mem_mb_per_gpu'] * plan.replica_gpus(config, wc.backend)}M",
         max_in_flight=lambda wc: f"--max-in-flight {RACK_RUN['max_in_flight']}" if RACK_RUN["max_in_flight"] else "",
-        meta=lambda wc: as_json({**fields_of(wc), "variant": wc.variant, "rack_run": wc.rack_run}),
+        meta=lambda wc: as_json({**fields_of(wc), "variant": wc.variant}),
         base_port=RACK_RUN["base_port"],
         balance=RACK_RUN["balance"],
         ready_timeout=RACK_RUN["ready_timeout_s"],
@@ -44,12 +45,14 @@ rule rack_run:
         progress_s=RUN["progress_interval_s"],
         settings=write_settings("rack_run"),
         placement=lambda wc: rack_placement(wc),
+        run_names=lambda wc: ", ".join(run["name"] for run in rack_session_runs(wc)),
     message:
-        "rack_run {wildcards.rack_run} of {wildcards.model}/{wildcards.recipe} on {wildcards.backend}/{wildcards.gpu_type}:"
-        " one LoadGen over {params.servers} engine server(s) ({params.server}); {params.placement}"
+        "rack_run of {wildcards.model}/{wildcards.recipe} on {wildcards.backend}/{wildcards.gpu_type}:"
+        " one LoadGen at a time over {params.servers} engine server(s) ({params.server}); {params.placement};"
+        " runs {params.run_names}"
     shell:
         "{params.settings} > {log} 2>&1 && python -m rackbench.rack --engine-dir {input.engine}"
-        " --dataset {input.dataset} --out {output} {params.scenario} --servers {params.servers}"
+        " --dataset {input.dataset} --out {output} {params.runs} --servers {params.servers}"
         " --gpus-per-server {params.gpus_per_server} {params.server} --backend {wildcards.backend}"
         " --engine-settings-json {params.engine_settings} --base-port {params.base_port}"
         " --cpus-per-server {params.cpus_per_server} --mem-per-server {params.mem_per_server}"
@@ -61,7 +64,7 @@ rule rack_run:
 
 rule rack_accuracy:
     input:
-        run=paths.RACK_RUN_PATTERN,
+        session=paths.RACK_SESSION_PATTERN,
         dataset=lambda wc: dataset_file_of(wc.model, "samples"),
         tokenizer=lambda wc: snapshot_of(wc.model),
     output:
@@ -73,7 +76,8 @@ rule rack_accuracy:
         RUN_ENV
     params:
         accuracy=lambda wc: as_json(MODELS[wc.model]["accuracy"]),
+        run=rack_accuracy_run,
     shell:
         "python -m rackbench.accuracy --dataset {input.dataset} --tokenizer {input.tokenizer}"
-        " --shard-dirs {input.run}/accuracy --accuracy-json {params.accuracy}"
+        " --shard-dirs {params.run} --accuracy-json {params.accuracy}"
         " --out-json {output.json} --out-txt {output.txt} > {log} 2>&1"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rackbench import paths
+from rackbench import compliance, paths
 from rackbench.config import configurations
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +19,10 @@ PLANTED_TOKEN = "hf_" + "PlantedSecretForLeakScan9f8e7d6c5b4a"
 # The demo's one configuration, and one output of each kind of step in it, by the
 # rule that makes it (upstream first): all from rackbench.paths, through the plan.
 DEMO_CONFIG = yaml.safe_load((ROOT / "config.yaml").read_text())
-(DEMO_CONFIGURATION,) = configurations(DEMO_CONFIG)
+# Copies of the workflow get ../shared beside them, as this checkout has (copy_workflow), so
+# the demo's mlcommons.inference_dir resolves in them as here.
+DEMO_MLCOMMONS_DIR, _ = compliance.configured_checkout(DEMO_CONFIG["mlcommons"]["inference_dir"], ROOT)
+(DEMO_CONFIGURATION,) = configurations(DEMO_CONFIG, test06=DEMO_MLCOMMONS_DIR is not None)
 DEMO_KEY = DEMO_CONFIGURATION.key
 DEMO_RUN_DIR = DEMO_CONFIGURATION.run_dir
 DEMO_STEP_OUTPUTS = {
@@ -41,8 +44,18 @@ DEMO_STEP_OUTPUTS = {
 LOCAL_SNAKEMAKE_ENV = {"SLURM_CONF": str(ROOT / "tests" / "slurm" / "no-controller.conf")}
 
 
+def link_shared(dest: Path) -> None:
+    """``dest/../shared`` -> this checkout's ``../shared`` (MLCommons' tools, published logs), as a
+    clone beside it would see it; nothing where this checkout has none."""
+    shared, link = ROOT.parent / "shared", dest.parent / "shared"
+    if shared.is_dir() and not link.exists():
+        link.symlink_to(shared.resolve(), target_is_directory=True)
+
+
 def copy_workflow(dest: Path) -> Path:
-    """The tracked (and untracked, not ignored) files of this checkout, without results/."""
+    """The tracked (and untracked, not ignored) files of this checkout, without results/
+    (and ../shared linked beside it: ``link_shared``)."""
+    link_shared(dest)
     files = (
         subprocess.run(
             ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
@@ -116,6 +129,7 @@ def demo_copy(demo_run, tmp_path):
     src, _ = demo_run
     dest = tmp_path / "demo"
     shutil.copytree(src, dest, symlinks=True)
+    link_shared(dest)
     return dest
 
 

@@ -105,7 +105,7 @@ def test_the_layout_documented_is_the_layout_used():
         paths.ENGINE_PATTERN,
         paths.SHARD_PATTERN,
         paths.ACCURACY_JSON_PATTERN,
-        paths.RACK_RUN_PATTERN,
+        paths.RACK_SESSION_PATTERN,
         paths.RACK_ACCURACY_JSON_PATTERN,
         paths.pattern(paths.DATASET_PATTERN, part="samples"),
     ):

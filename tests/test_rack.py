@@ -1,8 +1,9 @@
 """rackbench.rack: one LoadGen over several engine servers, and its faults (issue 10).
 
 Real parts: real rackbench.serve server processes (the zero-cost ``instant`` backend, with a
-delay so requests are open when a server is killed), real HTTP, real LoadGen. The demo's own
-engine behind the same servers is covered by the demo run (tests/test_workflow.py)."""
+delay so requests are open when a server is killed), real HTTP, real LoadGen, and TEST06's
+own audit.config from ../shared/mlcommons-inference. The demo's own engine behind the same
+servers is covered by the demo run (tests/test_workflow.py)."""
 
 import json
 import os
@@ -15,9 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rackbench import launch, paths, rack
+from conftest import ROOT
+from rackbench import compliance, launch, paths, rack
 
 N_SAMPLES = 40
+INFERENCE = (ROOT.parent / "shared" / "mlcommons-inference").resolve()
 
 
 @pytest.fixture
@@ -42,15 +45,14 @@ def _group(tmp_path, servers=2, **settings):
     return launch.ServerGroup(specs, log_dir=tmp_path / "server-logs", term_grace_s=5)
 
 
-def _run(group, dataset, out, scenario="Offline", target_qps=None, modes=("performance",)):
+def _run(group, dataset, out, runs=None, audit_config=None, batch_size=8):
     return rack.run_rack(
         group,
         dataset=dataset,
         out_dir=out,
-        scenario=scenario,
-        target_qps=target_qps,
-        modes=modes,
-        batch_size=8,
+        runs=rack.run_list("Offline", None, accuracy=False) if runs is None else runs,
+        audit_config=audit_config,
+        batch_size=batch_size,
         max_new_tokens=4,
         ready_timeout=60,
         min_duration_ms=0,
@@ -74,36 +76,75 @@ def _all_gone(pids, timeout=10):
     return False
 
 
-@pytest.mark.parametrize("scenario,qps", [("Offline", None), ("Server", 200.0)])
-def test_one_loadgen_over_two_servers(tmp_path, dataset, scenario, qps):
+def test_one_session_makes_every_run_over_two_servers_started_once(tmp_path, dataset):
+    """Offline (performance, accuracy, and TEST06 where the checkout is here), Server
+    (performance, accuracy) and a Server sweep point (performance), each one LoadGen over
+    both servers, in one session: the servers start once and are gone after it."""
+    test06 = INFERENCE.is_dir()
+    runs = [
+        {**rack.run_list("Offline", None)[0], "modes": ["performance", "accuracy"] + (["TEST06"] if test06 else [])},
+        *rack.run_list("Server", 200.0),
+        *rack.run_list("Server", 100.0, accuracy=False),
+    ]
     group = _group(tmp_path)
-    out = tmp_path / paths.rack_run_name(scenario, qps)
-    records = _run(group, dataset, out, scenario, qps, modes=("performance", "accuracy"))
-    assert _all_gone(_pids(group)), "a server outlived the run"
-    for mode in ("performance", "accuracy"):
-        assert records[mode]["completed_samples"] == N_SAMPLES
-        assert records[mode]["num_shards"] == 1 and records[mode]["method"] == "one_loadgen"
-        for name in paths.RACK_MODE_FILES:
-            assert (out / mode / name).is_file(), name
-        endpoints = json.loads((out / mode / paths.ENDPOINTS_FILE).read_text())["endpoints"]
-        assert len(endpoints) == 2 and all(ep["samples"] > 0 for ep in endpoints)
-        assert sum(ep["samples"] for ep in endpoints) == N_SAMPLES
-        assert json.loads((out / mode / paths.ENDPOINTS_FILE).read_text())["stream"] is (scenario != "Offline")
-    assert records["performance"]["loadgen"]["scenario"] == scenario
+    started = []
+    start = group.start
+    group.start = lambda *a, **k: (started.append(1), start(*a, **k))[1]
+    out = tmp_path / "runs"
+    records = _run(group, dataset, out, runs, compliance.audit_config(INFERENCE) if test06 else None)
+    assert started == [1], "the servers were started more than once"
+    assert _all_gone(_pids(group)), "a server outlived the session"
+    assert list(records) == ["Offline", "Server-qps200", "Server-qps100"]
+    for run in runs:
+        for mode in run["modes"]:
+            record, mode_dir = records[run["name"]][mode], out / run["name"] / mode
+            assert record["completed_samples"] >= N_SAMPLES
+            assert record["num_shards"] == 1 and record["method"] == "one_loadgen"
+            assert record["rack_run"] == run["name"]
+            for name in paths.RACK_MODE_FILES:
+                assert (mode_dir / name).is_file(), (mode_dir, name)
+            stats = json.loads((mode_dir / paths.ENDPOINTS_FILE).read_text())
+            assert len(stats["endpoints"]) == 2 and all(ep["samples"] > 0 for ep in stats["endpoints"])
+            assert sum(ep["samples"] for ep in stats["endpoints"]) == record["completed_samples"]
+            assert stats["stream"] is (run["scenario"] != "Offline")
+        assert records[run["name"]]["performance"]["loadgen"]["scenario"] == run["scenario"]
+    if test06:  # LoadGen applied TEST06's audit.config (its min_query_count 100 > the 40 samples)
+        mode_dir = out / "Offline" / "TEST06"
+        assert compliance.audit_config_read(mode_dir / "mlperf_log_detail.txt")
+        assert (mode_dir / "audit.config").read_bytes() == compliance.audit_config(INFERENCE).read_bytes()
+        assert records["Offline"]["TEST06"]["completed_samples"] >= 100
+        assert records["Offline"]["TEST06"]["test"] == compliance.TEST06
+        assert "TEST06" not in records["Offline"]["performance"]
+
+
+def test_a_session_refuses_bad_runs_before_starting_a_server(tmp_path, dataset):
+    group = _group(tmp_path)
+    bad = [
+        ([], "at least one run"),
+        (rack.run_list("Offline", None) * 2, "repeat"),
+        ([{**rack.run_list("Server", 5.0)[0], "name": "Server-qps6"}], "does not match"),
+        ([{**rack.run_list("Offline", None)[0], "modes": ["accuracy"]}], "performance needed"),
+        ([{**rack.run_list("Offline", None)[0], "modes": ["performance", "TEST06"]}], "no --audit-config"),
+    ]
+    for runs, why in bad:
+        with pytest.raises(rack.RackError, match=why):
+            _run(group, dataset, tmp_path / "runs", runs)
+    assert not group.procs and not (tmp_path / "runs").exists()
 
 
 def test_server_killed_mid_run_names_it_tears_down_and_keeps_earlier_results(tmp_path, dataset):
-    out = tmp_path / "Offline"
+    out = tmp_path / "runs"
     _run(_group(tmp_path), dataset, out)  # an earlier, complete result
-    before = {p.name: p.read_bytes() for p in (out / "performance").iterdir()}
+    before = {p.name: p.read_bytes() for p in (out / "Offline" / "performance").iterdir()}
 
     group = _group(tmp_path, delay_s=0.3)  # requests stay open long enough to kill a server under them
     victim = {}
 
     def kill_when_busy():
-        while not group.procs or any(p.poll() is not None for p in group.procs.values()):
+        # the session's temporary dir appears once every server is ready: LoadGen starts then
+        while not list(tmp_path.glob(".runs.tmp-*")):
             time.sleep(0.05)
-        time.sleep(1.5)  # ready and serving
+        time.sleep(0.5)  # serving
         proc = group.procs["server1"]
         victim["url"] = group.specs[1].url
         os.killpg(proc.pid, signal.SIGKILL)
@@ -112,27 +153,14 @@ def test_server_killed_mid_run_names_it_tears_down_and_keeps_earlier_results(tmp
     killer.start()
     started = time.monotonic()
     with pytest.raises(rack.RackError) as err:
-        rack.run_rack(
-            group,
-            dataset=dataset,
-            out_dir=out,
-            scenario="Offline",
-            target_qps=None,
-            modes=("performance",),
-            batch_size=2,
-            max_new_tokens=4,
-            ready_timeout=60,
-            min_duration_ms=0,
-            min_query_count=1,
-            offline_expected_qps=100,
-        )
+        _run(group, dataset, out, batch_size=2)
     assert time.monotonic() - started < 60, "the run hung after the server died"
     message = str(err.value)
     assert "INVALID" in message and victim["url"] in message and "server1" in message, message
     assert _all_gone(_pids(group)), "the other servers were not torn down"
-    after = {p.name: p.read_bytes() for p in (out / "performance").iterdir()}
+    after = {p.name: p.read_bytes() for p in (out / "Offline" / "performance").iterdir()}
     assert after == before, "the earlier result was touched"
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".Offline") and p.name.endswith("tmp")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".runs.tmp")], "a temporary session dir was left"
 
 
 def test_cli_reports_a_server_that_never_starts(tmp_path, dataset, capsys):
@@ -141,7 +169,7 @@ def test_cli_reports_a_server_that_never_starts(tmp_path, dataset, capsys):
             "--dataset",
             str(dataset),
             "--out",
-            str(tmp_path / "Offline"),
+            str(tmp_path / "runs"),
             "--scenario",
             "Offline",
             "--servers",
@@ -162,4 +190,4 @@ def test_cli_reports_a_server_that_never_starts(tmp_path, dataset, capsys):
     )
     assert rc == 2
     assert "exited before it became ready" in capsys.readouterr().err
-    assert not (tmp_path / "Offline").exists()
+    assert not (tmp_path / "runs").exists()

@@ -80,6 +80,31 @@ def checkout(path) -> Path:
     return root
 
 
+def configured_checkout(configured, basedir) -> tuple[str | None, str | None]:
+    """(the checkout's absolute path, None), or (None, why TEST06 and the checker do not run),
+    for config ``mlcommons.inference_dir`` = ``configured`` (relative to ``basedir``, the
+    workflow's folder). The why names the checkout as configured, not by its absolute path, so
+    a report is the same wherever the workflow lives."""
+    if configured is None:
+        return None, (
+            "mlcommons.inference_dir is null, so TEST06, the submission tree and MLCommons' submission "
+            "checker were not run (set it to your clone of https://github.com/mlcommons/inference)"
+        )
+    path = Path(configured)
+    if not path.is_absolute():
+        path = Path(basedir) / path
+    try:
+        return str(checkout(path)), None
+    except ComplianceError as err:
+        why = str(err).replace(str(path.resolve()), str(configured)).replace(str(path), str(configured))
+        return None, f"mlcommons.inference_dir {configured!r}: {why}; TEST06 and the checker were not run"
+
+
+def audit_config(inference_dir) -> Path:
+    """TEST06's audit.config in the checkout: a LoadGen run under it is TEST06's part 1."""
+    return checkout(inference_dir) / TEST06_DIR / AUDIT_CONFIG
+
+
 def checkout_revision(root) -> str | None:
     """The checkout's git commit where it is a git clone (None for an unpacked copy)."""
     try:
@@ -261,7 +286,7 @@ def run_test06(
     root = checkout(inference_dir)
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     with atomic_path(run_dir, directory=True) as tmp_run:
-        shutil.copy2(root / TEST06_DIR / AUDIT_CONFIG, tmp_run / AUDIT_CONFIG)
+        shutil.copy2(audit_config(root), tmp_run / AUDIT_CONFIG)
         command = harness_command(harness_args, (tmp_run / "loadgen").resolve())
         with open(tmp_run / "harness.log", "w") as log:
             proc = subprocess.run(

@@ -391,8 +391,9 @@ def mlcommons_settings(config: dict, fields: dict) -> dict:
     return {
         "step": "mlcommons",
         **fields,
-        "run_variant": paths.variant_id(run_settings(config, fields)),
-        "accuracy_variant": paths.variant_id(accuracy_settings(config, fields)),
+        # the rack session it checks (which makes TEST06 runs: these steps exist only then)
+        "rack_variant": paths.variant_id(rack_settings(config, fields, test06=True)),
+        "accuracy": config["models"][fields["model"]]["accuracy"],
         "mlcommons": config["mlcommons"],
     }
 
@@ -403,7 +404,8 @@ def system_name(config: dict, gpu_type: str) -> str:
     return config["mlcommons"].get("system_name") or f"rackbench_{gpu_type}_x{rack['nodes'] * rack['gpus_per_node']}"
 
 
-# rack_run keys that change where or when the run happens, or which runs there are, not a run's result
+# rack_run keys that change where or when the session happens, not its results (which runs
+# it makes, from scenarios and server_qps_sweep, is in its settings as "runs")
 RACK_RUN_SCHEDULING_KEYS = (
     "enabled",
     "configurations",
@@ -427,9 +429,10 @@ def rack_servers(config: dict, backend: str) -> int:
     return config["rack"]["nodes"] * config["rack"]["gpus_per_node"] // replica_gpus(config, backend)
 
 
-def rack_settings(config: dict, fields: dict) -> dict:
-    """The settings that shape a rack run's results (its ``{variant}``); the scenario and the
-    target QPS are in the run's directory name (``paths.rack_run_name``)."""
+def rack_settings(config: dict, fields: dict, *, test06: bool = False) -> dict:
+    """The settings that shape a rack session's results (its ``{variant}``): one job starts the
+    servers once and makes every run of ``rack_runs`` (and, with ``test06``, each accuracy-checked
+    run's TEST06 run), so the list of runs is part of it."""
     dataset = config["models"][fields["model"]]["dataset"]
     engine = engine_settings(config, fields["model"], fields["recipe"], fields["backend"], fields["gpu_type"])
     run = {k: v for k, v in config["run"].items() if k not in RUN_REPORTING_KEYS + ("rack_target_qps",)}
@@ -442,6 +445,8 @@ def rack_settings(config: dict, fields: dict) -> dict:
         "rack": config["rack"],
         "servers": rack_servers(config, fields["backend"]),
         "rack_run": {k: v for k, v in config["rack_run"].items() if k not in RACK_RUN_SCHEDULING_KEYS},
+        "runs": [list(run) for run in rack_runs(config, fields)],
+        "test06": test06,
         "accuracy": config["models"][fields["model"]]["accuracy"],  # the gate beside the run
     }
 
@@ -488,6 +493,7 @@ class Configuration:
     accuracy_variant: str
     rack_variant: str = ""
     rack_runs: tuple = ()  # (scenario, target QPS or None, with_accuracy): rackbench.config.rack_runs
+    rack_test06: bool = False  # the rack session also makes TEST06 runs (an MLCommons checkout is configured)
 
     @property
     def fields(self) -> dict:
@@ -530,7 +536,12 @@ class Configuration:
 
     def one_loadgen_runs(self) -> list[dict]:
         """This configuration's one-LoadGen (MLPerf's method) runs: ``paths.one_loadgen_runs``."""
-        return paths.one_loadgen_runs(self.fields, self.rack_variant, self.rack_runs)
+        return paths.one_loadgen_runs(self.fields, self.rack_variant, self.rack_runs, test06=self.rack_test06)
+
+    @property
+    def rack_session_dir(self) -> str | None:
+        """The rack_run job's output (every one-LoadGen run of this configuration), or None."""
+        return paths.rack_session_dir(self.fields, self.rack_variant) if self.rack_runs else None
 
     def report_entry(self) -> dict:
         """What the report is given about this configuration (it never parses paths back)."""
@@ -539,6 +550,7 @@ class Configuration:
             "key": self.key,
             "variant": self.run_variant,
             "accuracy_variant": self.accuracy_variant,
+            "rack_variant": self.rack_variant,
             "shard_dirs": self.shard_dirs("performance"),
             "accuracy_json": self.accuracy_json,
             "run_dir": self.run_dir,
@@ -549,7 +561,9 @@ class Configuration:
         }
 
 
-def configurations(config: dict) -> list[Configuration]:
+def configurations(config: dict, *, test06: bool = False) -> list[Configuration]:
+    """Every configuration of ``config``; ``test06``: the rack sessions make TEST06 runs (the
+    workflow says so where ``mlcommons.inference_dir`` is a checkout)."""
     config = fill_defaults(copy.deepcopy(config))
     out = []
     for fields in _config_fields(config):
@@ -565,8 +579,9 @@ def configurations(config: dict) -> list[Configuration]:
                 engine_variant=paths.variant_id(engine_settings(config, model, recipe, backend, gpu_type)),
                 run_variant=paths.variant_id(run_settings(config, fields)),
                 accuracy_variant=paths.variant_id(accuracy_settings(config, fields)),
-                rack_variant=paths.variant_id(rack_settings(config, fields)),
+                rack_variant=paths.variant_id(rack_settings(config, fields, test06=test06)),
                 rack_runs=rack_runs(config, fields),
+                rack_test06=test06,
             )
         )
     return out

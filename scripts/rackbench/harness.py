@@ -63,6 +63,8 @@ RUN_DEFAULTS = schema_defaults("run")  # the CLI's defaults are the config schem
 
 MODES = ("performance", "accuracy")
 RESPONSE_DTYPE = np.int32  # evaluate-accuracy.py --dtype int32
+# the audit.config LoadGen reads from the working directory unless told another file (loadgen.h StartTest)
+LOADGEN_AUDIT_CONFIG = "audit.config"
 DEFAULT_LOADGEN_MODEL = "llama2-70b"
 _ARRAY_CODE = "i"
 _ITEMSIZE = array(_ARRAY_CODE).itemsize
@@ -500,7 +502,13 @@ def _shard_metadata(metadata: dict | None, *, batch_size, num_shards: int) -> di
 
 
 def _drive_loadgen(
-    lg, sut_impl: EngineSUT, samples: ShardSamples, settings, log_settings, progress: "_Progress"
+    lg,
+    sut_impl: EngineSUT,
+    samples: ShardSamples,
+    settings,
+    log_settings,
+    progress: "_Progress",
+    audit_config: str = LOADGEN_AUDIT_CONFIG,
 ) -> tuple[float, float]:
     """One LoadGen test over ``sut_impl``; returns (started_at, finished_at)."""
     n = len(samples)
@@ -509,7 +517,7 @@ def _drive_loadgen(
     started_at = time.time()
     progress.start()
     try:
-        lg.StartTestWithLogSettings(sut, qsl, settings, log_settings)
+        lg.StartTestWithLogSettings(sut, qsl, settings, log_settings, audit_config)
     finally:
         finished_at = time.time()
         progress.stop()
@@ -591,6 +599,7 @@ def run_shard(
     metadata: dict | None = None,
     progress_interval_s: float = 30.0,
     summary_to_stdout: bool = False,
+    audit_config=None,
     log: Callable[[str], None] = _stderr_log,
 ) -> dict:
     """Run one shard (or, with ``num_shards=1``, the whole rack) through one LoadGen test and
@@ -602,6 +611,8 @@ def run_shard(
     settings left ``None`` keep the values of LoadGen's built-in mlperf.conf for
     ``loadgen_model`` (MLPerf's defaults); ``loadgen_model=None`` starts from LoadGen's bare
     TestSettings defaults instead. Server and Interactive need ``target_qps``.
+    ``audit_config``: a compliance test's audit.config (TEST06), which overrides the settings;
+    None: LoadGen's own rule (an ``audit.config`` in the working directory, if any).
     """
     import mlperf_loadgen as lg
 
@@ -654,7 +665,13 @@ def run_shard(
                 f"max_new_tokens {max_new_tokens}, LoadGen settings {effective}"
             )
             started_at, finished_at = _drive_loadgen(
-                lg, sut_impl, samples, settings, _log_settings(lg, tmp, summary_to_stdout), progress
+                lg,
+                sut_impl,
+                samples,
+                settings,
+                _log_settings(lg, tmp, summary_to_stdout),
+                progress,
+                str(audit_config) if audit_config else LOADGEN_AUDIT_CONFIG,
             )
             if sut_impl.error is not None:
                 raise HarnessError(f"{label}: engine failed: {sut_impl.error!r}") from sut_impl.error

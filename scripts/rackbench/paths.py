@@ -61,14 +61,18 @@ ACCURACY_DIR_PATTERN = f"{RESULTS}/accuracy/{CONFIG_KEY_PATTERN}/{{variant}}"
 ACCURACY_JSON_PATTERN = f"{ACCURACY_DIR_PATTERN}/accuracy.json"
 ACCURACY_TXT_PATTERN = f"{ACCURACY_DIR_PATTERN}/accuracy.txt"
 ACCURACY_SUBCATEGORY = f"{CONFIG_KEY_PATTERN}/{{variant}}"  # its group in Snakemake's HTML report
-# The rack-wide runs (one LoadGen over every engine server; rackbench.rack): one directory per
-# scenario run (``rack_run_name``), with a ``performance/`` and, for the scenarios' own runs,
-# an ``accuracy/`` directory, each holding LoadGen's logs, shard.json, samples.parquet and
-# endpoints.json (RACK_MODE_FILES).
+# The rack-wide runs (one LoadGen over every engine server; rackbench.rack). One rack_run job
+# starts the servers once and runs every LoadGen run of the configuration against them, one
+# after the other: RACK_SESSION_PATTERN holds one directory per run (``rack_run_name``), each
+# with a ``performance/`` and, for the scenarios' own runs, an ``accuracy/`` and (where an
+# MLCommons checkout is configured) a ``TEST06/`` directory (RACK_TEST06_MODE: a performance
+# run under TEST06's audit.config), each holding LoadGen's logs, shard.json, samples.parquet
+# and endpoints.json (RACK_MODE_FILES).
 RACK_VARIANT_PATTERN = f"{RESULTS}/rack/{CONFIG_KEY_PATTERN}/{{variant}}"
-RACK_RUN_PATTERN = f"{RACK_VARIANT_PATTERN}/{{rack_run}}"
+RACK_SESSION_PATTERN = f"{RACK_VARIANT_PATTERN}/runs"
 RACK_ACCURACY_JSON_PATTERN = f"{RACK_VARIANT_PATTERN}/{{rack_run}}.accuracy.json"
 RACK_ACCURACY_TXT_PATTERN = f"{RACK_VARIANT_PATTERN}/{{rack_run}}.accuracy.txt"
+RACK_TEST06_MODE = "TEST06"
 RACK_MODE_FILES = (
     "mlperf_log_summary.txt",
     "mlperf_log_detail.txt",
@@ -106,7 +110,7 @@ LOG_PATTERNS = {
     "accuracy": f"{LOGS}/accuracy/{{model}}-{{recipe}}-{{backend}}-{{gpu_type}}-bs{{batch_size}}-{{layout}}"
     f"-{{variant}}.log",
     "rack_run": f"{LOGS}/rack_run/{{model}}-{{recipe}}-{{backend}}-{{gpu_type}}-bs{{batch_size}}-{{layout}}"
-    f"-{{variant}}-{{rack_run}}.log",
+    f"-{{variant}}.log",
     "rack_accuracy": f"{LOGS}/rack_accuracy/{{model}}-{{recipe}}-{{backend}}-{{gpu_type}}-bs{{batch_size}}-{{layout}}"
     f"-{{variant}}-{{rack_run}}.log",
     "report": f"{LOGS}/report.log",
@@ -223,8 +227,13 @@ def parse_rack_run_name(name: str) -> tuple[str, float | None]:
     return scenario, float(qps)
 
 
+def rack_session_dir(fields: dict, variant: str) -> str:
+    """The rack_run job's output: every LoadGen run of one configuration's rack session."""
+    return RACK_SESSION_PATTERN.format(**fields, variant=variant)
+
+
 def rack_run_dir(fields: dict, variant: str, run: str) -> str:
-    return RACK_RUN_PATTERN.format(**fields, variant=variant, rack_run=run)
+    return f"{rack_session_dir(fields, variant)}/{run}"
 
 
 def rack_mode_dir(fields: dict, variant: str, run: str, mode: str) -> str:
@@ -236,35 +245,51 @@ def rack_accuracy_json(fields: dict, variant: str, run: str) -> str:
     return RACK_ACCURACY_JSON_PATTERN.format(**fields, variant=variant, rack_run=run)
 
 
-def one_loadgen_runs(fields: dict, variant: str, runs) -> list[dict]:
-    """Every one-LoadGen (MLPerf's method) run of one configuration: what TEST06, the
-    submission tree and the checker consume.
+def rack_accuracy_txt(fields: dict, variant: str, run: str) -> str:
+    return RACK_ACCURACY_TXT_PATTERN.format(**fields, variant=variant, rack_run=run)
+
+
+def one_loadgen_runs(fields: dict, variant: str, runs, *, test06: bool = False) -> list[dict]:
+    """Every one-LoadGen (MLPerf's method) run of one configuration's rack session: what the
+    report, TEST06, the submission tree and the checker consume.
 
     ``runs``: (scenario, target QPS or None, with_accuracy) triples, as
-    ``rackbench.config.Configuration.rack_runs`` holds them. Returns one dict per run::
+    ``rackbench.config.Configuration.rack_runs`` holds them; ``test06``: whether the session
+    also makes each accuracy-checked run's TEST06 run. Returns one dict per run::
 
         {"scenario": "Server", "target_qps": 3200.0, "name": "Server-qps3200",
-         "run_dir": ".../Server-qps3200",
-         "performance": ".../Server-qps3200/performance",
-         "accuracy": ".../Server-qps3200/accuracy" or None (sweep points have none),
-         "accuracy_json": ".../Server-qps3200.accuracy.json" or None}
+         "session_dir": ".../runs", "run_dir": ".../runs/Server-qps3200",
+         "modes": ["performance", "accuracy", "TEST06"],
+         "performance": ".../runs/Server-qps3200/performance",
+         "accuracy": ".../runs/Server-qps3200/accuracy" or None (sweep points have none),
+         "test06": ".../runs/Server-qps3200/TEST06" or None,
+         "accuracy_json": ".../Server-qps3200.accuracy.json" or None, "accuracy_txt": ...}
 
     The scenarios' own runs (``rack_run.scenarios`` at ``run.rack_target_qps``) come first,
-    in config order, then the sweep's extra Server points; each has LoadGen's logs
-    (RACK_MODE_FILES) in its mode directories once ``rules/rack.smk``'s rack_run made it.
+    in config order, then the sweep's extra Server points (performance only).
     """
     out = []
     for scenario, qps, with_accuracy in runs:
         name = rack_run_name(scenario, qps)
+        modes = ["performance"] + (["accuracy"] + ([RACK_TEST06_MODE] if test06 else []) if with_accuracy else [])
         out.append(
             {
                 "scenario": scenario,
                 "target_qps": None if qps is None else float(qps),
                 "name": name,
+                "session_dir": rack_session_dir(fields, variant),
                 "run_dir": rack_run_dir(fields, variant, name),
-                "performance": rack_mode_dir(fields, variant, name, "performance"),
-                "accuracy": rack_mode_dir(fields, variant, name, "accuracy") if with_accuracy else None,
+                "modes": modes,
+                **{
+                    key: rack_mode_dir(fields, variant, name, mode) if mode in modes else None
+                    for key, mode in (
+                        ("performance", "performance"),
+                        ("accuracy", "accuracy"),
+                        ("test06", RACK_TEST06_MODE),
+                    )
+                },
                 "accuracy_json": rack_accuracy_json(fields, variant, name) if with_accuracy else None,
+                "accuracy_txt": rack_accuracy_txt(fields, variant, name) if with_accuracy else None,
             }
         )
     return out
@@ -324,7 +349,6 @@ if __name__ == "__main__":
 # variants it is made from, plus the mlcommons settings (checkout, submitter, system name).
 WILDCARD_CONSTRAINTS["scenario"] = r"Offline|Server|Interactive"
 MLCOMMONS_DIR_PATTERN = f"{RESULTS}/mlcommons/{CONFIG_KEY_PATTERN}/{{variant}}"
-TEST06_RUN_PATTERN = f"{MLCOMMONS_DIR_PATTERN}/test06-run/{{scenario}}"  # audit.config, LoadGen logs
 TEST06_PATTERN = f"{MLCOMMONS_DIR_PATTERN}/test06/{{scenario}}"  # holds TEST06/ as a submission tree does
 SUBMISSION_TREE_PATTERN = f"{MLCOMMONS_DIR_PATTERN}/submission"
 CHECKER_VERDICT_PATTERN = f"{MLCOMMONS_DIR_PATTERN}/checker_verdict.json"
@@ -335,10 +359,6 @@ LOG_PATTERNS.update(
         for rule, suffix in (("test06", "-{scenario}"), ("submission_tree", ""), ("submission_check", ""))
     }
 )
-
-
-def test06_run_dir(fields: dict, variant: str, scenario: str) -> str:
-    return TEST06_RUN_PATTERN.format(**fields, variant=variant, scenario=scenario)
 
 
 def test06_dir(fields: dict, variant: str, scenario: str) -> str:

@@ -4,8 +4,11 @@ This is how every verified MLPerf rack result was made (issue 10): one LoadGen i
 (one SUT) drives all endpoints, so its figure may be called an MLPerf result, unlike a
 sum of per-shard LoadGens.
 
-``python -m rackbench.rack --engine-dir DIR --dataset PARQUET --out RUN_DIR
---scenario Offline|Server|Interactive [--target-qps X] --servers N ...``
+``python -m rackbench.rack --engine-dir DIR --dataset PARQUET --out SESSION_DIR
+--runs-json RUNS | --scenario Offline|Server|Interactive [--target-qps X] --servers N ...``
+
+One session (one Snakemake job, one Slurm allocation) starts the servers once and makes
+every run of the configuration against them, one LoadGen at a time:
 
 1. starts the servers (``rackbench.launch.ServerGroup``): local processes, or inside a
    Slurm allocation one ``srun --exact`` step per server (``launch.slurm_specs``);
@@ -13,15 +16,16 @@ sum of per-shard LoadGens.
    (a template from config) or ``urls`` (already running, not launched);
 2. waits until every ``/health`` answers (``--ready-timeout``; a server that exits
    first fails at once, naming it);
-3. per mode (performance, then accuracy unless ``--no-accuracy``): an
-   ``EndpointPool`` over all URLs (``--balance``; streamed for Server/Interactive) and
-   ``harness.run_shard(pool, num_shards=1, ...)``; the pool's per-endpoint counters go
-   to ``<mode>/endpoints.json``;
+3. per run (``Offline``, ``Server-qps<X>``, ...) and per mode (performance, accuracy,
+   and TEST06: a performance run under TEST06's ``--audit-config``): an ``EndpointPool``
+   over all URLs (``--balance``; streamed for Server/Interactive) and
+   ``harness.run_shard(pool, num_shards=1, ...)`` into ``<run>/<mode>/``; the pool's
+   per-endpoint counters go to ``<run>/<mode>/endpoints.json``;
 4. tears every server down: on success, on failure and on SIGTERM/SIGINT (scancel).
 
-The whole ``RUN_DIR`` is written to a temporary sibling and renamed into place only
-when every mode is done (``rackbench.atomic``): a failed run leaves an earlier result
-as it was. A server that dies mid-run makes the run fail with a ``RackError`` naming
+The whole ``SESSION_DIR`` is written to a temporary sibling and renamed into place only
+when every run is done (``rackbench.atomic``): a failed session leaves an earlier result
+as it was. A server that dies mid-run makes the session fail with a ``RackError`` naming
 the endpoint (its URL, server name and exit status) instead of a result; LoadGen's
 remaining samples fail fast on the dead endpoint or go to the live ones, so it never hangs.
 """
@@ -29,8 +33,10 @@ remaining samples fail fast on the dead endpoint or go to the live ones, so it n
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -164,15 +170,49 @@ def _in_thread(fn: Callable[[], dict], poll: Callable[[], None]) -> dict:
     return box["result"]
 
 
+def run_list(scenario: str, target_qps: float | None, *, accuracy: bool = True) -> list[dict]:
+    """One run, as ``--runs-json`` lists them (the CLI's ``--scenario`` shorthand)."""
+    modes = ["performance", "accuracy"] if accuracy else ["performance"]
+    return [
+        {
+            "name": paths.rack_run_name(scenario, target_qps),
+            "scenario": scenario,
+            "target_qps": target_qps,
+            "modes": modes,
+        }
+    ]
+
+
+def _check_runs(runs: Sequence[dict], audit_config) -> None:
+    if not runs:
+        raise RackError("a rack session needs at least one run")
+    names = [run["name"] for run in runs]
+    if len(set(names)) != len(names):
+        raise RackError(f"rack run names repeat: {names}")
+    for run in runs:
+        if paths.rack_run_name(run["scenario"], run.get("target_qps")) != run["name"]:
+            raise RackError(f"rack run {run['name']!r} does not match its scenario/target QPS {run}")
+        unknown = set(run["modes"]) - set(RUN_MODES)
+        if unknown or "performance" not in run["modes"]:
+            raise RackError(
+                f"rack run {run['name']}: modes {run['modes']} (known: {list(RUN_MODES)}, performance needed)"
+            )
+        if paths.RACK_TEST06_MODE in run["modes"] and not audit_config:
+            raise RackError(f"rack run {run['name']} asks for a TEST06 run but no --audit-config was given")
+
+
+# LoadGen modes a rack run can make; TEST06 is a performance run under TEST06's audit.config
+RUN_MODES = ("performance", "accuracy", paths.RACK_TEST06_MODE)
+
+
 def run_rack(
     group: launch.ServerGroup,
     *,
     dataset,
     out_dir,
-    scenario: str,
-    target_qps: float | None,
-    modes: Sequence[str] = ("performance", "accuracy"),
+    runs: Sequence[dict],
     batch_size: int,
+    audit_config=None,
     max_in_flight: int | None = None,
     max_new_tokens: int,
     balance: str = "isl",
@@ -185,11 +225,17 @@ def run_rack(
     progress_interval_s: float = 30.0,
     request_timeout: float | None = None,
 ) -> dict:
-    """Start ``group``, run each mode through one LoadGen over all its endpoints, tear down;
-    returns {mode: shard.json record}. ``out_dir`` appears only when every mode succeeded."""
-    from rackbench import harness
+    """Start ``group`` once, make every run of ``runs`` (each mode one LoadGen over all its
+    endpoints, one after another), tear down; returns {run name: {mode: shard.json record}}.
+
+    ``runs``: dicts with ``name``, ``scenario``, ``target_qps`` and ``modes`` (``RUN_MODES``),
+    as ``paths.one_loadgen_runs`` lists them. ``out_dir`` (``<run>/<mode>/`` for each) appears
+    only when every run succeeded. Starting the servers once matters on a rack: loading a 70B
+    engine on 72 GPUs takes minutes, a LoadGen run of the sweep far less."""
+    from rackbench import compliance, harness
     from rackbench.endpoints import EndpointPool, stream_for
 
+    _check_runs(runs, audit_config)
     out_dir = Path(out_dir)
     records: dict = {}
     with group:
@@ -205,34 +251,40 @@ def run_rack(
                     _log(f"server down during the run: {line}")
 
         with atomic_path(out_dir, directory=True) as tmp:
-            for mode in modes:
-                pool = EndpointPool(
-                    urls,
-                    model=model_name,
-                    stream=stream_for(scenario),
-                    balance=balance,
-                    concurrency=batch_size,
-                    request_timeout=request_timeout,
-                )
-                mode_dir = tmp / mode
-                try:
-                    in_flight = max_in_flight or batch_size * len(urls)
-                    meta = {
-                        # the configuration's batch size bounds each server here, not one engine
-                        **{k: v for k, v in (metadata or {}).items() if k != "batch_size"},
-                        "server_batch_size": batch_size,
-                        "method": "one_loadgen",
-                        "servers": len(urls),
-                        "endpoints": urls,
-                        "balance": balance,
-                    }
-                    records[mode] = _in_thread(
-                        lambda mode=mode, mode_dir=mode_dir, pool=pool, meta=meta, in_flight=in_flight: (
-                            harness.run_shard(
+            for run in runs:
+                scenario, target_qps = run["scenario"], run.get("target_qps")
+                records[run["name"]] = {}
+                for mode in run["modes"]:
+                    test06 = mode == paths.RACK_TEST06_MODE
+                    pool = EndpointPool(
+                        urls,
+                        model=model_name,
+                        stream=stream_for(scenario),
+                        balance=balance,
+                        concurrency=batch_size,
+                        request_timeout=request_timeout,
+                    )
+                    mode_dir = tmp / run["name"] / mode
+                    try:
+                        in_flight = max_in_flight or batch_size * len(urls)
+                        meta = {
+                            # the configuration's batch size bounds each server here, not one engine
+                            **{k: v for k, v in (metadata or {}).items() if k != "batch_size"},
+                            "server_batch_size": batch_size,
+                            "method": "one_loadgen",
+                            "rack_run": run["name"],
+                            "servers": len(urls),
+                            "endpoints": urls,
+                            "balance": balance,
+                            **({"test": compliance.TEST06} if test06 else {}),
+                        }
+                        record = _in_thread(
+                            functools.partial(
+                                harness.run_shard,
                                 pool,
                                 samples_parquet=dataset,
                                 out_dir=mode_dir,
-                                mode=mode,
+                                mode="performance" if test06 else mode,
                                 shard_index=0,
                                 num_shards=1,
                                 shard_mode="split",
@@ -246,31 +298,38 @@ def run_rack(
                                 offline_expected_qps=offline_expected_qps,
                                 metadata=meta,
                                 progress_interval_s=progress_interval_s,
+                                audit_config=Path(audit_config).resolve() if test06 else None,
                                 log=_log,
-                            )
-                        ),
-                        watch,
+                            ),
+                            watch,
+                        )
+                    except harness.HarnessError as exc:
+                        url = _endpoint_of(exc)
+                        if url is None:
+                            raise
+                        why = group.exited(url) or "its requests failed"
+                        raise RackError(
+                            f"{run['name']} {mode} run INVALID: endpoint {url} failed mid-run ({why}); "
+                            f"first error: {exc.__cause__ or exc}"
+                        ) from exc
+                    finally:
+                        if mode_dir.is_dir():
+                            pool.write_stats(mode_dir / paths.ENDPOINTS_FILE)
+                        pool.close()
+                    if test06:  # TEST06's README: check that LoadGen found audit.config
+                        if not compliance.audit_config_read(mode_dir / "mlperf_log_detail.txt"):
+                            raise RackError(f"{run['name']} TEST06 run: LoadGen did not apply {audit_config}")
+                        shutil.copy2(audit_config, mode_dir / compliance.AUDIT_CONFIG)
+                    records[run["name"]][mode] = record
+                    dead = group.dead()
+                    if dead:  # a server gone after its last request still makes the run suspect
+                        raise RackError(
+                            f"{run['name']} {mode} run INVALID: server(s) down at its end: {'; '.join(dead)}"
+                        )
+                    _log(
+                        f"{run['name']} {mode}: {record['loadgen']['result']}, "
+                        f"{record['loadgen']['tokens_per_second']} tokens/s over {len(urls)} endpoint(s)"
                     )
-                except harness.HarnessError as exc:
-                    url = _endpoint_of(exc)
-                    if url is None:
-                        raise
-                    why = group.exited(url) or "its requests failed"
-                    raise RackError(
-                        f"{scenario} {mode} run INVALID: endpoint {url} failed mid-run ({why}); "
-                        f"first error: {exc.__cause__ or exc}"
-                    ) from exc
-                finally:
-                    if mode_dir.is_dir():
-                        pool.write_stats(mode_dir / paths.ENDPOINTS_FILE)
-                    pool.close()
-                dead = group.dead()
-                if dead:  # a server gone after its last request still makes the run suspect
-                    raise RackError(f"{scenario} {mode} run INVALID: server(s) down at its end: {'; '.join(dead)}")
-                _log(
-                    f"{scenario} {mode}: {records[mode]['loadgen']['result']}, "
-                    f"{records[mode]['loadgen']['tokens_per_second']} tokens/s over {len(urls)} endpoint(s)"
-                )
     return records
 
 
@@ -278,10 +337,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rackbench.rack", description=__doc__.split("\n\n")[0])
     p.add_argument("--engine-dir", type=Path, help="the built engine (served by kind rackbench)")
     p.add_argument("--dataset", required=True, help="dataset parquet (tok_input column)")
-    p.add_argument("--out", required=True, help="the run's directory (created atomically)")
-    p.add_argument("--scenario", required=True, choices=("Offline", "Server", "Interactive"))
+    p.add_argument("--out", required=True, help="the session's directory: <run>/<mode>/ each (created atomically)")
+    p.add_argument(
+        "--runs-json",
+        default=None,
+        help="the runs, in order: [{name, scenario, target_qps, modes}] (JSON or file; paths.one_loadgen_runs)",
+    )
+    p.add_argument("--scenario", choices=("Offline", "Server", "Interactive"), help="one run (without --runs-json)")
     p.add_argument("--target-qps", type=float, default=None, help="Server/Interactive: the whole rack's target QPS")
-    p.add_argument("--no-accuracy", action="store_true", help="performance mode only (sweep points)")
+    p.add_argument("--no-accuracy", action="store_true", help="with --scenario: performance mode only")
+    p.add_argument("--audit-config", default=None, help="TEST06's audit.config, for runs with a TEST06 mode")
     p.add_argument("--servers", type=int, required=True, help="engine servers (one per engine replica)")
     p.add_argument("--gpus-per-server", type=int, default=0, help="0 on CPU")
     p.add_argument("--server-kind", choices=SERVER_KINDS, default="rackbench")
@@ -320,6 +385,13 @@ def main(argv=None) -> int:
     try:
         if args.server_kind == "rackbench" and args.engine_dir is None:
             raise RackError("server kind rackbench needs --engine-dir")
+        if (args.runs_json is None) == (args.scenario is None):
+            raise RackError("give either --runs-json or --scenario (one run)")
+        runs = (
+            json_arg(args.runs_json)
+            if args.runs_json is not None
+            else run_list(args.scenario, args.target_qps, accuracy=not args.no_accuracy)
+        )
         specs = server_specs(
             kind=args.server_kind,
             servers=args.servers,
@@ -347,9 +419,8 @@ def main(argv=None) -> int:
             launch.ServerGroup(specs, log_dir=log_dir),
             dataset=args.dataset,
             out_dir=out,
-            scenario=args.scenario,
-            target_qps=args.target_qps,
-            modes=("performance",) if args.no_accuracy else ("performance", "accuracy"),
+            runs=runs,
+            audit_config=args.audit_config,
             batch_size=args.batch_size,
             max_in_flight=args.max_in_flight,
             max_new_tokens=args.max_new_tokens,
@@ -372,7 +443,11 @@ def main(argv=None) -> int:
             _log(f"error: {exc}")
             return 2
         raise
-    _log(json.dumps({mode: rec["loadgen"]["result"] for mode, rec in records.items()}))
+    _log(
+        json.dumps(
+            {name: {mode: rec["loadgen"]["result"] for mode, rec in modes.items()} for name, modes in records.items()}
+        )
+    )
     return 0
 
 

@@ -922,7 +922,7 @@ def read_rack_runs(entries: list[dict]) -> list[dict]:
             rows.append(
                 {
                     "config": config_name(fields),
-                    "variant": Path(run["run_dir"]).parent.name,
+                    "variant": e["rack_variant"],
                     "method": METHOD_ONE_LOADGEN,
                     "scenario": run["scenario"],
                     "target_qps": run["target_qps"],
