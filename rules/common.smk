@@ -193,6 +193,15 @@ def measured_before(wildcards):
     return cfg.shard_dirs("performance") if wildcards.mode == "accuracy" else []
 
 
+def shard_start_barrier_args(wildcards):
+    """The performance shards of a configuration start LoadGen together (rackbench.barrier):
+    the per-shard sum is a rack throughput only where they overlap. Accuracy shards need not."""
+    if wildcards.mode != "performance" or parse_layout(wildcards.layout)[0] == 1:
+        return ""
+    folder = paths.start_barrier_dir(fields_of(wildcards), wildcards.variant)
+    return f"--start-barrier {folder} --start-barrier-timeout-s {RUN['start_barrier_timeout_s']}"
+
+
 def accuracy_shard_inputs(wildcards):
     return configuration_of(wildcards).shard_dirs("accuracy")
 

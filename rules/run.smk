@@ -36,6 +36,7 @@ rule run_shard:
         placement=lambda wc: placement(wc, shard_gpus(wc)),
         meta=lambda wc: as_json({**fields_of(wc), "variant": wc.variant}),
         settings=write_settings("run_shard"),
+        barrier=shard_start_barrier_args,
     message:
         "run_shard {wildcards.mode} shard {wildcards.shard} of {wildcards.model}/{wildcards.recipe} on"
         " {wildcards.backend}/{wildcards.gpu_type} (layout {wildcards.layout}, batch {wildcards.batch_size}):"
@@ -49,4 +50,4 @@ rule run_shard:
         " --min-duration-ms {params.min_duration_ms} --min-query-count {params.min_query_count}"
         " --offline-expected-qps {params.expected_qps} --progress-interval-s {params.progress_s}"
         " --gpu-types-json {params.gpu_types} --engine-settings-json {params.engine_settings}"
-        " --meta-json {params.meta} >> {log} 2>&1"
+        " --meta-json {params.meta} {params.barrier} >> {log} 2>&1"

@@ -309,8 +309,8 @@ def check_config(config: dict) -> None:
 # ---- the plan: what each result is made from ------------------------------------
 # Settings of GPU types that change where and how fast a job runs, never its result.
 GPU_TYPE_SCHEDULING_KEYS = ("slurm", "published", "peak_dense_flops")
-# Run settings that change only what the job prints.
-RUN_REPORTING_KEYS = ("progress_interval_s",)
+# Run settings that change only what the job prints, or how long a shard waits for the others.
+RUN_REPORTING_KEYS = ("progress_interval_s", "start_barrier_timeout_s")
 
 
 def _demo_settings(config: dict, path: str) -> dict:

@@ -768,6 +768,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-types-json", default="{}", help="JSON (or file): config['gpu_types']")
     p.add_argument("--engine-settings-json", default="{}", help="JSON (or file): engine runtime settings")
     p.add_argument("--meta-json", default="{}", help="JSON (or file): model, recipe, backend, gpu_type, ...")
+    p.add_argument(
+        "--start-barrier",
+        default=None,
+        help="folder the shards share: start LoadGen once every shard has loaded its engine (rackbench.barrier)",
+    )
+    p.add_argument("--start-barrier-timeout-s", type=float, default=None, help="with --start-barrier: longest wait")
     return p
 
 
@@ -789,6 +795,18 @@ def main(argv=None) -> int:
         gpu_types=json_arg(args.gpu_types_json),
     )
     try:
+        if args.start_barrier:
+            if args.start_barrier_timeout_s is None:
+                raise SystemExit("--start-barrier needs --start-barrier-timeout-s")
+            from rackbench.barrier import wait_for_shards
+
+            wait_for_shards(
+                args.start_barrier,
+                shard_index=args.shard_index,
+                num_shards=args.num_shards,
+                timeout_s=args.start_barrier_timeout_s,
+                log=_stderr_log,
+            )
         run_shard(
             engine,
             samples_parquet=args.dataset,

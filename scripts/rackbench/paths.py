@@ -227,6 +227,12 @@ def parse_rack_run_name(name: str) -> tuple[str, float | None]:
     return scenario, float(qps)
 
 
+def start_barrier_dir(fields: dict, variant: str) -> str:
+    """Where a configuration's performance shards meet before LoadGen starts (rackbench.barrier);
+    beside their outputs, not in them (a shard's output appears only when it is done)."""
+    return f"{run_dir(fields, variant)}/performance/.start-barrier"
+
+
 def rack_session_dir(fields: dict, variant: str) -> str:
     """The rack_run job's output: every LoadGen run of one configuration's rack session."""
     return RACK_SESSION_PATTERN.format(**fields, variant=variant)
