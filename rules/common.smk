@@ -182,14 +182,15 @@ def expected_rows(wildcards):
 
 
 def measured_before(wildcards):
-    """On a CPU host every job shares the same cores: the measured runs go one phase at a
-    time (the performance shards all together, then the accuracy shards, then the rack runs),
-    so no measurement competes with another for the cores. On GPUs each has its own."""
-    if GPU_TYPES[wildcards.gpu_type]["kind"] != "cpu":
-        return []
+    """The measured runs go one phase at a time: the performance shards all together, then
+    (on a CPU host, where every job shares the same cores) the accuracy shards, then the rack
+    session. The rack session needs every GPU of the rack, which the shards hold: after
+    them, it never queues behind them half-allocated, nor they behind it."""
     cfg = configuration_of(wildcards)
     if not hasattr(wildcards, "mode"):  # the rack session
         return [*cfg.shard_dirs("performance"), *cfg.shard_dirs("accuracy")]
+    if GPU_TYPES[wildcards.gpu_type]["kind"] != "cpu":
+        return []
     return cfg.shard_dirs("performance") if wildcards.mode == "accuracy" else []
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -348,6 +349,8 @@ def test_demo_gpu_jobs_are_slurm_jobs_with_their_gpu_requests(demo_run):
         "build_engine",
         "run_shard",
         "accuracy",
+        "rack_run",
+        "rack_accuracy",
     }, sorted(by_rule)
     assert len(by_rule["run_shard"]) == 4  # 2 performance + 2 accuracy shards
     assert len(by_rule["build_engine"]) == 1
@@ -358,6 +361,9 @@ def test_demo_gpu_jobs_are_slurm_jobs_with_their_gpu_requests(demo_run):
                 # one GPU per shard (layout 2x1); the reference engine builds on one GPU
                 assert "--gpus=gb300:1" in c and "--cpus-per-gpu=1" in c and "--mem 2000" in c, c
                 assert "-t 20" in c and "--cpus-per-task" not in c, c
+            elif rule == "rack_run":  # one allocation of the whole rack: its node, both GPUs
+                assert "--nodes=1" in c and "--gres=gpu:gb300:2" in c and "--mem 4000" in c, c
+                assert "--cpus-per-task=2" in c and "--gpus" not in c, c
             else:
                 assert "--gpus" not in c and "--cpus-per-gpu" not in c, c
             assert "--ntasks-per-gpu" not in c, c
@@ -373,6 +379,8 @@ def test_demo_gpu_jobs_are_slurm_jobs_with_their_gpu_requests(demo_run):
         for j in js:
             if rule in GPU_RULES:
                 assert "gres/gpu:gb300=1" in j["AllocTRES"], j
+            elif rule == "rack_run":
+                assert "gres/gpu:gb300=2" in j["AllocTRES"], j
             else:
                 assert "gres/gpu" not in j["AllocTRES"], j
 
@@ -430,6 +438,37 @@ def test_demo_shards_ran_at_once_each_with_its_own_gpu(demo_run):
     # the other (its `concurrent` flag needs 90%, which 2 shared cores do not promise)
     shards = pd.read_csv(wd / "results" / "report" / "shards.csv")
     assert len(shards) == 2 and (shards["overlap_fraction"] > 0.5).all(), shards
+
+
+def test_demo_rack_session_is_one_allocation_with_a_server_step_per_gpu(demo_run):
+    """The rack_run rule through Slurm: one sbatch allocation (the node, both GPUs); inside it
+    one `srun --exact` step per engine server (rackbench.launch), each with one GPU; one
+    LoadGen per run over both endpoints; no server left afterwards."""
+    wd, p = demo_run
+    (job,) = [j for j in sacct(slurm_run_id(p)) if j["Comment"].startswith("rule_rack_run_")]
+    assert job["State"] == "COMPLETED", job
+    steps = subprocess.run(
+        ["sacct", "-P", "-n", "-j", job["JobIDRaw"], "-o", "JobIDRaw,JobName,State,AllocTRES"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    servers = [line.split("|") for line in steps if "|rackbench-server" in line]
+    assert sorted(s[1] for s in servers) == ["rackbench-server0", "rackbench-server1"], steps
+    assert all(s[0].startswith(job["JobIDRaw"] + ".") for s in servers), steps  # steps of that allocation
+    assert all("gres/gpu" in s[3] and "gres/gpu=1" in s[3].replace(":gb300", "") for s in servers), servers
+    records = [json.loads(f.read_text()) for f in wd.glob(f"results/rack/{CFG}/*/runs/*/*/shard.json")]
+    assert {r["rack_run"] for r in records} == {"Offline", "Server-qps10", "Server-qps20"}
+    for r in records:
+        assert r["num_shards"] == 1 and r["servers"] == 2 and len(set(r["endpoints"])) == 2, r
+        assert str(r["slurm_job_id"]) == job["JobIDRaw"], r  # the LoadGen ran in the allocation
+    import psutil
+
+    leftovers = []
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        if "rackbench.serve" in (proc.info["cmdline"] or []) and proc.info["cwd"] == str(wd):
+            leftovers.append(proc.info["cmdline"])
+    assert not leftovers, leftovers
 
 
 def test_demo_report_through_slurm_equals_a_local_run(demo_run, demo_local):
