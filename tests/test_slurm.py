@@ -458,7 +458,7 @@ def test_demo_rack_session_is_one_allocation_with_a_server_step_per_gpu(demo_run
     assert all(s[0].startswith(job["JobIDRaw"] + ".") for s in servers), steps  # steps of that allocation
     assert all("gres/gpu" in s[3] and "gres/gpu=1" in s[3].replace(":gb300", "") for s in servers), servers
     records = [json.loads(f.read_text()) for f in wd.glob(f"results/rack/{CFG}/*/runs/*/*/shard.json")]
-    assert {r["rack_run"] for r in records} == {"Offline", "Server-qps10", "Server-qps20"}
+    assert {r["rack_run"] for r in records} == {"Offline"}
     for r in records:
         assert r["num_shards"] == 1 and r["servers"] == 2 and len(set(r["endpoints"])) == 2, r
         assert str(r["slurm_job_id"]) == job["JobIDRaw"], r  # the LoadGen ran in the allocation
