@@ -48,15 +48,18 @@ def test_real_config_plans_the_whole_rack(tmp_path):
     # quantize calibrates on one GB300 node
     assert re.search(r"rule quantize:(.|\n)*?resources: .*gpu=1, gpu_model=gb300, cpus_per_gpu=18", proc.stdout)
     # the rack-wide session: one allocation of the 18 nodes, 72 trtllm-serve endpoints started
-    # once, one LoadGen per run: Offline, Server at 3200, and the sweep's 2400, 2800, 3600
+    # once, one LoadGen per run: Offline, Server at 3200, Interactive at 3000, and the sweep's
+    # 2400, 2800, 3600
     assert counts["rack_run"] == 1
-    assert counts["rack_accuracy"] == 2
+    assert counts["rack_accuracy"] == 3
     (line,) = [line for line in proc.stdout.splitlines() if ": one LoadGen at a time over" in line]
     assert "rack_run of llama2-70b/nvfp4 on tensorrt-llm/GB300: one LoadGen at a time over 72 engine server(s)" in line
     assert "(--server-kind trtllm-serve" in line, line
     assert "--extra-llm-api-options results/engines/llama2-70b/nvfp4/tensorrt-llm/GB300/" in line, line
     assert "one Slurm allocation of 18 node(s) x 4 gb300 GPU(s), one srun --exact step per server" in line, line
-    assert line.endswith("runs Offline, Server-qps3200, Server-qps2400, Server-qps2800, Server-qps3600"), line
+    assert line.endswith(
+        "runs Offline, Server-qps3200, Interactive-qps3000, Server-qps2400, Server-qps2800, Server-qps3600"
+    ), line
     assert re.search(
         r"results/rack/llama2-70b/nvfp4/tensorrt-llm/GB300/bs3072/72x1/[0-9a-f]{8}/Server-qps3200.accuracy.json",
         proc.stdout,
