@@ -403,7 +403,12 @@ def test_real_config_engine_settings_and_gpu_table():
     assert options["cuda_graph_config"] is None  # NVIDIA's use_graphs False
     assert options["torch_compile_config"]["enable_piecewise_cuda_graph"] is True
     assert options["torch_compile_config"]["capture_num_tokens"][-1] == 4608
-    assert cfg["run"]["rack_target_qps"] == {"Offline": 4320, "Server": 3200}
+    assert cfg["run"]["rack_target_qps"] == {"Offline": 4320, "Server": 3200, "Interactive": 3000}
+    nvidia = ROOT.parent / "shared/mlperf-logs/v6.0_NVIDIA_GB300-NVL72_x72_TRT_submission/closed/NVIDIA/results"
+    for scenario, qps in cfg["run"]["rack_target_qps"].items():  # as NVIDIA's user.conf of the record says
+        conf = nvidia / "GB300-NVL72_GB300-288GB_aarch64x72_TRT/llama2-70b-99" / scenario / "user.conf"
+        if conf.is_file():
+            assert re.search(rf"\.target_qps = {qps}(\.0)?\n", conf.read_text()), (scenario, qps)
     assert cfg["run"]["offline_expected_qps"] * cfg["rack"]["nodes"] * cfg["rack"]["gpus_per_node"] == 4320
     text = (ROOT / "config/llama2-70b-gb300.yaml").read_text()
     assert "feat/1.2-mlpinf" in text and "GB300-NVL72_GB300-288GB_aarch64x1/Offline/llama2-70b.py" in text
