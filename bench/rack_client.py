@@ -40,10 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from stub_endpoints import expected_tokens  # noqa: E402
+
 from rackbench import harness  # noqa: E402
 from rackbench.endpoints import EndpointPool, wait_ready  # noqa: E402
 from rackbench.launch import free_ports  # noqa: E402
-from stub_endpoints import expected_tokens  # noqa: E402
 
 TARGET_OFFLINE = 20_000
 TARGET_SERVER = 8_000
@@ -71,6 +72,41 @@ def start_stubs(kind: str, ports: list[int], output_len: int, procs: int) -> lis
     return out
 
 
+class CpuSampler:
+    """(wall time, this process's CPU time, the stubs' CPU time) every ``interval`` s, so the CPU
+    spent over LoadGen's timed span (first issue .. last completion) can be read off, without the
+    QSL load, LoadGen's setup and the output files around it."""
+
+    def __init__(self, stub_ps, interval=0.02):
+        import threading
+
+        self.stub_ps, self.interval, self.points = stub_ps, interval, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self):
+        stubs = sum(sum(p.cpu_times()[:2]) for p in self.stub_ps)
+        self.points.append((time.time(), time.process_time(), stubs))
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def between(self, t0, t1) -> tuple[float, float]:
+        ts = np.array([p[0] for p in self.points])
+        out = []
+        for k in (1, 2):
+            v = np.array([p[k] for p in self.points])
+            out.append(float(np.interp(t1, ts, v) - np.interp(t0, ts, v)))
+        return out[0], out[1]
+
+
 def run_scenario(urls, parquet, *, scenario, mode, batch, concurrency, n_samples, qps, seconds, output_len, stubs):
     import psutil
 
@@ -86,8 +122,7 @@ def run_scenario(urls, parquet, *, scenario, mode, batch, concurrency, n_samples
         kwargs.update(target_qps=qps, min_duration_ms=int(seconds * 1000), min_query_count=int(qps * seconds))
     try:
         with tempfile.TemporaryDirectory(prefix=f"rack_client_{scenario}_") as tmp:
-            cpu0 = time.process_time()
-            stub0 = sum(sum(p.cpu_times()[:2]) for p in stub_ps)
+            sampler = CpuSampler(stub_ps)
             record = harness.run_shard(
                 pool,
                 samples_parquet=parquet,
@@ -105,8 +140,8 @@ def run_scenario(urls, parquet, *, scenario, mode, batch, concurrency, n_samples
                 log=lambda m: None,
                 **kwargs,
             )
-            cpu = time.process_time() - cpu0
-            stub_cpu = sum(sum(p.cpu_times()[:2]) for p in stub_ps) - stub0
+            sampler.stop()
+            cpu, stub_cpu = sampler.between(record["first_issue_at"], record["last_complete_at"])
             table = pq.read_table(Path(tmp) / "run" / "samples.parquet")
         stats = pool.stats()
     finally:
@@ -192,8 +227,9 @@ def main(argv=None) -> int:
                     flush=True,
                 )
                 print(
-                    f"{scenario}: CPU per sample: client {1e6 * cpu / samples:.0f} us "
-                    f"({cpu / wall:.2f} cores over the timed span), stubs {1e6 * stub_cpu / samples:.0f} us",
+                    f"{scenario}: CPU per sample over LoadGen's timed span ({wall:.1f} s): client "
+                    f"{1e6 * cpu / samples:.0f} us ({cpu / wall:.2f} cores), stubs {1e6 * stub_cpu / samples:.0f} us "
+                    f"({stub_cpu / wall:.2f} cores)",
                     flush=True,
                 )
     finally:
