@@ -5,9 +5,11 @@ Rack-wide output tokens/s (N ``python -m rackbench.serve`` servers of the demo's
 ``rackbench.rack`` runs it: Offline, isl balancing, at most ``batch`` requests per server)
 against the same engines fed directly: N processes, each loading the same engine with the
 same settings and calling its ``submit()`` with at most ``batch`` in flight, no LoadGen and no
-HTTP; all N start together. Same samples: the demo's 48 prompts, ``--copies`` times each
-(LoadGen's Offline query repeats the loaded set; the direct feed takes the same list), split
-between the direct engines by the same cumulative-input-length rule the pool uses.
+HTTP; all N start together. Same samples in the same order: the demo's 48 prompts,
+``--copies`` times each, in the order LoadGen issues them in the rack run (recorded by the same
+``run_shard`` call over a zero-cost engine; the order matters to a continuous-batching engine:
+in dataset order the direct feed was 1.3-1.5x slower), split between the direct engines by the
+pool's cumulative-input-length rule.
 
 Rack tokens/s is LoadGen's (mlperf_log_summary.txt: output tokens over its timed span); the
 direct figure is output tokens over first submit .. last completion across the N processes.
@@ -47,8 +49,14 @@ def isl_split(prompts: list[list[int]], n: int) -> list[list[int]]:
     return parts
 
 
-def direct_worker(engine_dir: str, settings_json: str, prompts_json: str, batch: int, max_new: int) -> None:
-    """One direct-feed process: load the engine, say ready, wait for 'go', feed, print the timings."""
+def direct_worker(engine_dir: str, settings_json: str, prompts_json: str, batch: int, max_new: int, feed_mode: str):
+    """One direct-feed process: load the engine, say ready, wait for 'go', feed, print the timings.
+
+    ``feed_mode`` "callback": each finished request's successor is submitted from its ``on_done``
+    (on the engine's thread, before its next step); "thread": a feeder thread submits it, as
+    requests arrive at a server from outside the engine's thread."""
+    import queue
+
     from rackbench.serve import load_engine
 
     settings = json.loads(settings_json)
@@ -69,6 +77,15 @@ def direct_worker(engine_dir: str, settings_json: str, prompts_json: str, batch:
             state["next"] = k + 1
         engine.submit(prompts[k], max_new, on_done=finished, on_error=failed)
 
+    wake: queue.SimpleQueue = queue.SimpleQueue()
+
+    def feeder():
+        while wake.get():
+            feed()
+
+    if feed_mode == "thread":
+        threading.Thread(target=feeder, daemon=True).start()
+
     def finished(tokens):
         with lock:
             state["tokens"] += len(tokens)
@@ -77,6 +94,8 @@ def direct_worker(engine_dir: str, settings_json: str, prompts_json: str, batch:
         if last:
             state["end"] = time.time()
             done.set()
+        elif feed_mode == "thread":
+            wake.put(True)
         else:
             feed()
 
@@ -88,18 +107,19 @@ def direct_worker(engine_dir: str, settings_json: str, prompts_json: str, batch:
     for _ in range(min(batch, len(prompts))):
         feed()
     done.wait()
+    wake.put(False)
     engine.close()
     print(json.dumps({k: state[k] for k in ("start", "end", "tokens", "errors")}), flush=True)
 
 
-def run_direct(engine_dir, settings, parts, prompts, batch, max_new, tmp: Path) -> dict:
+def run_direct(engine_dir, settings, parts, prompts, batch, max_new, tmp: Path, feed_mode: str) -> dict:
     procs = []
     env = dict(os.environ, PYTHONPATH=str(ROOT / "scripts"))
     for i, part in enumerate(parts):
         f = tmp / f"direct{i}.json"
         f.write_text(json.dumps([prompts[k] for k in part]))
         cmd = [sys.executable, __file__, "--direct-worker", str(engine_dir), json.dumps(settings), str(f)]
-        cmd += [str(batch), str(max_new)]
+        cmd += [str(batch), str(max_new), feed_mode]
         procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
     for p in procs:
         if p.stdout.readline().strip() != "ready":
@@ -117,31 +137,60 @@ def run_direct(engine_dir, settings, parts, prompts, batch, max_new, tmp: Path) 
     return {"tokens": tokens, "span_s": span, "tokens_per_second": tokens / span}
 
 
-def run_rack(urls, parquet, n_samples, batch, max_new, tmp: Path) -> dict:
+class _OrderRecorder:
+    """A zero-cost engine that records the prompts in the order the SUT submits them."""
+
+    max_in_flight = 1 << 30
+
+    def __init__(self):
+        self.prompts: list[list[int]] = []
+
+    def submit(self, prompt, max_new_tokens, *, on_done, on_error, on_first_token=None):
+        self.prompts.append(list(prompt))
+        on_done([1, 2])
+
+    def close(self):
+        pass
+
+
+def loadgen_order(parquet, n_samples, batch, servers, max_new, tmp: Path) -> list[list[int]]:
+    """The prompts in the order LoadGen issues them in the rack run (same settings, same seeds):
+    the order matters to a continuous-batching engine (which prompts share a batch)."""
+    rec = _OrderRecorder()
+    _run_shard(rec, parquet, n_samples, batch * servers, max_new, tmp)
+    return rec.prompts
+
+
+def _run_shard(engine, parquet, n_samples, max_in_flight, max_new, tmp: Path) -> dict:
     from rackbench import harness
+
+    return harness.run_shard(
+        engine,
+        samples_parquet=parquet,
+        out_dir=tmp / f"rack-{time.monotonic_ns()}",
+        mode="performance",
+        shard_index=0,
+        num_shards=1,
+        shard_mode="split",
+        batch_size=None,
+        max_in_flight=max_in_flight,
+        max_new_tokens=max_new,
+        scenario="Offline",
+        min_duration_ms=0,
+        min_query_count=n_samples,
+        offline_expected_qps=1,
+        metadata={},
+        progress_interval_s=0,
+        log=lambda m: None,
+    )
+
+
+def run_rack(urls, parquet, n_samples, batch, max_new, tmp: Path) -> dict:
     from rackbench.endpoints import EndpointPool
 
     pool = EndpointPool(urls, stream=False, balance="isl", concurrency=batch)
     try:
-        rec = harness.run_shard(
-            pool,
-            samples_parquet=parquet,
-            out_dir=tmp / f"rack-{time.monotonic_ns()}",
-            mode="performance",
-            shard_index=0,
-            num_shards=1,
-            shard_mode="split",
-            batch_size=None,
-            max_in_flight=batch * len(urls),
-            max_new_tokens=max_new,
-            scenario="Offline",
-            min_duration_ms=0,
-            min_query_count=n_samples,
-            offline_expected_qps=1,
-            metadata={},
-            progress_interval_s=0,
-            log=lambda m: None,
-        )
+        rec = _run_shard(pool, parquet, n_samples, batch * len(urls), max_new, tmp)
     finally:
         pool.close()
     return {
@@ -155,8 +204,8 @@ def run_rack(urls, parquet, n_samples, batch, max_new, tmp: Path) -> dict:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--direct-worker":
-        engine_dir, settings_json, prompts_json, batch, max_new = sys.argv[2:7]
-        direct_worker(engine_dir, settings_json, prompts_json, int(batch), int(max_new))
+        engine_dir, settings_json, prompts_json, batch, max_new, feed_mode = sys.argv[2:8]
+        direct_worker(engine_dir, settings_json, prompts_json, int(batch), int(max_new), feed_mode)
         return 0
     from reference_engine import _pkl_to_parquet, make_assets
 
@@ -167,6 +216,7 @@ def main() -> int:
     ap.add_argument("--copies", type=int, default=4, help="each of the demo's samples this many times")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--assets", help="keep/reuse the demo assets in this dir")
+    ap.add_argument("--direct-feed", choices=("callback", "thread"), default="callback")
     args = ap.parse_args()
 
     import pyarrow.parquet as pq
@@ -187,7 +237,9 @@ def main() -> int:
         _pkl_to_parquet(samples_pkl, parquet)
     base = [list(map(int, p)) for p in pq.read_table(parquet, columns=["tok_input"]).column("tok_input").to_pylist()]
     n_samples = len(base) * args.copies
-    prompts = base * args.copies
+    prompts = loadgen_order(parquet, n_samples, batch, args.servers, max_new, tmp)
+    if sorted(map(tuple, prompts)) != sorted(map(tuple, base * args.copies)):
+        raise SystemExit(f"LoadGen issued {len(prompts)} samples, not each of the {len(base)} {args.copies} times")
     parts = isl_split(prompts, args.servers)
     print(
         f"harness efficiency: {args.servers} demo engine(s), {n_samples} samples ({len(base)} x {args.copies}), "
@@ -197,7 +249,7 @@ def main() -> int:
     )
     best: dict = {}
     for rep in range(args.repeats):
-        direct = run_direct(engine_dir, settings, parts, prompts, batch, max_new, tmp)
+        direct = run_direct(engine_dir, settings, parts, prompts, batch, max_new, tmp, args.direct_feed)
         specs = launch.local_rackbench_specs(args.servers, engine_dir, settings=settings)
         with launch.ServerGroup(specs, log_dir=tmp / f"logs{rep}") as group:
             urls = group.wait_ready(300)
