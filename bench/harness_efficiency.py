@@ -104,12 +104,14 @@ def direct_worker(engine_dir: str, settings_json: str, prompts_json: str, batch:
         finished([])
 
     state["start"] = time.time()
+    cpu0 = time.process_time()
     for _ in range(min(batch, len(prompts))):
         feed()
     done.wait()
+    state["cpu_s"] = time.process_time() - cpu0
     wake.put(False)
     engine.close()
-    print(json.dumps({k: state[k] for k in ("start", "end", "tokens", "errors")}), flush=True)
+    print(json.dumps({k: state[k] for k in ("start", "end", "tokens", "errors", "cpu_s")}), flush=True)
 
 
 def run_direct(engine_dir, settings, parts, prompts, batch, max_new, tmp: Path, feed_mode: str) -> dict:
@@ -134,7 +136,8 @@ def run_direct(engine_dir, settings, parts, prompts, batch, max_new, tmp: Path, 
         raise SystemExit(f"direct feed errors: {[r['errors'][:1] for r in results]}")
     tokens = sum(r["tokens"] for r in results)
     span = max(r["end"] for r in results) - min(r["start"] for r in results)
-    return {"tokens": tokens, "span_s": span, "tokens_per_second": tokens / span}
+    cpu = sum(r["cpu_s"] for r in results)
+    return {"tokens": tokens, "span_s": span, "tokens_per_second": tokens / span, "cpu_s": cpu}
 
 
 class _OrderRecorder:
@@ -185,12 +188,18 @@ def _run_shard(engine, parquet, n_samples, max_in_flight, max_new, tmp: Path) ->
     )
 
 
-def run_rack(urls, parquet, n_samples, batch, max_new, tmp: Path) -> dict:
+def run_rack(urls, parquet, n_samples, batch, max_new, tmp: Path, server_pids) -> dict:
+    import psutil
+
     from rackbench.endpoints import EndpointPool
 
+    servers = [psutil.Process(pid) for pid in server_pids]
     pool = EndpointPool(urls, stream=False, balance="isl", concurrency=batch)
     try:
+        s0, c0 = sum(sum(p.cpu_times()[:2]) for p in servers), time.process_time()
         rec = _run_shard(pool, parquet, n_samples, batch * len(urls), max_new, tmp)
+        server_cpu = sum(sum(p.cpu_times()[:2]) for p in servers) - s0
+        client_cpu = time.process_time() - c0  # includes run_shard's setup and output files
     finally:
         pool.close()
     return {
@@ -199,6 +208,9 @@ def run_rack(urls, parquet, n_samples, batch, max_new, tmp: Path) -> dict:
         "span_s": rec["last_complete_at"] - rec["first_issue_at"],
         "tokens_per_second": rec["loadgen"]["tokens_per_second"],
         "result": rec["loadgen"]["result"],
+        "server_cpu_s": server_cpu,
+        "client_cpu_s": client_cpu,
+        "cpu_s": server_cpu + client_cpu,
     }
 
 
@@ -253,12 +265,14 @@ def main() -> int:
         specs = launch.local_rackbench_specs(args.servers, engine_dir, settings=settings)
         with launch.ServerGroup(specs, log_dir=tmp / f"logs{rep}") as group:
             urls = group.wait_ready(300)
-            rack = run_rack(urls, parquet, n_samples, batch, max_new, tmp)
+            rack = run_rack(urls, parquet, n_samples, batch, max_new, tmp, [p.pid for p in group.procs.values()])
         print(
             f"run {rep + 1}: direct {direct['tokens_per_second']:,.1f} tok/s ({direct['tokens']:,} tokens in "
             f"{direct['span_s']:.2f} s) | rack {rack['tokens_per_second']:,.1f} tok/s LoadGen ({rack['result']}; "
             f"{rack['tokens']:,} tokens, {rack['samples']} samples in {rack['span_s']:.2f} s) | ratio "
-            f"{rack['tokens_per_second'] / direct['tokens_per_second']:.1%} | load {os.getloadavg()[0]:.2f}",
+            f"{rack['tokens_per_second'] / direct['tokens_per_second']:.1%} | CPU: direct {direct['cpu_s']:.2f} s, "
+            f"rack {rack['cpu_s']:.2f} s (servers {rack['server_cpu_s']:.2f} + client {rack['client_cpu_s']:.2f}): "
+            f"direct/rack {direct['cpu_s'] / rack['cpu_s']:.1%} | load {os.getloadavg()[0]:.2f}",
             flush=True,
         )
         for name, r in (("direct", direct), ("rack", rack)):
