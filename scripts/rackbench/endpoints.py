@@ -31,8 +31,12 @@ on_first_token=...)`` exactly as it would a local engine.
   output tokens, requests, errors and busy seconds (wall time with at least one
   request open).
 
+* Bursts (``add_burst_listener(fn)``): ``fn()`` runs after each burst of callbacks (one
+  response, one read of a stream, one batch of failures); the harness's SUT uses it to hand
+  LoadGen each burst's completions in one call.
+
 All HTTP runs on one asyncio event loop in a background thread (aiohttp); callbacks
-run on that thread.
+run on that thread. Per-sample costs and what is left are in BENCHMARKS.md (notes 8, 8a).
 """
 
 from __future__ import annotations

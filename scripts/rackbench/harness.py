@@ -220,7 +220,8 @@ class EngineSUT:
         if self.first_issue_at is None:
             # LoadGen has loaded the QSL (every prompt a Python list): keep those long-lived
             # objects out of the collector's full passes, which otherwise rescan them all
-            # while the run allocates (tens of us per sample at rack rates)
+            # while the run allocates (~15 % of the rack client's CPU; BENCHMARKS note 8a).
+            # They are still freed by reference counting; only cycles among them outlive the run.
             gc.freeze()
         with self._lock:
             if self.first_issue_at is None:
