@@ -143,11 +143,15 @@ def test_streamed_first_tokens_and_batches(tmp_path):
         EndpointPool(group.urls, stream=True, batch_size=8, concurrency=1) as pool,
     ):
         pool.wait_ready(60)
+        bursts = []
+        pool.add_burst_listener(lambda: bursts.append(threading.get_ident()))
         results, firsts = _run_all(pool, prompts, stream_first=True)
-        stats = pool.stats()
+        stats = pool.stats()  # runs on the pool's thread, after the bursts that delivered those callbacks
     assert results == [[p[-1] + 1, p[-1] + 2, p[-1] + 3] for p in prompts]
     assert firsts == {i: p[-1] + 1 for i, p in enumerate(prompts)}
     assert sum(s["requests"] for s in stats) < len(prompts)
+    # burst ends (where the SUT completes with LoadGen) on the pool's thread, fewer than callbacks
+    assert 0 < len(bursts) < 2 * len(prompts) and len(set(bursts)) == 1 and bursts[0] != threading.get_ident()
 
 
 def test_unreachable_endpoint_fails_fast_naming_it():

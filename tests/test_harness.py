@@ -108,6 +108,47 @@ class AsyncFakeEngine:
         self.closed = True
 
 
+class BurstFakeEngine(AsyncFakeEngine):
+    """AsyncFakeEngine that says when each step's callbacks are over (``add_burst_listener``,
+    as EndpointPool does per HTTP response): the SUT then completes a step's samples in one
+    LoadGen call."""
+
+    def __init__(self, **kw):
+        self.listeners = []
+        super().__init__(**kw)
+
+    def add_burst_listener(self, fn):
+        self.listeners.append(fn)
+
+    def _run(self):
+        import queue
+
+        running = []
+        while True:
+            try:
+                while True:
+                    item = self._queue.get(block=not running)
+                    if item is None:
+                        return
+                    running.append([FakeEngine.output_for(item[0], item[1]), 0, item])
+            except queue.Empty:
+                pass
+            time.sleep(self.step_s)
+            for entry in list(running):
+                out, k, (prompt, n, on_done, on_first) = entry
+                entry[1] = k = k + 1
+                if k == 1 and on_first is not None:
+                    self.first_tokens += 1
+                    on_first(out[0])
+                if k >= len(out):
+                    running.remove(entry)
+                    with self._lock:
+                        self.in_flight -= 1
+                    on_done(out)
+            for fn in self.listeners:
+                fn()
+
+
 def make_dataset(path: Path, n: int = 30, seed: int = 0) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(1, 1000, size=int(rng.integers(2, 15))).tolist() for _ in range(n)]
@@ -506,3 +547,60 @@ def test_cli_opens_engine_and_runs(tmp_path, dataset, monkeypatch):
     assert record["gpu_type"] == "cpu" and record["batch_size"] == 4 and "bs" not in record and "gpu" not in record
     assert record["cuda_visible_devices"] == "2,3" and record["slurm_job_id"] == "4242"
     assert record["num_samples"] == len(prompts) and record["loadgen"]["result"] == "VALID"
+
+
+@pytest.mark.parametrize("scenario", ["Offline", "Server"])
+def test_burst_engine_completes_each_burst_in_one_loadgen_call(tmp_path, dataset, monkeypatch, scenario):
+    """An engine with add_burst_listener: every sample still reaches LoadGen with the engine's
+    exact tokens (accuracy log), first tokens before completions, but in fewer LoadGen calls."""
+    import mlperf_loadgen as lg
+
+    calls = {"complete": 0, "first": 0}
+    real_complete, real_first = lg.QuerySamplesComplete, lg.FirstTokenComplete
+
+    def complete(responses, *a):
+        calls["complete"] += 1
+        return real_complete(responses, *a)
+
+    def first(responses, *a):
+        calls["first"] += 1
+        return real_first(responses, *a)
+
+    monkeypatch.setattr(lg, "QuerySamplesComplete", complete)
+    monkeypatch.setattr(lg, "FirstTokenComplete", first)
+    ds, prompts = dataset
+    engine = BurstFakeEngine(max_in_flight=8, step_s=0.001)
+    kw = {"target_qps": 2000, "offline_expected_qps": None} if scenario == "Server" else {}
+    out = tmp_path / scenario
+    try:
+        record = _run(
+            engine, ds, out, mode="accuracy", num_shards=1, batch_size=None, max_in_flight=8, scenario=scenario, **kw
+        )
+    finally:
+        engine.close()
+    assert record["completed_samples"] == len(prompts) and record["loadgen"]["errors"] is False
+    entries = json.loads((out / "mlperf_log_accuracy.json").read_text())
+    assert len(entries) == len(prompts)
+    for e in entries:
+        assert np.frombuffer(bytes.fromhex(e["data"]), np.int32).tolist() == FakeEngine.output_for(
+            prompts[e["qsl_idx"]], MAX_NEW
+        )
+    assert 0 < calls["complete"] < len(prompts)  # batched per burst, and nothing left behind
+    if scenario == "Server":
+        assert engine.first_tokens == len(prompts) and 0 < calls["first"] < len(prompts)
+        table = pq.read_table(out / "samples.parquet")
+        assert (table.column("first_token_at").to_numpy() <= table.column("completed_at").to_numpy()).all()
+    else:
+        assert calls["first"] == 0
+
+
+def test_int32_buffer_matches_array():
+    import struct
+    from array import array
+
+    from rackbench.harness import _int32_buffer
+
+    for tokens in ([], [7], list(range(-5, 300)), [2**31 - 1, -(2**31)]):
+        assert _int32_buffer(tokens) == array("i", tokens)
+    with pytest.raises(struct.error):  # out of int32 range is an error, never a wrapped value
+        _int32_buffer([2**31])

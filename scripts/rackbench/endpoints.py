@@ -31,14 +31,19 @@ on_first_token=...)`` exactly as it would a local engine.
   output tokens, requests, errors and busy seconds (wall time with at least one
   request open).
 
+* Bursts (``add_burst_listener(fn)``): ``fn()`` runs after each burst of callbacks (one
+  response, one read of a stream, one batch of failures); the harness's SUT uses it to hand
+  LoadGen each burst's completions in one call.
+
 All HTTP runs on one asyncio event loop in a background thread (aiohttp); callbacks
-run on that thread.
+run on that thread. Per-sample costs and what is left are in BENCHMARKS.md (notes 8, 8a).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 import json
 import threading
 import time
@@ -203,6 +208,11 @@ class EndpointPool:
         self.fail_dead_endpoints = fail_dead_endpoints
         self.max_in_flight = concurrency * batch_size * len(self.urls)
         self._stats = [EndpointStats(u) for u in self.urls]
+        # isl with every endpoint live: a heap of (dispatched input tokens, index), so a pick is
+        # O(log N) instead of a scan of all N (the same choice: smallest key, then lowest index)
+        self._isl_heap = [(0, i) for i in range(len(self.urls))]
+        self._any_dead = False
+        self._burst_listeners: list[Callable[[], None]] = []
         self._waiting = [collections.deque() for _ in self.urls]
         self._inbox: collections.deque = collections.deque()
         self._wake_scheduled = False
@@ -210,6 +220,7 @@ class EndpointPool:
         self._counter = 0
         self._closed = False
         self._loop = new_event_loop()
+        self._loop_thread_id: int | None = None
         self._session: aiohttp.ClientSession | None = None
         started = threading.Event()
         self._thread = threading.Thread(target=self._run_loop, args=(started,), name="endpoint-pool", daemon=True)
@@ -219,6 +230,7 @@ class EndpointPool:
     # ------------------------------------------------------------------ loop thread
     def _run_loop(self, started):
         asyncio.set_event_loop(self._loop)
+        self._loop_thread_id = threading.get_ident()
 
         async def make_session():
             connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=None)
@@ -246,11 +258,16 @@ class EndpointPool:
     ) -> None:
         if self._closed:
             on_error(RuntimeError("EndpointPool is closed"))
+            self._burst_end()
             return
         req = _Request(prompt, max_new_tokens, on_done, on_error, on_first_token)
         n = len(prompt)
         with self._lock:
-            i = choose_endpoint(self._stats, self.balance, self._counter)
+            if self.balance == "isl" and not self._any_dead:
+                key, i = self._isl_heap[0]
+                heapq.heapreplace(self._isl_heap, (key + n, i))
+            else:
+                i = choose_endpoint(self._stats, self.balance, self._counter)
             self._counter += 1
             st = self._stats[i]
             st.dispatched_input_tokens += n
@@ -258,7 +275,20 @@ class EndpointPool:
         self._inbox.append((i, req))
         if not self._wake_scheduled:
             self._wake_scheduled = True
-            self._loop.call_soon_threadsafe(self._drain_inbox)
+            if threading.get_ident() == self._loop_thread_id:  # from a callback: no self-pipe write
+                self._loop.call_soon(self._drain_inbox)
+            else:
+                self._loop.call_soon_threadsafe(self._drain_inbox)
+
+    def add_burst_listener(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` after each burst of callbacks (one response, one read of a stream, one
+        batch of failures), so a caller can hand LoadGen a burst's completions at once
+        (``rackbench.harness.EngineSUT``). Listeners run on the pool's thread."""
+        self._burst_listeners.append(fn)
+
+    def _burst_end(self) -> None:
+        for fn in self._burst_listeners:
+            fn()
 
     def close(self) -> None:
         if self._closed:
@@ -284,6 +314,7 @@ class EndpointPool:
             touched.add(i)
         for i in touched:
             self._start_requests(i)
+        self._burst_end()  # requests failed at once (dead endpoints) were a burst too
 
     def _start_requests(self, i: int):
         st = self._stats[i]
@@ -358,20 +389,25 @@ class EndpointPool:
             self._finish_request(i)
             for r in batch:
                 self._fail(i, r, err)
+            self._burst_end()
             return
         self._finish_request(i)
         st = self._stats[i]
         with self._lock:  # pending is also counted up by submit() on the caller's thread
             st.pending -= len(batch)
+        st.samples += len(batch)
+        in_tokens = out_tokens = 0
         for r, tokens in zip(batch, outputs):
-            st.samples += 1
-            st.input_tokens += len(r.prompt)
-            st.output_tokens += len(tokens)
+            in_tokens += len(r.prompt)
+            out_tokens += len(tokens)
             if tokens and r.on_first_token is not None and not r.first_sent:
                 r.on_first_token(tokens[0])
             r.on_done(tokens)
+        st.input_tokens += in_tokens
+        st.output_tokens += out_tokens
         if self._waiting[i]:
             self._start_requests(i)
+        self._burst_end()
 
     def _outputs_of(self, url, data, n) -> list[list[int]]:
         if not isinstance(data, dict) or "choices" not in data:
@@ -404,6 +440,7 @@ class EndpointPool:
                     done = True
                     break
                 self._stream_event(url, _loads(payload), batch, ids, texts, finished)
+            self._burst_end()  # this read's first tokens
             if done:
                 break
         if not done and not all(finished):
@@ -463,6 +500,7 @@ class EndpointPool:
     def _mark_dead(self, i, why: str):
         if self._stats[i].dead is None:
             self._stats[i].dead = why
+            self._any_dead = True
         waiting = self._waiting[i]
         if self.fail_dead_endpoints:
             while waiting:

@@ -1,0 +1,293 @@
+"""Benchmark (issue 10, benchmark 2): harness efficiency on the demo.
+
+Rack-wide output tokens/s (N ``python -m rackbench.serve`` servers of the demo's engine,
+``rackbench.endpoints.EndpointPool`` over them, ONE LoadGen through ``harness.run_shard``, as
+``rackbench.rack`` runs it: Offline, isl balancing, at most ``batch`` requests per server)
+against the same engines fed directly: N processes, each loading the same engine with the
+same settings and calling its ``submit()`` with at most ``batch`` in flight, no LoadGen and no
+HTTP; all N start together. Same samples in the same order: the demo's 48 prompts,
+``--copies`` times each, in the order LoadGen issues them in the rack run (recorded by the same
+``run_shard`` call over a zero-cost engine; the order matters to a continuous-batching engine:
+in dataset order the direct feed was 1.3-1.5x slower), split between the direct engines by the
+pool's cumulative-input-length rule.
+
+Rack tokens/s is LoadGen's (mlperf_log_summary.txt: output tokens over its timed span); the
+direct figure is output tokens over first submit .. last completion across the N processes.
+Target: rack >= 95 % of direct. Best of ``--repeats`` each (the machine may be shared).
+
+    python bench/harness_efficiency.py [--servers 2] [--copies 4] [--repeats 3] [--assets DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+TARGET = 0.95
+
+
+def isl_split(prompts: list[list[int]], n: int) -> list[list[int]]:
+    """Sample indices per engine: each to the engine with the least input dispatched so far."""
+    loads, parts = [0] * n, [[] for _ in range(n)]
+    for k, p in enumerate(prompts):
+        i = min(range(n), key=loads.__getitem__)
+        loads[i] += len(p)
+        parts[i].append(k)
+    return parts
+
+
+def direct_worker(engine_dir: str, settings_json: str, prompts_json: str, batch: int, max_new: int, feed_mode: str):
+    """One direct-feed process: load the engine, say ready, wait for 'go', feed, print the timings.
+
+    ``feed_mode`` "callback": each finished request's successor is submitted from its ``on_done``
+    (on the engine's thread, before its next step); "thread": a feeder thread submits it, as
+    requests arrive at a server from outside the engine's thread."""
+    import queue
+
+    from rackbench.serve import load_engine
+
+    settings = json.loads(settings_json)
+    prompts = json.loads(Path(prompts_json).read_text())
+    engine = load_engine("reference", engine_dir, settings=settings)  # exactly as each server loads it
+    engine.submit([1, 2, 3], 2, on_done=lambda t: None, on_error=lambda e: None)  # warm-up
+    time.sleep(0.5)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    lock, done = threading.Lock(), threading.Event()
+    state = {"next": 0, "left": len(prompts), "tokens": 0, "errors": []}
+
+    def feed():
+        with lock:
+            k = state["next"]
+            if k >= len(prompts):
+                return
+            state["next"] = k + 1
+        engine.submit(prompts[k], max_new, on_done=finished, on_error=failed)
+
+    wake: queue.SimpleQueue = queue.SimpleQueue()
+
+    def feeder():
+        while wake.get():
+            feed()
+
+    if feed_mode == "thread":
+        threading.Thread(target=feeder, daemon=True).start()
+
+    def finished(tokens):
+        with lock:
+            state["tokens"] += len(tokens)
+            state["left"] -= 1
+            last = state["left"] == 0
+        if last:
+            state["end"] = time.time()
+            done.set()
+        elif feed_mode == "thread":
+            wake.put(True)
+        else:
+            feed()
+
+    def failed(exc):
+        state["errors"].append(repr(exc))
+        finished([])
+
+    state["start"] = time.time()
+    cpu0 = time.process_time()
+    for _ in range(min(batch, len(prompts))):
+        feed()
+    done.wait()
+    state["cpu_s"] = time.process_time() - cpu0
+    wake.put(False)
+    engine.close()
+    print(json.dumps({k: state[k] for k in ("start", "end", "tokens", "errors", "cpu_s")}), flush=True)
+
+
+def run_direct(engine_dir, settings, parts, prompts, batch, max_new, tmp: Path, feed_mode: str) -> dict:
+    procs = []
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "scripts"))
+    for i, part in enumerate(parts):
+        f = tmp / f"direct{i}.json"
+        f.write_text(json.dumps([prompts[k] for k in part]))
+        cmd = [sys.executable, __file__, "--direct-worker", str(engine_dir), json.dumps(settings), str(f)]
+        cmd += [str(batch), str(max_new), feed_mode]
+        procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
+    for p in procs:
+        if p.stdout.readline().strip() != "ready":
+            raise SystemExit("a direct-feed worker failed to start")
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    results = [json.loads(p.stdout.readline()) for p in procs]
+    for p in procs:
+        p.wait(timeout=60)
+    if any(r["errors"] for r in results):
+        raise SystemExit(f"direct feed errors: {[r['errors'][:1] for r in results]}")
+    tokens = sum(r["tokens"] for r in results)
+    span = max(r["end"] for r in results) - min(r["start"] for r in results)
+    cpu = sum(r["cpu_s"] for r in results)
+    return {"tokens": tokens, "span_s": span, "tokens_per_second": tokens / span, "cpu_s": cpu}
+
+
+class _OrderRecorder:
+    """A zero-cost engine that records the prompts in the order the SUT submits them."""
+
+    max_in_flight = 1 << 30
+
+    def __init__(self):
+        self.prompts: list[list[int]] = []
+
+    def submit(self, prompt, max_new_tokens, *, on_done, on_error, on_first_token=None):
+        self.prompts.append(list(prompt))
+        on_done([1, 2])
+
+    def close(self):
+        pass
+
+
+def loadgen_order(parquet, n_samples, batch, servers, max_new, tmp: Path) -> list[list[int]]:
+    """The prompts in the order LoadGen issues them in the rack run (same settings, same seeds):
+    the order matters to a continuous-batching engine (which prompts share a batch)."""
+    rec = _OrderRecorder()
+    _run_shard(rec, parquet, n_samples, batch * servers, max_new, tmp)
+    return rec.prompts
+
+
+def _run_shard(engine, parquet, n_samples, max_in_flight, max_new, tmp: Path) -> dict:
+    from rackbench import harness
+
+    return harness.run_shard(
+        engine,
+        samples_parquet=parquet,
+        out_dir=tmp / f"rack-{time.monotonic_ns()}",
+        mode="performance",
+        shard_index=0,
+        num_shards=1,
+        shard_mode="split",
+        batch_size=None,
+        max_in_flight=max_in_flight,
+        max_new_tokens=max_new,
+        scenario="Offline",
+        min_duration_ms=0,
+        min_query_count=n_samples,
+        offline_expected_qps=1,
+        metadata={},
+        progress_interval_s=0,
+        log=lambda m: None,
+    )
+
+
+def run_rack(urls, parquet, n_samples, batch, max_new, tmp: Path, server_pids) -> dict:
+    import psutil
+
+    from rackbench.endpoints import EndpointPool
+
+    servers = [psutil.Process(pid) for pid in server_pids]
+    pool = EndpointPool(urls, stream=False, balance="isl", concurrency=batch)
+    try:
+        s0, c0 = sum(sum(p.cpu_times()[:2]) for p in servers), time.process_time()
+        rec = _run_shard(pool, parquet, n_samples, batch * len(urls), max_new, tmp)
+        server_cpu = sum(sum(p.cpu_times()[:2]) for p in servers) - s0
+        client_cpu = time.process_time() - c0  # includes run_shard's setup and output files
+    finally:
+        pool.close()
+    return {
+        "tokens": rec["output_tokens"],
+        "samples": rec["completed_samples"],
+        "span_s": rec["last_complete_at"] - rec["first_issue_at"],
+        "tokens_per_second": rec["loadgen"]["tokens_per_second"],
+        "result": rec["loadgen"]["result"],
+        "server_cpu_s": server_cpu,
+        "client_cpu_s": client_cpu,
+        "cpu_s": server_cpu + client_cpu,
+    }
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--direct-worker":
+        engine_dir, settings_json, prompts_json, batch, max_new, feed_mode = sys.argv[2:8]
+        direct_worker(engine_dir, settings_json, prompts_json, int(batch), int(max_new), feed_mode)
+        return 0
+    from reference_engine import _pkl_to_parquet, make_assets
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(ROOT / "config.yaml"))
+    ap.add_argument("--servers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=None, help="requests per server; default benchmarks.batch_sizes[0]")
+    ap.add_argument("--copies", type=int, default=4, help="each of the demo's samples this many times")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--assets", help="keep/reuse the demo assets in this dir")
+    ap.add_argument("--direct-feed", choices=("callback", "thread"), default="callback")
+    args = ap.parse_args()
+
+    import pyarrow.parquet as pq
+
+    from rackbench import launch
+
+    config = yaml.safe_load(Path(args.config).read_text())
+    settings = dict(config["engines"]["reference"])
+    batch = args.batch or config["benchmarks"]["batch_sizes"][0]
+    max_new = config["run"]["max_new_tokens"]
+    tmpdir = tempfile.TemporaryDirectory(prefix="rb-efficiency-")
+    tmp = Path(tmpdir.name)
+    root = Path(args.assets or tmp / "assets")
+    root.mkdir(parents=True, exist_ok=True)
+    engine_dir, samples_pkl = make_assets(root, config)
+    parquet = root / "samples.parquet"
+    if not parquet.exists():
+        _pkl_to_parquet(samples_pkl, parquet)
+    base = [list(map(int, p)) for p in pq.read_table(parquet, columns=["tok_input"]).column("tok_input").to_pylist()]
+    n_samples = len(base) * args.copies
+    prompts = loadgen_order(parquet, n_samples, batch, args.servers, max_new, tmp)
+    if sorted(map(tuple, prompts)) != sorted(map(tuple, base * args.copies)):
+        raise SystemExit(f"LoadGen issued {len(prompts)} samples, not each of the {len(base)} {args.copies} times")
+    parts = isl_split(prompts, args.servers)
+    print(
+        f"harness efficiency: {args.servers} demo engine(s), {n_samples} samples ({len(base)} x {args.copies}), "
+        f"{batch} in flight per engine, max_new_tokens {max_new}, engine settings {settings}; "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        flush=True,
+    )
+    best: dict = {}
+    for rep in range(args.repeats):
+        direct = run_direct(engine_dir, settings, parts, prompts, batch, max_new, tmp, args.direct_feed)
+        specs = launch.local_rackbench_specs(args.servers, engine_dir, settings=settings)
+        with launch.ServerGroup(specs, log_dir=tmp / f"logs{rep}") as group:
+            urls = group.wait_ready(300)
+            rack = run_rack(urls, parquet, n_samples, batch, max_new, tmp, [p.pid for p in group.procs.values()])
+        print(
+            f"run {rep + 1}: direct {direct['tokens_per_second']:,.1f} tok/s ({direct['tokens']:,} tokens in "
+            f"{direct['span_s']:.2f} s) | rack {rack['tokens_per_second']:,.1f} tok/s LoadGen ({rack['result']}; "
+            f"{rack['tokens']:,} tokens, {rack['samples']} samples in {rack['span_s']:.2f} s) | ratio "
+            f"{rack['tokens_per_second'] / direct['tokens_per_second']:.1%} | CPU: direct {direct['cpu_s']:.2f} s, "
+            f"rack {rack['cpu_s']:.2f} s (servers {rack['server_cpu_s']:.2f} + client {rack['client_cpu_s']:.2f}): "
+            f"direct/rack {direct['cpu_s'] / rack['cpu_s']:.1%} | load {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
+        for name, r in (("direct", direct), ("rack", rack)):
+            if name not in best or r["tokens_per_second"] > best[name]["tokens_per_second"]:
+                best[name] = r
+    if best["rack"]["tokens"] != best["direct"]["tokens"]:
+        print(f"note: rack generated {best['rack']['tokens']} tokens, direct {best['direct']['tokens']}")
+    ratio = best["rack"]["tokens_per_second"] / best["direct"]["tokens_per_second"]
+    print(
+        f"best of {args.repeats}: direct {best['direct']['tokens_per_second']:,.1f} tok/s, rack (one LoadGen + HTTP) "
+        f"{best['rack']['tokens_per_second']:,.1f} tok/s: {ratio:.1%} vs target {TARGET:.0%}: "
+        f"{'met' if ratio >= TARGET else 'NOT met'}; load average now {os.getloadavg()[0]:.2f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
