@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from pathlib import Path
 
 import pytest
 import requests
@@ -19,7 +18,6 @@ from rackbench import launch
 from rackbench.endpoints import EndpointPool
 from rackbench.engines import generate
 
-ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT = 240  # model load on 2 busy cores
 SETTINGS = {"torch_threads": 1}
 

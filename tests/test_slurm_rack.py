@@ -28,14 +28,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import make_demo_model, python_env
+from helpers import ROOT, make_demo_model, python_env
 from rackbench import launch
 from slurm import cluster
 from slurm.fixtures import slurm_cluster  # noqa: F401  (the session fixture)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
 CLIENT = ROOT / "tests" / "slurm" / "rack_client.py"
 MAX_NEW = 16
 SETTINGS = {"torch_threads": 1}
