@@ -29,6 +29,16 @@ class FakeHub:
                 if self.path.startswith(prefix):
                     return self.path[len(prefix) :]
 
+            def _send(self, body, data, headers):
+                """200 with these headers and Content-Length; the data itself for GET (body), not HEAD."""
+                self.send_response(200)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if body:
+                    self.wfile.write(data)
+
             def do_HEAD(self):
                 self.handle_any(body=False)
 
@@ -38,46 +48,24 @@ class FakeHub:
             def handle_any(self, body):
                 hub.requests.append((self.command, self.path, self.headers.get("authorization")))
                 if self.path.startswith(f"/api/models/{hub.repo_id}/revision/{hub.revision}"):
-                    data = json.dumps(
-                        {"id": hub.repo_id, "sha": hub.revision, "siblings": [{"rfilename": n} for n in hub.files]}
-                    ).encode()
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    if body:
-                        self.wfile.write(data)
-                    return
+                    info = {"id": hub.repo_id, "sha": hub.revision, "siblings": [{"rfilename": n} for n in hub.files]}
+                    return self._send(body, json.dumps(info).encode(), {"Content-Type": "application/json"})
                 if self.path.startswith(f"/api/models/{hub.repo_id}/tree/{hub.revision}"):
-                    data = json.dumps(
-                        [
-                            {
-                                "type": "file",
-                                "path": n,
-                                "size": len(d),
-                                "oid": hashlib.sha1(b"blob %d\0" % len(d) + d).hexdigest(),
-                            }
-                            for n, d in hub.files.items()
-                        ]
-                    ).encode()
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    if body:
-                        self.wfile.write(data)
-                    return
+                    tree = [
+                        {
+                            "type": "file",
+                            "path": n,
+                            "size": len(d),
+                            "oid": hashlib.sha1(b"blob %d\0" % len(d) + d).hexdigest(),
+                        }
+                        for n, d in hub.files.items()
+                    ]
+                    return self._send(body, json.dumps(tree).encode(), {"Content-Type": "application/json"})
                 name = self._file()
                 if name in hub.files:
                     data = hub.files[name]
-                    self.send_response(200)
-                    self.send_header("X-Repo-Commit", hub.revision)
-                    self.send_header("ETag", '"%s"' % hashlib.sha256(data).hexdigest())
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    if body:
-                        self.wfile.write(data)
-                    return
+                    etag = '"%s"' % hashlib.sha256(data).hexdigest()
+                    return self._send(body, data, {"X-Repo-Commit": hub.revision, "ETag": etag})
                 self.send_response(404)
                 self.send_header("Content-Length", "0")
                 self.end_headers()

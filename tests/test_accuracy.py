@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from helpers import QUICK_LOADGEN
 from rackbench import accuracy
 from rackbench.harness import RESPONSE_DTYPE, run_shard
 
@@ -181,20 +182,21 @@ def test_missing_and_duplicate_samples_invalid(tmp_path, tokenizer_dir):
     assert perf["valid"] is False and any("not 'accuracy'" in f for f in perf["failures"])
 
 
-def test_accuracy_txt_format_and_cli(tmp_path, tokenizer_dir):
+def _one_perfect_shard_args(tmp_path, tokenizer_dir) -> list[str]:
+    """A 2-sample dataset and one shard that answers it exactly: accuracy.main's --dataset,
+    --tokenizer and --shard-dirs for them."""
     outputs = ["the cat sat", "a dog ran"]
     ds = tmp_path / "ds.parquet"
     write_dataset(ds, outputs)
     write_shard(tmp_path / "s0", 0, [ids(o) for o in outputs])
+    return ["--dataset", str(ds), "--tokenizer", str(tokenizer_dir), "--shard-dirs", str(tmp_path / "s0")]
+
+
+def test_accuracy_txt_format_and_cli(tmp_path, tokenizer_dir):
     out_json, out_txt = tmp_path / "acc" / "accuracy.json", tmp_path / "acc" / "accuracy.txt"
     rc = accuracy.main(
         [
-            "--dataset",
-            str(ds),
-            "--tokenizer",
-            str(tokenizer_dir),
-            "--shard-dirs",
-            str(tmp_path / "s0"),
+            *_one_perfect_shard_args(tmp_path, tokenizer_dir),
             "--reference-json",
             json.dumps(REF),
             "--target-fraction",
@@ -229,20 +231,7 @@ def test_accuracy_txt_format_and_cli(tmp_path, tokenizer_dir):
 
 def test_cli_gate_names_the_benchmark_target(tmp_path, tokenizer_dir):
     """--accuracy-json {benchmark: ...} applies that MLPerf target (rackbench.benchmarks) and names it."""
-    outputs = ["the cat sat", "a dog ran"]
-    ds = tmp_path / "ds.parquet"
-    write_dataset(ds, outputs)
-    write_shard(tmp_path / "s0", 0, [ids(o) for o in outputs])
-    base = [
-        "--dataset",
-        str(ds),
-        "--tokenizer",
-        str(tokenizer_dir),
-        "--shard-dirs",
-        str(tmp_path / "s0"),
-        "--out-txt",
-        str(tmp_path / "a.txt"),
-    ]
+    base = [*_one_perfect_shard_args(tmp_path, tokenizer_dir), "--out-txt", str(tmp_path / "a.txt")]
     for name, fraction in (("llama2-70b-99.9", 0.999), ("llama2-70b-99", 0.99)):
         out = tmp_path / f"{name}.json"
         assert accuracy.main([*base, "--accuracy-json", json.dumps({"benchmark": name}), "--out-json", str(out)]) == 0
@@ -299,11 +288,8 @@ def test_harness_round_trip(tmp_path, tokenizer_dir):
             shard_mode="split",
             batch_size=2,
             max_new_tokens=16,
-            min_duration_ms=0,
-            min_query_count=1,
-            offline_expected_qps=10,
+            **QUICK_LOADGEN,
             metadata={},
-            progress_interval_s=0,
             log=lambda m: None,
         )
         dirs.append(d)

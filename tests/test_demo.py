@@ -7,6 +7,7 @@ import hashlib
 import pandas as pd
 import pytest
 
+from helpers import make_demo_dataset, make_demo_model
 from rackbench import demo
 
 MODEL_ARGS = [
@@ -27,32 +28,11 @@ COLUMNS = ["id", "system_prompt", "question", "input", "output", "tok_input", "t
 
 
 def make_model(path, seed=0):
-    assert demo.main(["model", "--out", str(path), "--seed", str(seed), *MODEL_ARGS]) == 0
-    return path
+    return make_demo_model(path, *MODEL_ARGS, seed=seed)
 
 
-def make_dataset(model, path, n=10, calib=4):
-    assert (
-        demo.main(
-            [
-                "dataset",
-                "--model",
-                str(model),
-                "--out",
-                str(path),
-                "--num-samples",
-                str(n),
-                "--num-calibration",
-                str(calib),
-                "--max-new-tokens",
-                "64",
-                "--seed",
-                "0",
-            ]
-        )
-        == 0
-    )
-    return path
+def make_dataset(model, path):
+    return make_demo_dataset(model, path, num_samples=10, num_calibration=4)
 
 
 @pytest.fixture(scope="module")

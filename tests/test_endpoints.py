@@ -13,11 +13,11 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from aiohttp import web
 
+from helpers import python_env
 from rackbench import launch
 from rackbench.endpoints import (
     EndpointError,
@@ -29,35 +29,11 @@ from rackbench.endpoints import (
     wait_ready,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _instant_group(n, tmp_path, **settings):
-    import json
-
-    ports = launch.free_ports(n)
-    specs = [
-        launch.ServerSpec(
-            f"server{i}",
-            [
-                sys.executable,
-                "-m",
-                "rackbench.serve",
-                "--backend",
-                "instant",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--settings",
-                json.dumps({"output_len": 3, **settings}),
-            ],
-            "127.0.0.1",
-            port,
-            env={"PYTHONPATH": str(ROOT / "scripts") + os.pathsep + os.environ.get("PYTHONPATH", "")},
-        )
-        for i, port in enumerate(ports)
-    ]
+    specs = launch.local_rackbench_specs(n, None, backend="instant", settings={"output_len": 3, **settings})
+    for spec in specs:
+        spec.env = python_env()
     return launch.ServerGroup(specs, log_dir=tmp_path, term_grace_s=5)
 
 

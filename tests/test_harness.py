@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from helpers import MLPERF_LOGS, QUICK_LOADGEN, quick_loadgen_args
 from rackbench.harness import HarnessError, parse_summary, run_shard, shard_gpu_ids
 from rackbench.shards import shard_sample_indices
 
@@ -181,11 +182,8 @@ def _run(engine, ds, out, mode="performance", shard_index=0, num_shards=2, shard
         shard_mode=shard_mode,
         batch_size=4,
         max_new_tokens=MAX_NEW,
-        min_duration_ms=0,
-        min_query_count=1,
-        offline_expected_qps=10,
+        **QUICK_LOADGEN,
         metadata={"model": "fake", "recipe": "none", "backend": "fake", "gpu_type": "cpu", "gpus_per_shard": 1},
-        progress_interval_s=0,
         log=lambda msg: None,
     )
     args.update(kw)
@@ -416,26 +414,19 @@ def test_server_scenario_needs_a_target_qps(tmp_path, dataset):
     assert not (tmp_path / "s").exists()
 
 
-def test_parse_summary_server_log():
-    path = (
-        Path(__file__).resolve().parents[1]
-        / ".."
-        / "shared"
-        / "mlperf-logs"
-        / "v6.0_NVIDIA_GB300-NVL72_x72_TRT_submission"
-        / "closed"
-        / "NVIDIA"
-        / "results"
-        / "GB300-NVL72_GB300-288GB_aarch64x72_TRT"
-        / "llama2-70b-99"
-        / "Server"
-        / "performance"
-        / "run_1"
-        / "mlperf_log_summary.txt"
-    )
+def _parse_shared_summary(scenario_dir: str) -> dict:
+    """parse_summary of a published run's performance summary under ../shared/mlperf-logs."""
+    path = MLPERF_LOGS / scenario_dir / "performance" / "run_1" / "mlperf_log_summary.txt"
     if not path.exists():
         pytest.skip("shared MLPerf logs not present")
-    parsed = parse_summary(path.read_text())
+    return parse_summary(path.read_text())
+
+
+def test_parse_summary_server_log():
+    parsed = _parse_shared_summary(
+        "v6.0_NVIDIA_GB300-NVL72_x72_TRT_submission/closed/NVIDIA/results/GB300-NVL72_GB300-288GB_aarch64x72_TRT"
+        "/llama2-70b-99/Server"
+    )
     assert parsed["scenario"] == "Server" and parsed["result"] == "VALID"
     assert parsed["tokens_per_second"] == pytest.approx(868277.92)
     assert parsed["samples_per_second"] == pytest.approx(3187.30)
@@ -446,21 +437,7 @@ def test_parse_summary_server_log():
 
 
 def test_parse_summary_published_log():
-    path = (
-        Path(__file__).resolve().parents[1]
-        / ".."
-        / "shared"
-        / "mlperf-logs"
-        / "v5.1_NVIDIA_B200-SXM-180GBx8_TRT"
-        / "llama2-70b-99"
-        / "Offline"
-        / "performance"
-        / "run_1"
-        / "mlperf_log_summary.txt"
-    )
-    if not path.exists():
-        pytest.skip("shared MLPerf logs not present")
-    parsed = parse_summary(path.read_text())
+    parsed = _parse_shared_summary("v5.1_NVIDIA_B200-SXM-180GBx8_TRT/llama2-70b-99/Offline")
     assert parsed["result"] == "VALID"
     assert parsed["tokens_per_second"] == pytest.approx(101527)
     assert parsed["samples_per_second"] == pytest.approx(371.423)
@@ -510,14 +487,7 @@ def test_cli_opens_engine_and_runs(tmp_path, dataset, monkeypatch):
             "4",
             "--max-new-tokens",
             str(MAX_NEW),
-            "--min-duration-ms",
-            "0",
-            "--min-query-count",
-            "1",
-            "--offline-expected-qps",
-            "10",
-            "--progress-interval-s",
-            "0",
+            *quick_loadgen_args(),
             "--gpu-types-json",
             '{"cpu": {"kind": "cpu"}}',
             "--engine-settings-json",

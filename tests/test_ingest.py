@@ -10,14 +10,13 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from helpers import MLPERF_LOGS as LOGS
+from helpers import SHARED
 from rackbench import ingest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-LOGS = SHARED / "mlperf-logs"
 pytestmark = pytest.mark.skipif(not LOGS.is_dir(), reason=f"{LOGS} is absent")
 
 

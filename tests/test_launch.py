@@ -10,21 +10,16 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 import yaml
 
+from helpers import ROOT, alive, python_env
 from rackbench import launch
 from rackbench.endpoints import EndpointError, EndpointPool
 
-ROOT = Path(__file__).resolve().parents[1]
 SPEC = yaml.safe_load((ROOT / "tests/contracts/trtllm_serve_1_2.yaml").read_text())
-
-
-def _env():
-    return dict(os.environ, PYTHONPATH=str(ROOT / "scripts") + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
 # --------------------------------------------------------------------------- command lines
@@ -151,7 +146,7 @@ def test_a_port_in_use_is_a_clear_error(tmp_path):
             [sys.executable, "-m", "rackbench.serve", "--backend", "instant", "--port", str(port)],
             "127.0.0.1",
             port,
-            env=_env(),
+            env=python_env(),
         )
         group = launch.ServerGroup([spec], log_dir=tmp_path)
         with group, pytest.raises(EndpointError, match="exited with code") as err:
@@ -164,21 +159,9 @@ def test_a_port_in_use_is_a_clear_error(tmp_path):
 # --------------------------------------------------------------------------- teardown
 
 
-def _descendants_alive(pids):
-    alive = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
-
-
-def test_launcher_runs_a_command_with_the_urls_then_tears_down(tmp_path):
-    out = tmp_path / "urls.json"
-    seen = tmp_path / "seen.txt"
-    cmd = [
+def _launch_two_instant_servers(tmp_path, urls_out, *options_then_command):
+    """``python -m rackbench.launch local`` with 2 instant servers, then its further options and ``-- command``."""
+    return [
         sys.executable,
         "-m",
         "rackbench.launch",
@@ -192,15 +175,25 @@ def test_launcher_runs_a_command_with_the_urls_then_tears_down(tmp_path):
         "--ready-timeout",
         "60",
         "--urls-out",
-        str(out),
+        str(urls_out),
+        *options_then_command,
+    ]
+
+
+def test_launcher_runs_a_command_with_the_urls_then_tears_down(tmp_path):
+    out = tmp_path / "urls.json"
+    seen = tmp_path / "seen.txt"
+    cmd = _launch_two_instant_servers(
+        tmp_path,
+        out,
         "--log-dir",
         str(tmp_path / "logs"),
         "--",
         sys.executable,
         "-c",
         f"import os; open({str(seen)!r}, 'w').write(os.environ['{launch.ENDPOINTS_ENV}'])",
-    ]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    )
+    proc = subprocess.run(cmd, env=python_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     urls = json.loads(out.read_text())["endpoints"]
     assert len(urls) == 2 and seen.read_text() == ",".join(urls)
@@ -211,27 +204,10 @@ def test_launcher_runs_a_command_with_the_urls_then_tears_down(tmp_path):
 
 
 def test_sigterm_to_the_launcher_tears_every_server_down(tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "rackbench.launch",
-        "local",
-        "--servers",
-        "2",
-        "--engine-dir",
-        str(tmp_path),
-        "--backend",
-        "instant",
-        "--ready-timeout",
-        "60",
-        "--urls-out",
-        str(tmp_path / "urls.json"),
-        "--",
-        sys.executable,
-        "-c",
-        "import time; time.sleep(600)",
-    ]
-    proc = subprocess.Popen(cmd, env=_env(), stderr=subprocess.PIPE, text=True)
+    cmd = _launch_two_instant_servers(
+        tmp_path, tmp_path / "urls.json", "--", sys.executable, "-c", "import time; time.sleep(600)"
+    )
+    proc = subprocess.Popen(cmd, env=python_env(), stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 90
         while not (tmp_path / "urls.json").exists() and time.monotonic() < deadline and proc.poll() is None:
@@ -244,33 +220,25 @@ def test_sigterm_to_the_launcher_tears_every_server_down(tmp_path):
         proc.wait(timeout=60)
         assert proc.returncode != 0
         deadline = time.monotonic() + 30
-        while _descendants_alive(family) and time.monotonic() < deadline:
+        while alive(family) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _descendants_alive(family), f"left running: {_descendants_alive(family)}"
+        assert not alive(family), f"left running: {alive(family)}"
     finally:
         if proc.poll() is None:
             proc.kill()
 
 
 def test_teardown_after_a_failure_inside_the_group(tmp_path):
-    ports = launch.free_ports(2)
-    specs = [
-        launch.ServerSpec(
-            f"server{i}",
-            [sys.executable, "-m", "rackbench.serve", "--backend", "instant", "--port", str(p)],
-            "127.0.0.1",
-            p,
-            env=_env(),
-        )
-        for i, p in enumerate(ports)
-    ]
+    specs = launch.local_rackbench_specs(2, None, backend="instant")
+    for spec in specs:
+        spec.env = python_env()
     group = launch.ServerGroup(specs, log_dir=tmp_path)
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(RuntimeError, match="the harness failed"):
         with group:
             group.wait_ready(60)
             raise RuntimeError("the harness failed")
-    assert not _descendants_alive([p.pid for p in group.procs.values()])
+    assert not alive([p.pid for p in group.procs.values()])
     assert signal.getsignal(signal.SIGTERM) is before  # the launcher's handler is gone again
 
 

@@ -13,18 +13,16 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from conftest import DEMO_CONFIGURATION
+from helpers import MLPERF_LOGS, ROOT, SHARED, quick_loadgen_args
 from rackbench import accuracy, benchmarks, compliance, paths, submission
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 INFERENCE = SHARED / "mlcommons-inference"
-NVIDIA_TREE = SHARED / "mlperf-logs" / "v6.0_NVIDIA_GB300-NVL72_x72_TRT_submission"
+NVIDIA_TREE = MLPERF_LOGS / "v6.0_NVIDIA_GB300-NVL72_x72_TRT_submission"
 NVIDIA_RESULTS = NVIDIA_TREE / "closed/NVIDIA/results/GB300-NVL72_GB300-288GB_aarch64x72_TRT/llama2-70b-99"
 FAKE_ROUGE = ROOT / "tests" / "fakes" / "evaluate_metrics" / "rouge"
 pytestmark = pytest.mark.skipif(not INFERENCE.is_dir(), reason=f"{INFERENCE} (mlcommons/inference) is absent")
@@ -213,14 +211,7 @@ def demo_single(demo_run, tmp_path_factory):
         "16",
         "--max-new-tokens",
         "128",
-        "--min-duration-ms",
-        "0",
-        "--min-query-count",
-        "1",
-        "--offline-expected-qps",
-        "10",
-        "--progress-interval-s",
-        "0",
+        *quick_loadgen_args(),
     ]
     for mode in ("performance", "accuracy"):
         subprocess.run(

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from helpers import make_demo_dataset, make_demo_model
 from rackbench import cpu_quant_backend, demo, quantize
 
 E2M1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, 0, -0.5, -1, -1.5, -2, -3, -4, -6])
@@ -21,27 +22,8 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant")
     model = root / "model"
-    assert demo.main(["model", "--out", str(model), "--seed", "0"]) == 0
-    assert (
-        demo.main(
-            [
-                "dataset",
-                "--model",
-                str(model),
-                "--out",
-                str(root / "ds"),
-                "--num-samples",
-                "24",
-                "--num-calibration",
-                "8",
-                "--max-new-tokens",
-                "64",
-                "--seed",
-                "0",
-            ]
-        )
-        == 0
-    )
+    make_demo_model(model)
+    make_demo_dataset(model, root / "ds", num_samples=24, num_calibration=8)
     calib = pd.read_pickle(root / "ds" / demo.CALIBRATION_PKL)
     # The parquet prepare_dataset writes (ARCHITECTURE.md): input, tok_input list<int32>, output.
     pq.write_table(

@@ -133,26 +133,22 @@ def test_sigkill_mid_step_leaves_nothing_taken_as_done(demo_copy, rule):
     assert (demo_copy / STEP_OUTPUTS[rule]).exists() and not _temp_siblings(output)
 
 
-def test_killed_shard_is_retried(demo_copy):
-    """The shard's own process dies (as a node failure would kill it); Snakemake retries it."""
-    # the injected pause holds each shard at its rename, so the harness is still alive when killed
-    output = demo_copy / STEP_OUTPUTS["run_shard"]
-    proc = _start(
-        demo_copy,
-        "--cores",
-        "2",
-        "--retries",
-        "1",
-        "--forcerun",
-        "run_shard",
-        "--until",
-        "run_shard",
-        env={**FAULT_PAUSE, "RACKBENCH_FAULT_PAUSE_ONLY": str(output)},
-    )
+def _start_held_at_shard(demo_copy, output, *args):
+    """``snakemake --cores 2 ARGS`` in the background, the shard ``output`` held by the injected
+    pause before its rename; returns once the output's temporary sibling is there."""
+    proc = _start(demo_copy, "--cores", "2", *args, env={**FAULT_PAUSE, "RACKBENCH_FAULT_PAUSE_ONLY": str(output)})
     deadline = time.time() + 300
     while not _temp_siblings(output):
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.05)
+    return proc
+
+
+def test_killed_shard_is_retried(demo_copy):
+    """The shard's own process dies (as a node failure would kill it); Snakemake retries it."""
+    # the injected pause holds each shard at its rename, so the harness is still alive when killed
+    output = demo_copy / STEP_OUTPUTS["run_shard"]
+    proc = _start_held_at_shard(demo_copy, output, "--retries", "1", "--forcerun", "run_shard", "--until", "run_shard")
     harness = subprocess.run(
         ["pgrep", "-f", f"rackbench.harness .*--out {STEP_OUTPUTS['run_shard']}( |$)"], capture_output=True, text=True
     ).stdout.split()
@@ -209,18 +205,7 @@ def test_broken_quantization_is_caught_by_the_accuracy_gate(demo_copy):
 def test_second_invocation_is_refused(demo_copy):
     # the injected pause keeps the first run's shards in flight while the others start, however slow the machine
     output = demo_copy / STEP_OUTPUTS["run_shard"]
-    first = _start(
-        demo_copy,
-        "--cores",
-        "2",
-        "--forcerun",
-        "run_shard",
-        env={**FAULT_PAUSE, "RACKBENCH_FAULT_PAUSE_ONLY": str(output)},
-    )
-    deadline = time.time() + 300
-    while not _temp_siblings(output):
-        assert first.poll() is None and time.time() < deadline
-        time.sleep(0.05)
+    first = _start_held_at_shard(demo_copy, output, "--forcerun", "run_shard")
     # The same command again is refused: by Snakemake's lock on the working directory, or
     # (when a job of the first run has just renamed its output into place and is not yet
     # marked done) as incomplete output. With --rerun-incomplete, the lock refuses it.

@@ -7,44 +7,28 @@ here; the tokens that come back must equal the engine's own, generated in-proces
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import requests
 
+from helpers import alive, make_demo_model, python_env
 from rackbench import launch
 from rackbench.endpoints import EndpointPool
 from rackbench.engines import generate
 
-ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT = 240  # model load on 2 busy cores
 SETTINGS = {"torch_threads": 1}
 
 
 def _env():
-    return dict(
-        os.environ,
-        PYTHONPATH=str(ROOT / "scripts") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS="1",
-    )
+    return python_env(TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module")
 def demo_model(tmp_path_factory):
-    out = tmp_path_factory.mktemp("serve") / "model"
-    subprocess.run(
-        [sys.executable, "-m", "rackbench.demo", "model", "--out", str(out), "--seed", "0"],
-        check=True,
-        env=_env(),
-        capture_output=True,
-    )
-    return out
+    return make_demo_model(tmp_path_factory.mktemp("serve") / "model", env=_env())
 
 
 @pytest.fixture(scope="module")
@@ -108,20 +92,7 @@ def servers(demo_model, tmp_path_factory):
         group.wait_ready(READY_TIMEOUT)
         yield group
     pids = [p.pid for p in group.procs.values()]
-    assert not _running(pids), f"servers left running after teardown: {_running(pids)}"
-
-
-def _running(pids):
-    import psutil
-
-    alive = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                alive.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return alive
+    assert not alive(pids), f"servers left running after teardown: {alive(pids)}"
 
 
 def test_offline_round_trip_equals_the_engine(servers, prompts, direct):
@@ -216,7 +187,7 @@ def test_the_pool_against_transformers_serve(demo_model, prompts, direct, tmp_pa
             assert got == direct, f"stream={stream}"
             if stream:
                 assert firsts == {i: t[0] for i, t in enumerate(direct) if t}
-    assert not _running([p.pid for p in group.procs.values()])
+    assert not alive([p.pid for p in group.procs.values()])
 
 
 def _one(pool, prompt, n, firsts, i):

@@ -108,6 +108,33 @@ def test_shards_ran_at_once_on_their_own_gpus(tiny_run):
     assert len({r["slurm_job_id"] for r in recs.values()}) == 4
 
 
+def _states_by_comment(jobs: list[dict]) -> dict[str, list[str]]:
+    """sacct rows -> each job comment's states, one per attempt in order ("CANCELLED by 0" -> "CANCELLED")."""
+    states = {}
+    for j in sorted(jobs, key=lambda j: int(j["JobIDRaw"])):
+        states.setdefault(j["Comment"], []).append(j["State"].split()[0])
+    return states
+
+
+def _shard_2_missing_and_no_report(wd: Path) -> dict[int, str]:
+    """After a tiny run whose shard 2 never succeeded: nothing of shard 2 (no partial output counts),
+    no report; returns the other shards' Slurm job ids."""
+    assert not (wd / "shards" / "shard2").exists()
+    assert not list((wd / "shards").glob("*.tmp-*"))
+    assert not (wd / "report.json").exists()
+    before = {i: r["slurm_job_id"] for i, r in shard_records(wd).items()}
+    assert sorted(before) == [0, 1, 3]
+    return before
+
+
+def _only_shard_2_added_then_the_report(wd: Path, before: dict[int, str]) -> None:
+    """After the rerun: shards 0, 1, 3 are the jobs they were, shard 2 is there, and so is the report."""
+    after = {i: r["slurm_job_id"] for i, r in shard_records(wd).items()}
+    assert {i: after[i] for i in before} == before  # shards 0, 1, 3 untouched
+    assert sorted(after) == [0, 1, 2, 3]
+    assert (wd / "report.json").exists()
+
+
 def test_failed_shards_are_retried_and_a_later_run_resubmits_only_the_missing(slurm_cluster, tmp_path):  # noqa: F811
     """Through the plugin's default status path (sacct). Jobs killed with scancel:
     tests/test_slurm_cluster.py (squeue path), and test_sacct_reports_scancel_... below."""
@@ -117,31 +144,21 @@ def test_failed_shards_are_retried_and_a_later_run_resubmits_only_the_missing(sl
     (ctl / "fail-always-2").touch()  # fails on every attempt
     p = run_snakemake(["--keep-going"], cwd=wd, timeout=TINY_TIMEOUT)
     assert p.returncode != 0, "shard 2 cannot succeed"
-    jobs = sacct(slurm_run_id(p))
-    states = {}
-    for j in sorted(jobs, key=lambda j: int(j["JobIDRaw"])):
-        states.setdefault(j["Comment"], []).append(j["State"].split()[0])
+    states = _states_by_comment(sacct(slurm_run_id(p)))
     # retries: 1 in profiles/ci-slurm -> each failing shard is submitted twice
     assert states["rule_shard_wildcards_0"] == ["FAILED", "COMPLETED"], states
     assert states["rule_shard_wildcards_1"] == ["COMPLETED"], states
     assert states["rule_shard_wildcards_2"] == ["FAILED", "FAILED"], states
     assert states["rule_shard_wildcards_3"] == ["COMPLETED"], states
     # no partial output counts: shard 2 has none, and there is no report
-    assert not (wd / "shards" / "shard2").exists()
-    assert not list((wd / "shards").glob("*.tmp-*"))
-    assert not (wd / "report.json").exists()
-    before = {i: r["slurm_job_id"] for i, r in shard_records(wd).items()}
-    assert sorted(before) == [0, 1, 3]
+    before = _shard_2_missing_and_no_report(wd)
 
     (ctl / "fail-always-2").unlink()
     p2 = run_snakemake([], cwd=wd, timeout=TINY_TIMEOUT)
     assert p2.returncode == 0, tail(p2)
     jobs2 = sacct(slurm_run_id(p2))
     assert [j["Comment"] for j in jobs2] == ["rule_shard_wildcards_2"], jobs2
-    after = {i: r["slurm_job_id"] for i, r in shard_records(wd).items()}
-    assert {i: after[i] for i in before} == before  # shards 0, 1, 3 untouched
-    assert sorted(after) == [0, 1, 2, 3]
-    assert (wd / "report.json").exists()
+    _only_shard_2_added_then_the_report(wd, before)
 
 
 def test_scancelled_shards_are_retried_and_a_later_run_resubmits_only_the_missing(slurm_cluster, tmp_path):  # noqa: F811
@@ -162,9 +179,7 @@ def test_scancelled_shards_are_retried_and_a_later_run_resubmits_only_the_missin
     out = p.stdout + p.stderr
     assert p.returncode != 0, "shard 2 cannot succeed"
     assert "SLURM status is: 'CANCELLED'" in out, tail(p)
-    states = {}
-    for j in sorted(sacct(slurm_run_id(p)), key=lambda j: int(j["JobIDRaw"])):
-        states.setdefault(j["Comment"], []).append(j["State"].split()[0])
+    states = _states_by_comment(sacct(slurm_run_id(p)))
     assert states["rule_shard_wildcards_1"] == ["CANCELLED", "COMPLETED"], states
     assert states["rule_shard_wildcards_2"] == ["CANCELLED"] * (1 + retries), states
     assert states["rule_shard_wildcards_0"] == states["rule_shard_wildcards_3"] == ["COMPLETED"], states
@@ -172,21 +187,14 @@ def test_scancelled_shards_are_retried_and_a_later_run_resubmits_only_the_missin
     # cancelled one nothing at all, and there is no report
     kept = sorted(x.name for x in (wd / "shards" / "shard1").iterdir() if x.name != ".snakemake_timestamp")
     assert kept == ["shard.json"], kept
-    assert not (wd / "shards" / "shard2").exists()
-    assert not list((wd / "shards").glob("*.tmp-*"))
-    assert not (wd / "report.json").exists()
-    before = {i: r["slurm_job_id"] for i, r in shard_records(wd).items()}
-    assert sorted(before) == [0, 1, 3]
+    before = _shard_2_missing_and_no_report(wd)
 
     (ctl / "cancel-always-2").unlink()
     p2 = run_snakemake(squeue, cwd=wd, timeout=TINY_TIMEOUT)
     assert p2.returncode == 0, tail(p2)
     assert [comment_of(c) for c in sbatch_calls(p2)] == ["rule_shard_wildcards_2"]
     assert [j["Comment"] for j in sacct(slurm_run_id(p2))] == ["rule_shard_wildcards_2"]
-    after = {i: r["slurm_job_id"] for i, r in shard_records(wd).items()}
-    assert {i: after[i] for i in before} == before  # shards 0, 1, 3 untouched
-    assert sorted(after) == [0, 1, 2, 3]
-    assert (wd / "report.json").exists()
+    _only_shard_2_added_then_the_report(wd, before)
 
 
 def test_site_profile_runs_container_jobs_under_apptainer_with_nv(slurm_cluster, tmp_path):  # noqa: F811

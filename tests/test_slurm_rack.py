@@ -15,7 +15,6 @@ Two Slurm nodes: two slurmd on this machine (Debian's slurmd 22.05 is built with
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import signal
 import subprocess
@@ -29,13 +28,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from helpers import ROOT, make_demo_model, python_env
 from rackbench import launch
 from slurm import cluster
 from slurm.fixtures import slurm_cluster  # noqa: F401  (the session fixture)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
 CLIENT = ROOT / "tests" / "slurm" / "rack_client.py"
 MAX_NEW = 16
 SETTINGS = {"torch_threads": 1}
@@ -46,12 +45,7 @@ READY_TIMEOUT = 240  # model load on 2 busy cores
 
 
 def _env() -> dict:
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(ROOT / "scripts") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS="1",
-    )
+    env = python_env(TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     for k in [k for k in env if k.startswith("SLURM_")]:
         env.pop(k)
     return env
@@ -59,14 +53,7 @@ def _env() -> dict:
 
 @pytest.fixture(scope="module")
 def demo_model(tmp_path_factory):
-    out = tmp_path_factory.mktemp("rack-model") / "model"
-    subprocess.run(
-        [sys.executable, "-m", "rackbench.demo", "model", "--out", str(out), "--seed", "0"],
-        check=True,
-        env=_env(),
-        capture_output=True,
-    )
-    return out
+    return make_demo_model(tmp_path_factory.mktemp("rack-model") / "model", env=_env())
 
 
 @pytest.fixture(scope="module")

@@ -212,6 +212,22 @@ def _labelled_hbars(ax, rows: list[tuple], label) -> None:
     ax.invert_yaxis()
 
 
+def _warning_notes(ax, notes: list[str], *, y: float, wrap: bool = False) -> None:
+    """What a figure leaves out and why (e.g. "x: INVALID, not shown"), one per line, bottom right."""
+    if notes:
+        ax.text(
+            0.99,
+            y,
+            "\n".join(notes),
+            transform=ax.transAxes,
+            ha="right",
+            va="bottom",
+            fontsize=5,
+            color=WARN_COLOR,
+            wrap=wrap,
+        )
+
+
 def records(configs: list[dict], published: dict, out_dir, inputs: list[str]) -> list[Path]:
     """Our per-GPU output tokens/s (methods a and b) beside published Llama-2-70B Offline records."""
     rows = []  # (label, value, color, note)
@@ -236,17 +252,7 @@ def records(configs: list[dict], published: dict, out_dir, inputs: list[str]) ->
         ax.set_xlim(min(values) / 2, max(values) * 8)
         ax.set_xlabel("output tokens/s per GPU (log scale)")
         ax.set_title("Per GPU vs published Llama-2-70B Offline (grey)")
-        if notes:
-            ax.text(
-                0.99,
-                0.01,
-                "\n".join(notes),
-                transform=ax.transAxes,
-                ha="right",
-                va="bottom",
-                fontsize=5,
-                color=WARN_COLOR,
-            )
+        _warning_notes(ax, notes, y=0.01)
     return save(
         fig,
         out_dir,
@@ -281,18 +287,7 @@ def efficiency(configs: list[dict], out_dir, inputs: list[str]) -> list[Path]:
         ax.set_xlim(0, max(r[1] for r in rows) * 1.35 if rows else 1.0)
         ax.set_xlabel("model FLOP/s / peak dense FLOP/s (%)")
         ax.set_title("(in+out tok/s) × 2 × params / peak FLOP/s")
-        if notes:
-            ax.text(
-                0.99,
-                0.02,
-                "\n".join(notes),
-                transform=ax.transAxes,
-                ha="right",
-                va="bottom",
-                fontsize=5,
-                color=WARN_COLOR,
-                wrap=True,
-            )
+        _warning_notes(ax, notes, y=0.02, wrap=True)
     return save(
         fig,
         out_dir,

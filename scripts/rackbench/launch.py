@@ -51,6 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from rackbench.args import json_arg
+
 ENDPOINTS_ENV = "RACKBENCH_ENDPOINTS"
 TRTLLM_SERVE = "trtllm-serve"
 TRTLLM_LAUNCH_WRAPPER = "trtllm-llmapi-launch"
@@ -665,13 +667,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     loc.add_argument("--servers", type=int, required=True)
     loc.add_argument("--engine-dir", type=Path, required=True)
     loc.add_argument("--backend", default="reference")
-    loc.add_argument("--settings", default="{}", help="engine settings as JSON")
+    loc.add_argument("--settings", default="{}", help="engine settings as JSON or a JSON file")
     loc.add_argument("--host", default="127.0.0.1")
     loc.add_argument("--ports", default=None, help="comma-separated ports (default: free ones)")
     slm = sub.add_parser("slurm", help="rackbench.serve servers as srun --exact steps of the current allocation")
     slm.add_argument("--engine-dir", type=Path, required=True)
     slm.add_argument("--backend", default="reference")
-    slm.add_argument("--settings", default="{}", help="engine settings as JSON")
+    slm.add_argument("--settings", default="{}", help="engine settings as JSON or a JSON file")
     slm.add_argument("--servers-per-node", type=int, required=True)
     slm.add_argument("--gpus-per-server", type=int, default=1)
     slm.add_argument("--cpus-per-server", type=int, default=None)
@@ -691,7 +693,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.servers,
                 args.engine_dir,
                 backend=args.backend,
-                settings=json.loads(args.settings),
+                settings=json_arg(args.settings),
                 host=args.host,
                 ports=ports,
             )
@@ -699,7 +701,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             specs = rackbench_slurm_specs(
                 args.engine_dir,
                 backend=args.backend,
-                settings=json.loads(args.settings),
+                settings=json_arg(args.settings),
                 servers_per_node=args.servers_per_node,
                 gpus_per_server=args.gpus_per_server,
                 cpus_per_server=args.cpus_per_server,

@@ -93,25 +93,22 @@ def incomplete_markers(workdir: str | os.PathLike) -> dict[str, str | None]:
     return found
 
 
+def _squeue_jobs(selection: list[str]) -> list[SlurmJob]:
+    """The jobs ``squeue -h SELECTION`` lists, with our fields (a line that does not parse is skipped)."""
+    sep = "\x1f"
+    proc = subprocess.run(
+        ["squeue", "-h", *selection, "-o", sep.join(_SQUEUE_FIELDS)], capture_output=True, text=True, timeout=60
+    )
+    rows = (line.split(sep) for line in proc.stdout.splitlines())
+    return [SlurmJob(*(f.strip() for f in fields)) for fields in rows if len(fields) == len(_SQUEUE_FIELDS)]
+
+
 def squeue(job_ids) -> dict[str, SlurmJob]:
     """What squeue knows of these jobs (finished ones too, for MinJobAge seconds)."""
     job_ids = sorted(set(job_ids))
     if not job_ids or not shutil.which("squeue"):
         return {}
-    sep = "\x1f"
-    proc = subprocess.run(
-        ["squeue", "-h", "--states=all", "-j", ",".join(job_ids), "-o", sep.join(_SQUEUE_FIELDS)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    jobs = {}
-    for line in proc.stdout.splitlines():
-        fields = line.split(sep)
-        if len(fields) == len(_SQUEUE_FIELDS):
-            job = SlurmJob(*(f.strip() for f in fields))
-            jobs[job.job_id] = job
-    return jobs
+    return {job.job_id: job for job in _squeue_jobs(["--states=all", "-j", ",".join(job_ids)])}
 
 
 def sacct_states(job_ids) -> dict[str, str]:
@@ -138,19 +135,8 @@ def own_active_jobs(workdir: str | os.PathLike) -> dict[str, SlurmJob]:
     if not shutil.which("squeue"):
         return {}
     here = os.path.realpath(workdir)
-    sep = "\x1f"
-    proc = subprocess.run(
-        ["squeue", "-h", "-u", getpass.getuser(), "-o", sep.join(_SQUEUE_FIELDS)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
     jobs = {}
-    for line in proc.stdout.splitlines():
-        fields = line.split(sep)
-        if len(fields) != len(_SQUEUE_FIELDS):
-            continue
-        job = SlurmJob(*(f.strip() for f in fields))
+    for job in _squeue_jobs(["-u", getpass.getuser()]):
         if (
             job.state in ACTIVE_STATES
             and os.path.realpath(job.workdir) == here
