@@ -1,5 +1,5 @@
-# run_shard: one MLPerf LoadGen Offline run per shard, each its own job (its own
-# Slurm job on a cluster), so all shards of a configuration can run at once.
+# run_shard: one MLPerf LoadGen run per shard and mode (the per-shard method), each its own
+# job (its own Slurm job on a cluster), so all shards of a configuration can run at once.
 
 from rackbench.trtllm_launch import launch_prefix  # noqa: E402
 
