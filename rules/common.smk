@@ -373,14 +373,16 @@ def rack_resources():
         s = spec(wc)
         return f"gpu:{s['slurm']['gpu_model']}:{per_node}" if s["kind"] == "gpu" else None
 
+    # the servers' steps take exactly their GPUs' shares; the LoadGen process (the batch
+    # step) needs its own CPUs and memory beside them (rack_run.client_*)
     def cpus(wc):
-        return spec(wc)["slurm"]["cpus_per_gpu"] * per_node
+        return spec(wc)["slurm"]["cpus_per_gpu"] * per_node + RACK_RUN["client_cpus"]
 
     return {
         "nodes": rack_nodes,
         "gres": gres,
         "cpus_per_task": cpus,
-        "mem_mb": lambda wc: spec(wc)["slurm"]["mem_mb_per_gpu"] * per_node,
+        "mem_mb": lambda wc: spec(wc)["slurm"]["mem_mb_per_gpu"] * per_node + RACK_RUN["client_mem_mb"],
         "runtime": lambda wc, attempt: spec(wc)["slurm"]["runtime_min"] * attempt,
         "slurm_partition": lambda wc: spec(wc)["slurm"].get("partition"),
     }
