@@ -57,16 +57,17 @@ def _temp_siblings(path: Path):
     return list(path.parent.glob(f".{path.name}.tmp-*")) if path.parent.exists() else []
 
 
+def _cwd(pid) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None
+
+
 def _job_pids(module, workdir):
     """PIDs of a step's job process (``python -m <module> ...``) running in ``workdir``."""
-    found = []
-    for pid in subprocess.run(["pgrep", "-f", f"python.* -m {module}"], capture_output=True, text=True).stdout.split():
-        try:
-            if os.readlink(f"/proc/{pid}/cwd") == str(workdir):
-                found.append(int(pid))
-        except OSError:
-            pass
-    return found
+    pids = subprocess.run(["pgrep", "-f", f"python.* -m {module}"], capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in pids if _cwd(pid) == str(workdir)]
 
 
 def _kill_tree(proc):
@@ -153,9 +154,15 @@ def test_killed_shard_is_retried(demo_copy):
     while not _temp_siblings(output):
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.05)
-    harness = subprocess.run(
-        ["pgrep", "-f", f"rackbench.harness .*--out {STEP_OUTPUTS['run_shard']}( |$)"], capture_output=True, text=True
-    ).stdout.split()
+    harness = [  # this copy's (cwd): other tests' demo runs, in other xdist workers, have the same shard0
+        pid
+        for pid in subprocess.run(
+            ["pgrep", "-f", f"rackbench.harness .*--out {STEP_OUTPUTS['run_shard']}( |$)"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        if _cwd(pid) == str(demo_copy)
+    ]
     assert harness, "no harness process found for shard0"
     for pid in harness:
         os.kill(int(pid), signal.SIGKILL)
