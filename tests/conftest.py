@@ -231,6 +231,7 @@ def chromium():
 
 
 # ---- pytest-xdist: one Slurm test cluster at a time ----
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     # One group runs on one worker, in order: only one test cluster exists at a time
     # (they all use /etc/slurm, /var/lib/slurm and Slurm's ports), and the group's
