@@ -131,11 +131,34 @@ def _run_demo(shared: Path) -> None:
         copy_workflow(workdir)
         proc = snakemake(workdir, "--cores", "2", env={"HF_TOKEN": PLANTED_TOKEN}, timeout=DEMO_TIMEOUT_S, check=False)
         record = {"args": proc.args, "returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
+        record["manifest"] = demo_manifest(workdir)
     except Exception as e:  # the other workers must see the failure, not run it again
         record = {"error": f"{type(e).__name__}: {e}"}
     tmp = shared / (DEMO_RECORD + ".tmp")
     tmp.write_text(json.dumps(record))
     tmp.rename(shared / DEMO_RECORD)
+
+
+def demo_manifest(workdir: Path) -> dict[str, list[int]]:
+    """Every file under the shared demo (relative path -> [size, mtime_ns]): what the
+    session-end check compares, so that a test writing into it is caught."""
+    return {
+        str(f.relative_to(workdir)): [f.lstat().st_size, f.lstat().st_mtime_ns]
+        for f in workdir.rglob("*")
+        if f.is_file() or f.is_symlink()
+    }
+
+
+def demo_changes(config) -> list[str]:
+    """Paths of the shared demo that changed after its run (empty where it did not run)."""
+    record_file = shared_tmp(config) / DEMO_RECORD
+    if not record_file.exists():
+        return []
+    before = json.loads(record_file.read_text()).get("manifest")
+    if before is None:
+        return []
+    after = demo_manifest(shared_tmp(config) / DEMO_DIR)
+    return sorted(path for path in before.keys() | after.keys() if before.get(path) != after.get(path))
 
 
 def _start_demo(config) -> None:
@@ -288,6 +311,10 @@ def pytest_sessionfinish(session, exitstatus):
         thread.join()
     if hasattr(session.config, "workerinput"):
         return  # a worker: the controller checks once every worker has ended
+    changed = demo_changes(session.config)
+    if changed:  # tests must work on copies (demo_copy)
+        print(f"\nERROR: tests wrote into the shared demo run: {', '.join(changed[:20])}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if os.environ.get("RACKBENCH_SLURM_KEEP"):
         return  # asked to leave the cluster running
     left = cluster.daemons_with_env(SESSION_MARKER, os.environ[SESSION_MARKER])
