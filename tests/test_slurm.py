@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -332,11 +333,28 @@ def demo_run(slurm_cluster, tmp_path_factory):  # noqa: F811
     return wd, p
 
 
+def from_demo_run(demo_wd: Path, dest: Path, keep: tuple[str, ...] | None = None) -> Path:
+    """``dest`` seeded from the module's finished Slurm demo run, to save CI's time on steps
+    a test is not about: everything but the shard runs, their accuracy and the report
+    (with Snakemake's metadata, so that a run there redoes just those), or only the
+    ``keep`` paths under results/ (no metadata: Snakemake takes them as they are)."""
+    if keep is None:
+        shutil.copytree(demo_wd, dest, symlinks=True, ignore=shutil.ignore_patterns("snakemake-*.log", "slurm_logs"))
+        for rel in ("results/runs", "results/accuracy", "results/report"):
+            shutil.rmtree(dest / rel)
+        return dest
+    for rel in keep:
+        shutil.copytree(demo_wd / "results" / rel, dest / "results" / rel, symlinks=True)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def demo_local(demo_run, tmp_path_factory):
     """The same config run locally (`--cores 2`, RACKBENCH_FAKE_GPU_TYPE=gb300 too), in
-    another directory, after the Slurm run (so the two do not share the 2 cores)."""
-    wd = tmp_path_factory.mktemp("local-demo")
+    another directory, after the Slurm run (so the two do not share the 2 cores). It starts
+    from the Slurm run's demo assets (rackbench.demo's seeded model and dataset, the inputs
+    both runs share); every step from there on runs locally."""
+    wd = from_demo_run(demo_run[0], tmp_path_factory.mktemp("local-demo"), keep=("demo",))
     p = run_snakemake(["--cores", "2", *DEMO_ARGS], cwd=wd, timeout=DEMO_TIMEOUT, slurm=False)
     assert p.returncode == 0, tail(p)
     return wd
@@ -514,14 +532,13 @@ def wait_until(what, pred, timeout, proc=None):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def test_rerun_after_a_lost_login_session_waits_for_and_adopts_the_running_shards(slurm_cluster, tmp_path):  # noqa: F811
+def test_rerun_after_a_lost_login_session_waits_for_and_adopts_the_running_shards(slurm_cluster, demo_run, tmp_path):  # noqa: F811
     """Issue 14, item 2. SIGKILL of snakemake while the four demo shard jobs run (each held
     45 s before its output's rename), then `snakemake --unlock` and the same command again:
     the rerun finds the four orphans (squeue: this working directory, a plugin run ID, a rule
     comment), waits for them, adopts their outputs, and submits no shard a second time
-    (rackbench.slurm_jobs)."""
-    wd = tmp_path / "demo"
-    wd.mkdir()
+    (rackbench.slurm_jobs). The steps before the shards come from the module's demo run."""
+    wd = from_demo_run(demo_run[0], tmp_path / "demo")
     held = {
         "RACKBENCH_FAULT_PAUSE_BEFORE_RENAME_S": "45",
         "RACKBENCH_FAULT_PAUSE_ONLY": f"{wd}/results/runs/*/shard[0-9]",
@@ -560,14 +577,18 @@ def test_rerun_after_a_lost_login_session_waits_for_and_adopts_the_running_shard
     assert (wd / "results" / "report" / "report.md").exists()
 
 
-def test_a_shard_past_its_time_limit_says_so_counts_for_nothing_and_its_retry_gets_more_time(slurm_cluster, tmp_path):  # noqa: F811
+def test_a_shard_past_its_time_limit_says_so_counts_for_nothing_and_its_retry_gets_more_time(
+    slurm_cluster,  # noqa: F811
+    demo_run,
+    tmp_path,
+):
     """Issue 14, item 3. GPU jobs get a 2-minute limit (runtime_min: 2; Slurm's shortest is 1,
     too short for the other shards on 2 shared cores); performance shard 0 is held 200 s
     before its output's rename on its first attempt only. Slurm ends it (TIMEOUT: SIGTERM,
     SIGKILL KillWait=5 s later); its Slurm log says it hit the limit, nothing of it is kept,
-    and the retry asks for twice the time (runtime x attempt) and finishes."""
-    wd = tmp_path / "demo"
-    wd.mkdir()
+    and the retry asks for twice the time (runtime x attempt) and finishes. The steps before
+    the engine build come from the module's demo run (the new limit rebuilds the engine)."""
+    wd = from_demo_run(demo_run[0], tmp_path / "demo")
     short_limit = wd / "short-limit.yaml"
     short_limit.write_text(yaml.safe_dump({"gpu_types": {"gb300": {"slurm": {"runtime_min": 2}}}}))
     # shard 0's run dir, whatever its settings variant (fnmatch: * also spans the variant level)

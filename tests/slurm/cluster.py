@@ -214,6 +214,9 @@ _children: dict[int, subprocess.Popen] = {}
 _started_here: dict[str, int] = {}
 # Process names of what the test cluster runs (slurmstepd: one per job step still alive).
 DAEMON_NAMES = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd", "slurmstepd")
+# Each test session's id, in the environment of what it starts (set by tests/conftest.py;
+# daemons inherit it): whose daemons are whose (daemons_with_env, stale_daemons).
+SESSION_ENV = "RACKBENCH_TEST_SESSION"
 
 
 def kill_pid(name: str, pid: int, timeout: float = 30) -> None:
@@ -417,9 +420,28 @@ def munge_ok() -> bool:
         return False
 
 
+def clear_unhealthy(name: str, healthy, grace: float = 15) -> None:
+    """A running ``name`` that does not answer within ``grace`` seconds (hung, or left
+    half-started) is stopped when this module started it, so that start() starts a
+    fresh one instead of timing out beside it; a foreign one is an error."""
+    pid = running_pid(name)
+    if not pid:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if healthy():
+            return
+        time.sleep(0.5)
+    if read_book()["pids"].get(name) != pid:
+        raise ClusterUnavailable(f"{name} (pid {pid}) runs but does not answer, and this module did not start it")
+    log(f"{name} (pid {pid}) runs but does not answer; stopping it")
+    kill_pid(name, pid)
+
+
 def start_munged(book: dict) -> int | None:
     if munge_ok():
         return None
+    clear_unhealthy("munged", munge_ok)
     munge = pwd.getpwnam("munge")
     key = Path("/etc/munge/munge.key")
     if not key.exists():
@@ -493,6 +515,7 @@ def sacctmgr_ok() -> bool:
 def start_slurmdbd() -> int | None:
     if running_pid("slurmdbd") and sacctmgr_ok():
         return None
+    clear_unhealthy("slurmdbd", sacctmgr_ok)
     sh([BINARIES["slurmdbd"]])
     wait_for("slurmdbd", sacctmgr_ok, 90, LOG_DIR / "slurmdbd.log")
     return pidfile_pid("slurmdbd")
@@ -529,6 +552,7 @@ def node_state(host: str) -> str:
 def start_slurmctld() -> int | None:
     if running_pid("slurmctld") and ctld_ok():
         return None
+    clear_unhealthy("slurmctld", ctld_ok)
     sh([BINARIES["slurmctld"]])
     wait_for("slurmctld", ctld_ok, 60, LOG_DIR / "slurmctld.log")
     return pidfile_pid("slurmctld")
@@ -589,6 +613,10 @@ def start(accounting: bool = True, install: bool = True) -> Cluster:
         except KeyError:
             raise ClusterUnavailable(f"system user {u!r} is missing (package install incomplete)") from None
 
+    stale = stale_daemons()
+    if stale:  # a killed test session's cluster: nobody would stop it, so this one restarts it
+        log(f"stopping daemons of a test session that has ended: {stale}")
+        stop(stale)
     host = hostname()
     prepare_dirs()
     files = render(accounting, host)
@@ -731,15 +759,43 @@ def processes_named(*names: str) -> dict[int, str]:
 def daemons_with_env(key: str, value: str) -> dict[int, str]:
     """Test-cluster daemons (DAEMON_NAMES) whose environment has key=value: those a process
     with that environment started, directly or through another daemon."""
-    found = {}
-    for pid, comm in processes_named(*DAEMON_NAMES).items():
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"{key}={value}".encode() in env:
-            found[pid] = comm
-    return found
+    return {pid: comm for pid, comm in processes_named(*DAEMON_NAMES).items() if process_env(pid).get(key) == value}
+
+
+def process_env(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return {}
+    return dict(item.decode(errors="replace").split("=", 1) for item in raw if b"=" in item)
+
+
+def stale_daemons() -> dict[str, int]:
+    """Booked daemons (started by this module) still running for a test session that has
+    ended without stopping them (killed with SIGKILL, say): name -> pid. Their session is
+    the SESSION_ENV value they inherited; it has ended when no other process has it. A
+    cluster started by hand (no SESSION_ENV) or kept on purpose (RACKBENCH_SLURM_KEEP) is
+    not stale."""
+    booked = {name: pid for name, pid in read_book()["pids"].items() if pid_alive(pid, name)}
+    if not booked:
+        return {}
+    live_sessions = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) not in booked.values():
+            try:
+                comm = (proc / "comm").read_text().strip()
+            except OSError:
+                continue
+            if comm not in DAEMON_NAMES:
+                marker = process_env(int(proc.name)).get(SESSION_ENV)
+                if marker:
+                    live_sessions.add(marker)
+    stale = {}
+    for name, pid in booked.items():
+        env = process_env(pid)
+        if env.get(SESSION_ENV) and not env.get("RACKBENCH_SLURM_KEEP") and env[SESSION_ENV] not in live_sessions:
+            stale[name] = pid
+    return stale
 
 
 def status() -> dict:
