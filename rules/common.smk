@@ -181,19 +181,6 @@ def expected_rows(wildcards):
     return config["datasets"][wildcards.dataset].get("num_samples") or 0
 
 
-def measured_before(wildcards):
-    """The measured runs go one phase at a time: the performance shards all together, then
-    (on a CPU host, where every job shares the same cores) the accuracy shards, then the rack
-    session. The rack session needs every GPU of the rack, which the shards hold: after
-    them, it never queues behind them half-allocated, nor they behind it."""
-    cfg = configuration_of(wildcards)
-    if not hasattr(wildcards, "mode"):  # the rack session
-        return [*cfg.shard_dirs("performance"), *cfg.shard_dirs("accuracy")]
-    if GPU_TYPES[wildcards.gpu_type]["kind"] != "cpu":
-        return []
-    return cfg.shard_dirs("performance") if wildcards.mode == "accuracy" else []
-
-
 def shard_start_barrier_args(wildcards):
     """The performance shards of a configuration start LoadGen together (rackbench.barrier):
     the per-shard sum is a rack throughput only where they overlap. Accuracy shards need not."""

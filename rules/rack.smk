@@ -11,7 +11,6 @@ rule rack_run:
         engine=lambda wc: configuration_of(wc).engine_dir,
         dataset=lambda wc: configuration_of(wc).dataset_file("samples"),
         orphans=settle_orphaned_slurm_jobs,
-        after=measured_before,  # on a CPU host: after the per-shard runs (the same cores)
     output:
         directory(paths.RACK_SESSION_PATTERN),
     log:

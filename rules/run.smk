@@ -9,7 +9,6 @@ rule run_shard:
         engine=lambda wc: configuration_of(wc).engine_dir,
         dataset=lambda wc: configuration_of(wc).dataset_file("samples"),
         orphans=settle_orphaned_slurm_jobs,  # a shard as target: wait for an earlier run's jobs first
-        after=measured_before,  # on a CPU host: accuracy shards after the performance ones
     output:
         directory(paths.SHARD_PATTERN),
     log:
@@ -19,6 +18,9 @@ rule run_shard:
     container:
         engine_container
     threads: shard_threads
+    # before the rack session, which needs the same GPUs (cores, on a CPU host) all at once: by
+    # priority, not by a file dependency, so a redone shard never makes Snakemake redo the session
+    priority: 1
     resources:
         **job_resources(lambda wc: wc.gpu_type, shard_gpus),
     params:
