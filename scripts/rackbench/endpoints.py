@@ -336,24 +336,19 @@ class EndpointPool:
     def _body(self, batch: list[_Request]) -> dict:
         if self.api == "token_ids":
             prompts = [r.prompt if type(r.prompt) is list else list(r.prompt) for r in batch]
-            body = {
-                "model": self.model,
-                "prompt": prompts[0] if len(prompts) == 1 else prompts,
-                "max_tokens": batch[0].max_new_tokens,
-                "stream": self.stream,
-                "temperature": 0.0,
-                "top_k": 1,
-                "detokenize": False,
-            }  # greedy; ids back in choices[].token_ids (trtllm_serve_1_2.yaml)
+            # greedy; ids back in choices[].token_ids (trtllm_serve_1_2.yaml)
+            extra = {"top_k": 1, "detokenize": False}
         else:
-            texts = [self.tokenizer.decode(list(r.prompt)) for r in batch]
-            body = {
-                "model": self.model,
-                "prompt": texts[0] if len(texts) == 1 else texts,
-                "max_tokens": batch[0].max_new_tokens,
-                "stream": self.stream,
-                "temperature": 0.0,
-            }
+            prompts = [self.tokenizer.decode(list(r.prompt)) for r in batch]
+            extra = {}
+        body = {
+            "model": self.model,
+            "prompt": prompts[0] if len(prompts) == 1 else prompts,
+            "max_tokens": batch[0].max_new_tokens,
+            "stream": self.stream,
+            "temperature": 0.0,
+            **extra,
+        }
         body.update(self.extra_body)
         return body
 

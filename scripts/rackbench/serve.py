@@ -348,20 +348,13 @@ class CompletionServer:
             fut.add_done_callback(lambda f, i=i: events.put_nowait(("done", i, f)))
             pending.append(fut)
 
+        def event(choices, **extra):
+            """One server-sent event of the stream (the OpenAI completions chunk)."""
+            body = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
+            return b"data: " + _dumps({**body, "choices": choices, **extra}) + b"\n\n"
+
         def chunk(choice):
-            return (
-                b"data: "
-                + _dumps(
-                    {
-                        "id": rid,
-                        "object": "text_completion",
-                        "created": created,
-                        "model": self.model_name,
-                        "choices": [choice],
-                    }
-                )
-                + b"\n\n"
-            )
+            return event([choice])
 
         remaining = len(prompts)
         completion = 0
@@ -389,24 +382,12 @@ class CompletionServer:
                 out.append(chunk(choice))
             await resp.write(b"".join(out))
         if (body.get("stream_options") or {}).get("include_usage"):
-            await resp.write(
-                b"data: "
-                + _dumps(
-                    {
-                        "id": rid,
-                        "object": "text_completion",
-                        "created": created,
-                        "model": self.model_name,
-                        "choices": [],
-                        "usage": {
-                            "prompt_tokens": usage_prompt,
-                            "completion_tokens": completion,
-                            "total_tokens": usage_prompt + completion,
-                        },
-                    }
-                )
-                + b"\n\n"
-            )
+            usage = {
+                "prompt_tokens": usage_prompt,
+                "completion_tokens": completion,
+                "total_tokens": usage_prompt + completion,
+            }
+            await resp.write(event([], usage=usage))
         await resp.write(b"data: [DONE]\n\n")
         return resp
 
