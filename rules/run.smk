@@ -13,14 +13,14 @@ rule run_shard:
         directory(paths.SHARD_PATTERN),
     log:
         paths.log_file("run_shard"),
+    # before the rack session, which needs the same GPUs (cores, on a CPU host) all at once: by
+    # priority, not by a file dependency, so a redone shard never makes Snakemake redo the session
+    priority: 1
     conda:
         RUN_ENV
     container:
         engine_container
     threads: shard_threads
-    # before the rack session, which needs the same GPUs (cores, on a CPU host) all at once: by
-    # priority, not by a file dependency, so a redone shard never makes Snakemake redo the session
-    priority: 1
     resources:
         **job_resources(lambda wc: wc.gpu_type, shard_gpus),
     params:
