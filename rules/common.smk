@@ -360,15 +360,22 @@ def rack_resources():
         s = spec(wc)
         return f"gpu:{s['slurm']['gpu_model']}:{per_node}" if s["kind"] == "gpu" else None
 
-    # the servers' steps take exactly their GPUs' shares; the LoadGen process (the batch
-    # step) needs its own CPUs and memory beside them (rack_run.client_*)
-    def cpus(wc):
-        return spec(wc)["slurm"]["cpus_per_gpu"] * per_node + RACK_RUN["client_cpus"]
+    # One Slurm task per engine server plus one for the LoadGen process: the job starts its own
+    # srun steps (rackbench.launch), so it is an "mpi" job to the Slurm executor plugin, which
+    # then runs it in the batch step instead of wrapping it in an srun step that would hold
+    # every CPU of the allocation (the servers' steps would wait for them forever).
+    def tasks(wc):
+        return plan.rack_servers(config, wc.backend) + 1
+
+    def cpus_per_server(wc):
+        return spec(wc)["slurm"]["cpus_per_gpu"] * max(plan.replica_gpus(config, wc.backend), 1)
 
     return {
         "nodes": rack_nodes,
         "gres": gres,
-        "cpus_per_task": cpus,
+        "mpi": "srun",
+        "tasks": tasks,
+        "cpus_per_task": cpus_per_server,
         "mem_mb": lambda wc: spec(wc)["slurm"]["mem_mb_per_gpu"] * per_node + RACK_RUN["client_mem_mb"],
         "runtime": lambda wc, attempt: spec(wc)["slurm"]["runtime_min"] * attempt,
         "slurm_partition": lambda wc: spec(wc)["slurm"].get("partition"),

@@ -388,9 +388,9 @@ def test_demo_gpu_jobs_are_slurm_jobs_with_their_gpu_requests(demo_run):
                 assert "--gpus=gb300:1" in c and "--cpus-per-gpu=1" in c and "--mem 2000" in c, c
                 assert "-t 20" in c and "--cpus-per-task" not in c, c
             elif rule == "rack_run":  # one allocation of the whole rack: its node, both GPUs
-                # (+ the LoadGen client's own: rack_run.client_cpus 1, client_mem_mb 4000)
+                # a task per server and one for the LoadGen (+ its memory: rack_run.client_mem_mb 4000)
                 assert "--nodes=1" in c and "--gres=gpu:gb300:2" in c and "--mem 8000" in c, c
-                assert "--cpus-per-task=3" in c and "--gpus" not in c, c
+                assert "--ntasks=3" in c and "--cpus-per-task=1" in c and "--gpus" not in c, c
             else:
                 assert "--gpus" not in c and "--cpus-per-gpu" not in c, c
             assert "--ntasks-per-gpu" not in c, c

@@ -413,7 +413,6 @@ RACK_RUN_SCHEDULING_KEYS = (
     "server_qps_sweep",
     "ready_timeout_s",
     "base_port",
-    "client_cpus",
     "client_mem_mb",
 )
 
