@@ -375,6 +375,7 @@ def rack_resources():
         "gres": gres,
         "mpi": "srun",
         "tasks": tasks,
+        "tasks_per_gpu": 0,  # 0: no --ntasks-per-gpu, which the plugin would take from tasks
         "cpus_per_task": cpus_per_server,
         "mem_mb": lambda wc: spec(wc)["slurm"]["mem_mb_per_gpu"] * per_node + RACK_RUN["client_mem_mb"],
         "runtime": lambda wc, attempt: spec(wc)["slurm"]["runtime_min"] * attempt,
