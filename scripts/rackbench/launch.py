@@ -288,11 +288,23 @@ def node_addresses(nodes: Sequence[str]) -> dict[str, str]:
     return {n: addresses.get(n, n) for n in nodes}
 
 
+def in_allocation(env=os.environ) -> bool:
+    """Inside a Slurm allocation. The Slurm executor plugin's job step keeps only SLURM_JOB_ID
+    (and a few more) for nested srun, dropping SLURM_JOB_NODELIST: either says so."""
+    return bool(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or env.get("SLURM_JOB_ID"))
+
+
 def allocation_nodes(env=os.environ) -> list[str]:
-    """The nodes of the current Slurm allocation (``scontrol show hostnames``)."""
+    """The nodes of the current Slurm allocation (``scontrol show hostnames``); where only
+    SLURM_JOB_ID is set, its node list from ``squeue``."""
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist and env.get("SLURM_JOB_ID"):
+        out = subprocess.run(
+            ["squeue", "-h", "-j", env["SLURM_JOB_ID"], "-o", "%N"], capture_output=True, text=True, check=True
+        )
+        nodelist = out.stdout.strip()
     if not nodelist:
-        raise LaunchError("not inside a Slurm allocation (SLURM_JOB_NODELIST is unset)")
+        raise LaunchError("not inside a Slurm allocation (SLURM_JOB_NODELIST and SLURM_JOB_ID are unset)")
     out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
     return out.stdout.split()
 

@@ -90,7 +90,7 @@ def server_specs(
             raise RackError("server kind 'urls' needs --urls")
         return launch.url_specs(urls)
     if launcher == "auto":
-        launcher = "slurm" if env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") else "local"
+        launcher = "slurm" if launch.in_allocation(env) else "local"
     if launcher not in ("local", "slurm"):
         raise RackError(f"unknown launcher {launcher!r}; known: {list(LAUNCHERS)}")
 
