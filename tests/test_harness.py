@@ -102,6 +102,10 @@ class AsyncFakeEngine:
                     with self._lock:
                         self.in_flight -= 1
                     on_done(out)
+            self._step_done()
+
+    def _step_done(self):
+        """After each step's callbacks (BurstFakeEngine says so to its listeners)."""
 
     def close(self):
         self._queue.put(None)
@@ -121,33 +125,9 @@ class BurstFakeEngine(AsyncFakeEngine):
     def add_burst_listener(self, fn):
         self.listeners.append(fn)
 
-    def _run(self):
-        import queue
-
-        running = []
-        while True:
-            try:
-                while True:
-                    item = self._queue.get(block=not running)
-                    if item is None:
-                        return
-                    running.append([FakeEngine.output_for(item[0], item[1]), 0, item])
-            except queue.Empty:
-                pass
-            time.sleep(self.step_s)
-            for entry in list(running):
-                out, k, (prompt, n, on_done, on_first) = entry
-                entry[1] = k = k + 1
-                if k == 1 and on_first is not None:
-                    self.first_tokens += 1
-                    on_first(out[0])
-                if k >= len(out):
-                    running.remove(entry)
-                    with self._lock:
-                        self.in_flight -= 1
-                    on_done(out)
-            for fn in self.listeners:
-                fn()
+    def _step_done(self):
+        for fn in self.listeners:
+            fn()
 
 
 def make_dataset(path: Path, n: int = 30, seed: int = 0) -> list[list[int]]:
