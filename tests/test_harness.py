@@ -554,3 +554,18 @@ def test_int32_buffer_matches_array():
         assert _int32_buffer(tokens) == array("i", tokens)
     with pytest.raises(struct.error):  # out of int32 range is an error, never a wrapped value
         _int32_buffer([2**31])
+
+
+def test_the_start_gate_runs_once_after_the_set_up_just_before_loadgen_starts(tmp_path, dataset):
+    """The per-shard start barrier is this gate: LoadGen must start right after it returns
+    (nothing of the set-up left to do), or the shards' starts drift apart again."""
+    opened = []
+
+    def gate():
+        opened.append(time.time())
+        time.sleep(0.3)  # waiting for the other shards
+
+    record = _run(FakeEngine(), dataset[0], tmp_path / "out", start_gate=gate)
+    assert len(opened) == 1
+    assert 0.3 <= record["started_at"] - opened[0] < 0.6  # after the gate, and at once
+    assert record["first_issue_at"] - record["started_at"] < 0.5

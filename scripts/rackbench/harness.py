@@ -570,11 +570,15 @@ def _drive_loadgen(
     log_settings,
     progress: "_Progress",
     audit_config: str = LOADGEN_AUDIT_CONFIG,
+    start_gate: Callable[[], object] | None = None,
 ) -> tuple[float, float]:
-    """One LoadGen test over ``sut_impl``; returns (started_at, finished_at)."""
+    """One LoadGen test over ``sut_impl``; returns (started_at, finished_at). ``start_gate``
+    runs just before LoadGen starts, after all the set-up (the per-shard start barrier)."""
     n = len(samples)
     sut = lg.ConstructSUT(sut_impl.issue_query, sut_impl.flush_queries)
     qsl = lg.ConstructQSL(n, n, samples.load_samples, samples.unload_samples)
+    if start_gate is not None:
+        start_gate()
     started_at = time.time()
     progress.start()
     try:
@@ -661,6 +665,7 @@ def run_shard(
     progress_interval_s: float = 30.0,
     summary_to_stdout: bool = False,
     audit_config=None,
+    start_gate: Callable[[], object] | None = None,
     log: Callable[[str], None] = _stderr_log,
 ) -> dict:
     """Run one shard (or, with ``num_shards=1``, the whole rack) through one LoadGen test and
@@ -674,6 +679,8 @@ def run_shard(
     TestSettings defaults instead. Server and Interactive need ``target_qps``.
     ``audit_config``: a compliance test's audit.config (TEST06), which overrides the settings;
     None: LoadGen's own rule (an ``audit.config`` in the working directory, if any).
+    ``start_gate``: called once everything is set up, just before LoadGen starts (the shards'
+    start barrier, so that the set-up's own time does not separate their starts).
     """
     import mlperf_loadgen as lg
 
@@ -733,6 +740,7 @@ def run_shard(
                 _log_settings(lg, tmp, summary_to_stdout),
                 progress,
                 str(audit_config) if audit_config else LOADGEN_AUDIT_CONFIG,
+                start_gate,
             )
             if sut_impl.error is not None:
                 raise HarnessError(f"{label}: engine failed: {sut_impl.error!r}") from sut_impl.error
@@ -839,7 +847,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.start_barrier and args.start_barrier_timeout_s is None:
+        parser.error("--start-barrier needs --start-barrier-timeout-s")  # before minutes of engine load
+    from rackbench import barrier
     from rackbench.build_engine import open_engine
 
     metadata = json_arg(args.meta_json)
@@ -855,19 +867,17 @@ def main(argv=None) -> int:
         settings=json_arg(args.engine_settings_json),
         gpu_types=json_arg(args.gpu_types_json),
     )
+    gate = None
+    if args.start_barrier:
+        gate = partial(
+            barrier.wait_for_shards,
+            args.start_barrier,
+            shard_index=args.shard_index,
+            num_shards=args.num_shards,
+            timeout_s=args.start_barrier_timeout_s,
+            log=_stderr_log,
+        )
     try:
-        if args.start_barrier:
-            if args.start_barrier_timeout_s is None:
-                raise SystemExit("--start-barrier needs --start-barrier-timeout-s")
-            from rackbench.barrier import wait_for_shards
-
-            wait_for_shards(
-                args.start_barrier,
-                shard_index=args.shard_index,
-                num_shards=args.num_shards,
-                timeout_s=args.start_barrier_timeout_s,
-                log=_stderr_log,
-            )
         run_shard(
             engine,
             samples_parquet=args.dataset,
@@ -888,9 +898,12 @@ def main(argv=None) -> int:
             metadata=metadata,
             progress_interval_s=args.progress_interval_s,
             summary_to_stdout=True,
+            start_gate=gate,
         )
     finally:
         engine.close()
+        if args.start_barrier:
+            barrier.leave(args.start_barrier, args.shard_index)
     return 0
 
 
