@@ -330,13 +330,17 @@ def make_model(args) -> None:
 # ---------------------------------------------------------------- dataset
 
 
-def greedy(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16) -> list[list[int]]:
-    """Greedy ids per prompt, cut before the first EOS (as the engine contract says)."""
+def greedy(
+    model, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16, *, eos: int = EOS
+) -> list[list[int]]:
+    """transformers' greedy ``generate``: ids per prompt, cut before the first ``eos`` (as the
+    engine contract says). ``batch_size=1`` (no padding) is the unbatched reference the
+    reference engine's tests and benchmark compare it with."""
     import torch
 
     outs = []
     for i in range(0, len(prompts), batch_size):
-        ids, mask = pad_batch(prompts[i : i + batch_size], EOS, side="left")
+        ids, mask = pad_batch(prompts[i : i + batch_size], eos, side="left")
         width = ids.shape[1]
         with torch.no_grad():
             gen = model.generate(
@@ -344,11 +348,11 @@ def greedy(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int
                 attention_mask=mask,
                 do_sample=False,
                 max_new_tokens=max_new_tokens,
-                eos_token_id=EOS,
-                pad_token_id=EOS,
+                eos_token_id=eos,
+                pad_token_id=eos,
             )
         for row in gen[:, width:].tolist():
-            outs.append(row[: row.index(EOS)] if EOS in row else row)
+            outs.append(row[: row.index(eos)] if eos in row else row)
     return outs
 
 
