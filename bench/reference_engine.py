@@ -59,15 +59,7 @@ def make_assets(root: Path, config: dict) -> tuple[Path, Path]:
     d, q = config["demo"], config["quantization"]
     model, data, ckpt, engine = root / "model", root / "dataset", root / "checkpoint", root / "engine"
     if not model.exists():
-        shape = {  # option -> config key (the options rules/demo.smk passes)
-            "hidden_size": "hidden_size",
-            "intermediate_size": "intermediate_size",
-            "num_layers": "num_hidden_layers",
-            "num_heads": "num_attention_heads",
-            "num_kv_heads": "num_key_value_heads",
-            "vocab_size": "vocab_size",
-        }
-        flags = {option: d["model"][key] for option, key in shape.items() if key in d["model"]}
+        flags = {option: d["model"][key] for option, key in demo.MODEL_OPTIONS.items() if key in d["model"]}
         _sh(["rackbench.demo", "model"], out=model, seed=d["seed"], **flags)
     if not data.exists():
         _sh(
