@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 from rackbench import paths
+from rackbench.config import CONFIG_FIELDS
+from rackbench.shards import layout_name
 
 SUMMARY_TEMPLATE = """================================================
 MLPerf Results Summary
@@ -54,13 +56,30 @@ No errors encountered during test.
 
 
 SYNTHETIC_VARIANT = "5e7e7e7e"  # the variant directory synthetic results are written under
+# The configuration synthetic results belong to unless a call names other fields (the layout
+# comes from each call).
+SYNTHETIC_FIELDS = {
+    "model": "llama2-70b",
+    "recipe": "nvfp4",
+    "backend": "tensorrt-llm",
+    "gpu_type": "GB300",
+    "batch_size": 16,
+}
+
+
+def _fields(overrides: dict, layout: str) -> dict:
+    """The configuration's fields (config.CONFIG_FIELDS); any other name is a caller's typo."""
+    unknown = set(overrides) - (set(CONFIG_FIELDS) - {"layout"})
+    if unknown:
+        raise TypeError(f"not a configuration field other than the layout: {sorted(unknown)}")
+    return {**SYNTHETIC_FIELDS, **overrides, "layout": layout}
 
 
 def configuration_entry(shard_dirs, accuracy_json=None) -> dict:
     """What the workflow tells the report about one configuration (Configuration.report_entry),
     for synthetic shard dirs of one configuration (their fields from the first shard.json)."""
     meta = json.loads((Path(shard_dirs[0]) / "shard.json").read_text())
-    fields = {k: meta[k] for k in ("model", "recipe", "backend", "gpu_type", "batch_size", "layout")}
+    fields = {k: meta[k] for k in CONFIG_FIELDS}
     return {
         **fields,
         "key": paths.config_key(fields),
@@ -73,11 +92,6 @@ def configuration_entry(shard_dirs, accuracy_json=None) -> dict:
 def write_shard(
     root,
     *,
-    model="llama2-70b",
-    recipe="nvfp4",
-    backend="tensorrt-llm",
-    gpu="GB300",
-    bs=16,
     num_shards=2,
     gpus_per_shard=4,
     shard=0,
@@ -90,17 +104,19 @@ def write_shard(
     loadgen_tps=None,
     accuracy_log="[]",
     seed=0,
+    **fields,
 ):
     """Write one synthetic performance shard dir in the ARCHITECTURE.md layout; return its path.
 
-    The LoadGen summary's tokens/s is output_tokens/duration unless ``loadgen_tps`` is given.
+    ``fields``: configuration fields other than the layout (``gpu_type="cpu"``, ...), else
+    ``SYNTHETIC_FIELDS``. The LoadGen summary's tokens/s is output_tokens/duration unless
+    ``loadgen_tps`` is given.
     """
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    layout = f"{num_shards}x{gpus_per_shard}"
-    fields = {"model": model, "recipe": recipe, "backend": backend, "gpu_type": gpu, "batch_size": bs, "layout": layout}
+    fields = _fields(fields, layout_name(num_shards, gpus_per_shard))
     d = Path(root).parent / paths.shard_dir(fields, SYNTHETIC_VARIANT, "performance", shard)
     d.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed + shard)
@@ -132,12 +148,7 @@ def write_shard(
     )
     (d / "mlperf_log_accuracy.json").write_text(accuracy_log)
     meta = {
-        "model": model,
-        "recipe": recipe,
-        "backend": backend,
-        "gpu_type": gpu,
-        "batch_size": bs,
-        "layout": layout,
+        **fields,
         "mode": "performance",
         "shard_index": shard,
         "num_shards": num_shards,
@@ -159,20 +170,9 @@ def write_shard(
     return d
 
 
-def write_accuracy(
-    root,
-    *,
-    model="llama2-70b",
-    recipe="nvfp4",
-    backend="tensorrt-llm",
-    gpu="GB300",
-    bs=16,
-    layout="2x4",
-    valid=True,
-    rouge1=44.4,
-    with_txt=True,
-):
-    fields = {"model": model, "recipe": recipe, "backend": backend, "gpu_type": gpu, "batch_size": bs, "layout": layout}
+def write_accuracy(root, *, layout="2x4", valid=True, rouge1=44.4, with_txt=True, **fields):
+    """Write a synthetic accuracy.json (and .txt) of one configuration (``fields`` as in write_shard)."""
+    fields = _fields(fields, layout)
     d = (Path(root).parent / paths.accuracy_json(fields, SYNTHETIC_VARIANT)).parent
     d.mkdir(parents=True, exist_ok=True)
     data = {

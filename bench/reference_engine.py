@@ -42,10 +42,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET = 5.0
 
 
-def _sh(args: list[str]) -> None:
+def _sh(module: list[str], **options) -> None:
+    """``python -m <module...>``, each keyword an option: ``num_samples=48`` -> ``--num-samples 48``."""
+    args = [*module, *(x for name, value in options.items() for x in (f"--{name.replace('_', '-')}", str(value)))]
     proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(args[:2])} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        raise SystemExit(f"{' '.join(module)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
 
 
 def make_assets(root: Path, config: dict) -> tuple[Path, Path]:
@@ -57,58 +59,31 @@ def make_assets(root: Path, config: dict) -> tuple[Path, Path]:
     d, q = config["demo"], config["quantization"]
     model, data, ckpt, engine = root / "model", root / "dataset", root / "checkpoint", root / "engine"
     if not model.exists():
-        shape = {
-            "hidden-size": "hidden_size",
-            "intermediate-size": "intermediate_size",
-            "num-layers": "num_hidden_layers",
-            "num-heads": "num_attention_heads",
-            "num-kv-heads": "num_key_value_heads",
-            "vocab-size": "vocab_size",
-        }
-        flags = [x for flag, key in shape.items() if key in d["model"] for x in (f"--{flag}", str(d["model"][key]))]
-        _sh(["rackbench.demo", "model", "--out", str(model), "--seed", str(d["seed"]), *flags])
+        flags = {option: d["model"][key] for option, key in demo.MODEL_OPTIONS.items() if key in d["model"]}
+        _sh(["rackbench.demo", "model"], out=model, seed=d["seed"], **flags)
     if not data.exists():
         _sh(
-            [
-                "rackbench.demo",
-                "dataset",
-                "--model",
-                str(model),
-                "--out",
-                str(data),
-                "--seed",
-                str(d["seed"]),
-                "--num-samples",
-                str(d["num_samples"]),
-                "--num-calibration",
-                str(d["num_calibration"]),
-                "--max-new-tokens",
-                str(d["reference_max_new_tokens"]),
-            ]
+            ["rackbench.demo", "dataset"],
+            model=model,
+            out=data,
+            seed=d["seed"],
+            num_samples=d["num_samples"],
+            num_calibration=d["num_calibration"],
+            max_new_tokens=d["reference_max_new_tokens"],
         )
     if not ckpt.exists():
         calib = root / "calibration.parquet"
         _pkl_to_parquet(data / demo.CALIBRATION_PKL, calib)  # what prepare_dataset does, minus the checksum
         _sh(
-            [
-                "rackbench.quantize",
-                "--model-dir",
-                str(model),
-                "--calibration",
-                str(calib),
-                "--recipe",
-                "nvfp4",
-                "--out",
-                str(ckpt),
-                "--calib-samples",
-                str(q["calibration_samples"]),
-                "--calib-batch-size",
-                str(q["calibration_batch_size"]),
-                "--calib-max-seq-len",
-                str(q["calibration_max_seq_len"]),
-                "--device",
-                "cpu",
-            ]
+            ["rackbench.quantize"],
+            model_dir=model,
+            calibration=calib,
+            recipe="nvfp4",
+            out=ckpt,
+            calib_samples=q["calibration_samples"],
+            calib_batch_size=q["calibration_batch_size"],
+            calib_max_seq_len=q["calibration_max_seq_len"],
+            device="cpu",
         )
     if not engine.exists():
         reference.build(ckpt, engine, gpu_type="cpu", gpu_spec={}, settings=config["engines"]["reference"])
@@ -122,20 +97,10 @@ def _pkl_to_parquet(pkl: Path, parquet: Path) -> None:
 
 
 def naive(model, prompts, max_new_tokens, eos):
-    outs = []
-    with torch.inference_mode():
-        for p in prompts:
-            g = model.generate(
-                torch.tensor([p]),
-                attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=eos,
-                pad_token_id=eos,
-            )
-            ids = g[0, len(p) :].tolist()
-            outs.append(ids[: ids.index(eos)] if eos in ids else ids)
-    return outs
+    """The baseline: transformers' ``model.generate`` once per prompt, the tests' reference too."""
+    from rackbench import demo
+
+    return demo.greedy(model, prompts, max_new_tokens, batch_size=1, eos=eos)
 
 
 def main() -> None:

@@ -3,16 +3,22 @@
 # one). A localrule: login nodes have the network. Only for datasets with a `download`
 # section whose paths are the files this rule makes; a config naming a local copy skips it.
 
-from rackbench.dataset_download import download_args, download_dir  # noqa: E402
+from rackbench.dataset_download import (  # noqa: E402
+    checksum_path,
+    download_args,
+    download_dir,
+    role_path,
+)
 
 
+# The outputs are the module's own paths, with the wildcard left in.
 rule download_dataset:
     output:
-        samples="results/datasets/{dataset}/download/samples.pkl",
-        calibration="results/datasets/{dataset}/download/calibration.pkl",
-        checksums="results/datasets/{dataset}/download/SHA256SUMS",
+        samples=role_path("{dataset}", "samples"),
+        calibration=role_path("{dataset}", "calibration"),
+        checksums=checksum_path("{dataset}"),
     log:
-        "results/logs/download_dataset/{dataset}.log",
+        paths.log_file("download_dataset"),
     localrule: True
     conda:
         RUN_ENV

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rackbench import demo
 from rackbench.engines import reference
 
 VOCAB = 256
@@ -108,19 +109,9 @@ def prompts(n=14, seed=0, lo=2, hi=40):
     return [[1] + [rng.randrange(3, VOCAB) for _ in range(rng.randrange(lo, hi))] for _ in range(n)]
 
 
-def hf_greedy(model, prompt, max_new_tokens, eos):
-    """One prompt alone through transformers' own generate: the unbatched reference."""
-    with torch.inference_mode():
-        out = model.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=eos,
-        )
-    ids = out[0, len(prompt) :].tolist()
-    return ids[: ids.index(eos)] if eos in ids else ids
+def hf_greedy(model, prompts, max_new_tokens, eos):
+    """Each prompt alone through transformers' own generate: the unbatched reference."""
+    return demo.greedy(model, prompts, max_new_tokens, batch_size=1, eos=eos)
 
 
 # --------------------------------------------------------------------------- build
@@ -222,7 +213,7 @@ def test_batched_generate_equals_unbatched(tiny_checkpoints, recipe):
     )
     got = engine.generate(ps, 20)
     assert len(got) == len(ps) and all(0 < len(g) <= 20 for g in got)
-    want = [hf_greedy(engine.model, p, 20, eos=2) for p in ps]
+    want = hf_greedy(engine.model, ps, 20, eos=2)
     assert got == want
     # with FP8 KV emulation (no transformers counterpart): batched == one prompt at a time
     kv = reference.load(tiny_checkpoints[f"engine-{recipe}"], record={}, gpu_ids=[], settings={"max_batch_size": 5})
@@ -259,7 +250,7 @@ def test_eos_stops_each_sequence(tiny_checkpoints, tmp_path):
     assert len(lengths) > 1 and min(lengths) < 24  # some stopped early, not all at the same step
     for g, r in zip(got, runs):  # a stopped sequence is the prefix before the first EOS
         assert g == (r[: r.index(eos)] if eos in r else r)
-    assert got == [hf_greedy(engine.model, p, 24, eos=eos) for p in ps]
+    assert got == hf_greedy(engine.model, ps, 24, eos=eos)
 
 
 def test_generate_edge_cases(tiny_checkpoints):
@@ -331,7 +322,7 @@ def test_continuous_batching_admits_requests_while_others_decode(tiny_checkpoint
         done = {e[1]: e[2] for e in events if e[0] == "done"}
         assert sorted(done) == list(range(len(ps)))
         for i, (p, n) in enumerate(zip(ps, limits)):
-            assert done[i] == hf_greedy(engine.model, p, n, eos=2)
+            assert done[i] == hf_greedy(engine.model, [p], n, eos=2)[0]
             firsts = [e for e in events if e[0] == "first" and e[1] == i]
             if done[i]:
                 assert firsts == [("first", i, done[i][0])]

@@ -28,7 +28,7 @@ def make_rack(
     results=None,
     accuracy="pass",
     layout_gpus=2,
-    gpu="GB300",
+    gpu_type="GB300",
 ):
     n = len(durations)
     dirs = []
@@ -45,7 +45,7 @@ def make_rack(
                 out_tokens_per_sample=out_tok[i],
                 in_tokens_per_sample=100,
                 result=(results or ["VALID"] * n)[i],
-                gpu=gpu,
+                gpu_type=gpu_type,
             )
         )
     acc = []
@@ -54,7 +54,7 @@ def make_rack(
             bench.write_accuracy(
                 root,
                 layout=f"{n}x{layout_gpus}",
-                gpu=gpu,
+                gpu_type=gpu_type,
                 valid=accuracy == "pass",
                 rouge1=44.4 if accuracy == "pass" else 40.1,
             )
@@ -192,7 +192,7 @@ def test_configuration_fields_come_from_the_entry_not_the_path(tmp_path):
 
 
 def test_cpu_gpu_type_skips_efficiency(tmp_path):
-    dirs, acc = make_rack(tmp_path / "results", gpu="cpu")
+    dirs, acc = make_rack(tmp_path / "results", gpu_type="cpu")
     (cfg,) = run(dirs, acc, tmp_path / "out")["configs"]
     assert math.isnan(cfg["efficiency_b"]) and "no peak dense FLOP/s" in cfg["efficiency_skip"]
     assert "skipped" in (tmp_path / "out" / "report.md").read_text()

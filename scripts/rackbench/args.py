@@ -12,7 +12,7 @@ def json_arg(value: str | None):
     Empty or None gives {}."""
     if value is None or not value.strip():
         return {}
-    if not value.lstrip().startswith(("{", "[")) and Path(value).is_file():
+    if is_json_file(value):
         return json.loads(Path(value).read_text())
     try:
         return json.loads(value)

@@ -37,6 +37,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from rackbench import paths
 from rackbench.atomic import atomic_path, sha256_file, write_text_atomic
 
 TOKEN_ENV = "CF_ACCESS_TOKEN"
@@ -51,7 +52,7 @@ class DownloadError(Exception):
 
 def download_dir(dataset: str) -> str:
     """Where download_dataset writes a dataset's files (the rule's output directory)."""
-    return f"results/datasets/{dataset}/download"
+    return paths.DATASET_DOWNLOAD_PATTERN.format(dataset=dataset)
 
 
 def role_path(dataset: str, role: str) -> str:

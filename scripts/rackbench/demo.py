@@ -244,6 +244,18 @@ def successor_table(tokenizer, texts: list[str]) -> dict[int, int]:
     return {a: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for a, c in counts.items()}
 
 
+# The model command's shape options, each with the LlamaConfig field it sets (the key in the
+# config's demo.model).
+MODEL_OPTIONS = {
+    "hidden-size": "hidden_size",
+    "intermediate-size": "intermediate_size",
+    "num-layers": "num_hidden_layers",
+    "num-heads": "num_attention_heads",
+    "num-kv-heads": "num_key_value_heads",
+    "vocab-size": "vocab_size",
+}
+
+
 def compile_model(args, successors: dict[int, int]):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -254,12 +266,7 @@ def compile_model(args, successors: dict[int, int]):
             f"{args.intermediate_size}; the lookup MLP needs one unit per token"
         )
     config = LlamaConfig(
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.num_layers,
-        num_attention_heads=args.num_heads,
-        num_key_value_heads=args.num_kv_heads,
+        **{key: getattr(args, option.replace("-", "_")) for option, key in MODEL_OPTIONS.items()},
         max_position_embeddings=2048,
         bos_token_id=BOS,
         eos_token_id=EOS,
@@ -330,13 +337,17 @@ def make_model(args) -> None:
 # ---------------------------------------------------------------- dataset
 
 
-def greedy(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16) -> list[list[int]]:
-    """Greedy ids per prompt, cut before the first EOS (as the engine contract says)."""
+def greedy(
+    model, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16, *, eos: int = EOS
+) -> list[list[int]]:
+    """transformers' greedy ``generate``: ids per prompt, cut before the first ``eos`` (as the
+    engine contract says). ``batch_size=1`` (no padding) is the unbatched reference the
+    reference engine's tests and benchmark compare it with."""
     import torch
 
     outs = []
     for i in range(0, len(prompts), batch_size):
-        ids, mask = pad_batch(prompts[i : i + batch_size], EOS, side="left")
+        ids, mask = pad_batch(prompts[i : i + batch_size], eos, side="left")
         width = ids.shape[1]
         with torch.no_grad():
             gen = model.generate(
@@ -344,11 +355,11 @@ def greedy(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int
                 attention_mask=mask,
                 do_sample=False,
                 max_new_tokens=max_new_tokens,
-                eos_token_id=EOS,
-                pad_token_id=EOS,
+                eos_token_id=eos,
+                pad_token_id=eos,
             )
         for row in gen[:, width:].tolist():
-            outs.append(row[: row.index(EOS)] if EOS in row else row)
+            outs.append(row[: row.index(eos)] if eos in row else row)
     return outs
 
 
@@ -434,12 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     defaults = schema_defaults("demo")  # the config schema's, the only defaults
     shape = defaults["model"]
     m.add_argument("--seed", type=int, default=defaults["seed"])
-    m.add_argument("--hidden-size", type=int, default=shape["hidden_size"])
-    m.add_argument("--intermediate-size", type=int, default=shape["intermediate_size"])
-    m.add_argument("--num-layers", type=int, default=shape["num_hidden_layers"])
-    m.add_argument("--num-heads", type=int, default=shape["num_attention_heads"])
-    m.add_argument("--num-kv-heads", type=int, default=shape["num_key_value_heads"])
-    m.add_argument("--vocab-size", type=int, default=shape["vocab_size"])
+    for option, key in MODEL_OPTIONS.items():
+        m.add_argument(f"--{option}", type=int, default=shape[key])
     d = sub.add_parser("dataset", help="write the OpenOrca-shaped pickles + SHA256SUMS")
     d.add_argument("--model", required=True, type=Path)
     d.add_argument("--out", required=True, type=Path)

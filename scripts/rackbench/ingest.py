@@ -143,7 +143,6 @@ COLUMNS = [
     "accuracy_evidence",
     "summary_detail_mismatch",
 ]
-ACCURACY_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "gen_len", "gen_num", "gen_tok_len", "tokens_per_sample")
 EVIDENCE_SCORED = "accuracy.txt"
 EVIDENCE_UNSCORED = "accuracy log only (unscored)"
 EVIDENCE_NONE = "none"

@@ -52,6 +52,8 @@ DEMO_DATASET_DIR = f"{DEMO_SOURCE}/dataset"
 
 SNAPSHOT_PATTERN = f"{RESULTS}/models/{{model}}/{{variant}}/snapshot"
 DATASET_PATTERN = f"{RESULTS}/datasets/{{dataset}}/{{variant}}/{{part}}.parquet"
+# download_dataset's folder (MLPerf's files; rackbench.dataset_download names those in it).
+DATASET_DOWNLOAD_PATTERN = f"{RESULTS}/datasets/{{dataset}}/download"
 CHECKPOINT_PATTERN = f"{RESULTS}/quantized/{{model}}/{{recipe}}/{{variant}}/checkpoint"
 ENGINE_PATTERN = f"{RESULTS}/engines/{{model}}/{{recipe}}/{{backend}}/{{gpu_type}}/{{variant}}/engine"
 CONFIG_KEY_PATTERN = "{model}/{recipe}/{backend}/{gpu_type}/bs{batch_size}/{layout}"
@@ -102,6 +104,7 @@ LOG_PATTERNS = {
     "demo_model": f"{LOGS}/demo_model.log",
     "demo_dataset": f"{LOGS}/demo_dataset.log",
     "download_model": f"{LOGS}/download_model/{{model}}-{{variant}}.log",
+    "download_dataset": f"{LOGS}/download_dataset/{{dataset}}.log",
     "prepare_dataset": f"{LOGS}/prepare_dataset/{{dataset}}-{{variant}}.log",
     "quantize": f"{LOGS}/quantize/{{model}}-{{recipe}}-{{variant}}.log",
     "build_engine": f"{LOGS}/build_engine/{{model}}-{{recipe}}-{{backend}}-{{gpu_type}}-{{variant}}.log",

@@ -62,57 +62,38 @@ class Record:
         return f"{self.submitter} {self.system} {self.round} {self.benchmark} {self.scenario}{tag}"
 
 
-RECORDS = (
-    Record(
-        "nvidia-gb300-x72-v6.0-offline",
+def _nvidia_gb300_x72(scenario: str, tokens_per_s: float, printed: str, source="as above", note="") -> Record:
+    """A scenario of NVIDIA's v6.0 GB300 NVL72 submission, read from its LoadGen summary."""
+    return Record(
+        f"nvidia-gb300-x72-v6.0-{scenario.lower()}",
         "NVIDIA",
         "GB300 NVL72 (72x GB300, one LoadGen)",
         "GB300",
         72,
         "v6.0",
         "llama2-70b-99",
+        scenario,
+        tokens_per_s,
+        None,
+        VERIFIED,
+        source,
+        f"{X72}/{scenario}/performance/run_1/mlperf_log_summary.txt",
+        printed,
+        note,
+    )
+
+
+RECORDS = (
+    _nvidia_gb300_x72(
         "Offline",
         1126850.0,
-        None,
-        VERIFIED,
-        "MLPerf Inference v6.0 closed, NVIDIA GB300-NVL72_GB300-288GB_aarch64x72_TRT (fork gbeezybez/"
-        "inference_results_v6.0 at 232fbf9 of mlcommons' v6.0 results)",
-        f"{X72}/Offline/performance/run_1/mlperf_log_summary.txt",
         "1.12685e+06",
-        "MLCommons' checker accepts the tree (tests/test_mlcommons.py)",
+        source="MLPerf Inference v6.0 closed, NVIDIA GB300-NVL72_GB300-288GB_aarch64x72_TRT (fork gbeezybez/"
+        "inference_results_v6.0 at 232fbf9 of mlcommons' v6.0 results)",
+        note="MLCommons' checker accepts the tree (tests/test_mlcommons.py)",
     ),
-    Record(
-        "nvidia-gb300-x72-v6.0-server",
-        "NVIDIA",
-        "GB300 NVL72 (72x GB300, one LoadGen)",
-        "GB300",
-        72,
-        "v6.0",
-        "llama2-70b-99",
-        "Server",
-        868277.92,
-        None,
-        VERIFIED,
-        "as above",
-        f"{X72}/Server/performance/run_1/mlperf_log_summary.txt",
-        "868277.92",
-    ),
-    Record(
-        "nvidia-gb300-x72-v6.0-interactive",
-        "NVIDIA",
-        "GB300 NVL72 (72x GB300, one LoadGen)",
-        "GB300",
-        72,
-        "v6.0",
-        "llama2-70b-99",
-        "Interactive",
-        814127.85,
-        None,
-        VERIFIED,
-        "as above",
-        f"{X72}/Interactive/performance/run_1/mlperf_log_summary.txt",
-        "814127.85",
-    ),
+    _nvidia_gb300_x72("Server", 868277.92, "868277.92"),
+    _nvidia_gb300_x72("Interactive", 814127.85, "814127.85"),
     Record(
         "coreweave-nvl72-v6.1-offline",
         "CoreWeave",

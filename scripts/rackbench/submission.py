@@ -44,6 +44,7 @@ import sys
 from pathlib import Path
 
 from rackbench import benchmarks
+from rackbench.args import json_arg
 from rackbench.atomic import atomic_path, write_json_atomic, write_text_atomic
 from rackbench.compliance import TEST06, VERIFY_OUTPUT, checkout, checkout_revision
 
@@ -543,12 +544,6 @@ def report_sections(
 # --------------------------------------------------------------------------- CLI
 
 
-def _json_arg(value: str):
-    if value and not value.lstrip().startswith(("{", "[")) and Path(value).is_file():
-        return json.loads(Path(value).read_text())
-    return json.loads(value) if value else {}
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rackbench.submission", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -598,7 +593,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "build":
-            runs = _json_arg(args.runs_json)
+            runs = json_arg(args.runs_json)
             first = Path(next(iter(runs.values()))["performance"])
             for run in runs.values():
                 run.setdefault("settings", _settings_of(Path(run["performance"])))
@@ -606,7 +601,7 @@ def main(argv=None) -> int:
                 submitter=args.submitter,
                 system_name=args.system_name,
                 gpu_type_name=args.gpu_type,
-                gpu_type=_json_arg(args.gpu_type_json),
+                gpu_type=json_arg(args.gpu_type_json),
                 nodes=args.nodes,
                 gpus_per_node=args.gpus_per_node,
                 provenance=_provenance_of(first),
@@ -620,7 +615,7 @@ def main(argv=None) -> int:
                 system_name=args.system_name,
                 benchmark=args.benchmark,
                 system=system,
-                measurements_json=measurements(model_source=_json_arg(args.model_source_json), recipe=args.recipe),
+                measurements_json=measurements(model_source=json_arg(args.model_source_json), recipe=args.recipe),
                 runs=runs,
             )
             print(f"submission tree: {args.out}; unknown system fields: {', '.join(unknown_fields(system))}")

@@ -512,13 +512,15 @@ def sacctmgr_ok() -> bool:
     return ok(["sacctmgr", "-n", "-P", "list", "cluster"], timeout=15)
 
 
-def start_slurmdbd() -> int | None:
-    if running_pid("slurmdbd") and sacctmgr_ok():
+def start_daemon(name: str, healthy, timeout: float) -> int | None:
+    """Start Slurm daemon ``name`` (slurmdbd, slurmctld: it forks and writes its pid file)
+    unless one runs and answers, and wait until ``healthy()``; its pid, None if it ran."""
+    if running_pid(name) and healthy():
         return None
-    clear_unhealthy("slurmdbd", sacctmgr_ok)
-    sh([BINARIES["slurmdbd"]])
-    wait_for("slurmdbd", sacctmgr_ok, 90, LOG_DIR / "slurmdbd.log")
-    return pidfile_pid("slurmdbd")
+    clear_unhealthy(name, healthy)
+    sh([BINARIES[name]])
+    wait_for(name, healthy, timeout, LOG_DIR / f"{name}.log")
+    return pidfile_pid(name)
 
 
 def setup_accounts() -> None:
@@ -547,15 +549,6 @@ def node_state(host: str) -> str:
         return ""
     lines = p.stdout.strip().lower().splitlines()
     return lines[0] if lines else ""  # one line per partition the node is in
-
-
-def start_slurmctld() -> int | None:
-    if running_pid("slurmctld") and ctld_ok():
-        return None
-    clear_unhealthy("slurmctld", ctld_ok)
-    sh([BINARIES["slurmctld"]])
-    wait_for("slurmctld", ctld_ok, 60, LOG_DIR / "slurmctld.log")
-    return pidfile_pid("slurmctld")
 
 
 def slurmd_log(node: str) -> Path:
@@ -655,9 +648,9 @@ def start(accounting: bool = True, install: bool = True) -> Cluster:
     if accounting:
         note("mariadbd", start_mariadbd())
         setup_database()
-        note("slurmdbd", start_slurmdbd())
+        note("slurmdbd", start_daemon("slurmdbd", sacctmgr_ok, 90))
         setup_accounts()
-    note("slurmctld", start_slurmctld())
+    note("slurmctld", start_daemon("slurmctld", ctld_ok, 60))
     book["conf_hash"] = want_hash
     write_book(book)
     note("slurmd", start_slurmd())
