@@ -34,6 +34,7 @@ rule rack_run:
         * plan.replica_gpus(config, wc.backend),
         mem_per_server=lambda wc: f"{GPU_TYPES[wc.gpu_type]['slurm']['mem_mb_per_gpu'] * plan.replica_gpus(config, wc.backend)}M",
         max_in_flight=lambda wc: f"--max-in-flight {RACK_RUN['max_in_flight']}" if RACK_RUN["max_in_flight"] else "",
+        prompts_per_request=as_json(RACK_RUN["prompts_per_request"]),
         meta=lambda wc: as_json({**fields_of(wc), "variant": wc.variant}),
         base_port=RACK_RUN["base_port"],
         balance=RACK_RUN["balance"],
@@ -56,6 +57,7 @@ rule rack_run:
         " --engine-settings-json {params.engine_settings} --base-port {params.base_port}"
         " --cpus-per-server {params.cpus_per_server} --mem-per-server {params.mem_per_server}"
         " --batch-size {wildcards.batch_size} {params.max_in_flight} --balance {params.balance}"
+        " --prompts-per-request-json {params.prompts_per_request}"
         " --ready-timeout {params.ready_timeout} --max-new-tokens {params.max_new_tokens}"
         " --min-duration-ms {params.min_duration_ms} --min-query-count {params.min_query_count}"
         " --progress-interval-s {params.progress_s} --meta-json {params.meta} >> {log} 2>&1"

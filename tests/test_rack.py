@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 
+import numpy as np
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -45,7 +46,7 @@ def _group(tmp_path, servers=2, **settings):
     return launch.ServerGroup(specs, log_dir=tmp_path / "server-logs", term_grace_s=5)
 
 
-def _run(group, dataset, out, runs=None, audit_config=None, batch_size=8):
+def _run(group, dataset, out, runs=None, audit_config=None, batch_size=8, **options):
     return rack.run_rack(
         group,
         dataset=dataset,
@@ -59,6 +60,7 @@ def _run(group, dataset, out, runs=None, audit_config=None, batch_size=8):
         min_query_count=1,
         offline_expected_qps=100,
         progress_interval_s=60,
+        **options,
     )
 
 
@@ -99,6 +101,42 @@ def test_one_session_makes_every_run_over_two_servers_started_once(tmp_path, dat
         for mode in run["modes"]:
             _check_mode(records[run["name"]][mode], out / run["name"] / mode, run, samples=N_SAMPLES)
         assert records[run["name"]]["performance"]["loadgen"]["scenario"] == run["scenario"]
+
+
+def test_offline_samples_waiting_for_a_server_go_out_as_one_request_of_several_prompts(tmp_path, dataset):
+    """prompts_per_request: the same samples and outputs over far fewer HTTP requests (each a
+    list of prompts); per server never more samples open than its share of max_in_flight."""
+    out = tmp_path / "runs"
+    records = _run(_group(tmp_path, delay_s=0.05), dataset, out, batch_size=8, prompts_per_request={"Offline": 4})
+    record = records["Offline"]["performance"]
+    _check_mode(record, out / "Offline" / "performance", rack.run_list("Offline", None)[0], samples=N_SAMPLES)
+    assert record["prompts_per_request"] == 4
+    stats = json.loads((out / "Offline" / "performance" / paths.ENDPOINTS_FILE).read_text())
+    requests = sum(ep["requests"] for ep in stats["endpoints"])
+    # 40 samples, 8 open per server in requests of at most 4: at least 10 requests, and far
+    # fewer than one per sample (the delayed servers let samples wait and group)
+    assert N_SAMPLES / 4 <= requests <= N_SAMPLES * 3 / 4, requests
+    accuracy_run = rack.run_list("Offline", None)
+    acc = _run(_group(tmp_path), dataset, tmp_path / "acc", runs=accuracy_run, prompts_per_request={"Offline": 4})[
+        "Offline"
+    ]["accuracy"]
+    assert acc["completed_samples"] == N_SAMPLES  # every output came back to its own sample:
+    logged = json.loads((tmp_path / "acc" / "Offline" / "accuracy" / "mlperf_log_accuracy.json").read_text())
+    prompts = pq.read_table(dataset).column("tok_input").to_pylist()
+    for entry in logged:  # the instant engine answers prompt[-1] + 1.. (rackbench.serve.InstantEngine)
+        last = prompts[entry["qsl_idx"]][-1]
+        ids = list(np.frombuffer(bytes.fromhex(entry["data"]), dtype=np.int32))
+        assert ids == [last + 1 + i for i in range(4)], (entry["qsl_idx"], ids)
+
+
+def test_cli_refuses_a_bad_prompts_per_request_before_starting_a_server(tmp_path, dataset, capsys):
+    argv = ["--dataset", str(dataset), "--out", str(tmp_path / "o"), "--scenario", "Offline", "--servers", "1"]
+    argv += ["--server-kind", "urls", "--urls", "http://127.0.0.1:9", "--batch-size", "2", "--max-new-tokens", "2"]
+    assert rack.main([*argv, "--prompts-per-request-json", '{"Ofline": 2}']) == 2
+    assert "unknown scenario 'Ofline'" in capsys.readouterr().err
+    assert rack.main([*argv, "--prompts-per-request-json", '{"Offline": 0}']) == 2
+    assert "Offline must be an integer >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def _check_mode(record, mode_dir, run, samples):
@@ -207,3 +245,31 @@ def test_cli_reports_a_server_that_never_starts(tmp_path, dataset, capsys):
     assert rc == 2
     assert "exited before it became ready" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_more_connections_than_the_hard_open_file_limit_is_refused_naming_the_knobs(tmp_path, dataset):
+    """Each open request is a connection: 72 servers x 3072 samples at one per request would
+    need 221,184 descriptors. Over the hard limit, the session says so before any server starts."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    group = _group(tmp_path)
+    too_many = (hard if hard != resource.RLIM_INFINITY else 1 << 40) + 1
+    with pytest.raises(rack.RackError, match=r"hard limit .*rack_run.prompts_per_request"):
+        _run(group, dataset, tmp_path / "o", batch_size=too_many)
+    assert not group.procs and not (tmp_path / "o").exists()
+    assert resource.getrlimit(resource.RLIMIT_NOFILE) == (soft, hard)
+
+
+def test_a_low_soft_open_file_limit_is_raised_for_the_session(tmp_path, dataset):
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        records = _run(_group(tmp_path), dataset, tmp_path / "o", batch_size=8)
+        assert records["Offline"]["performance"]["completed_samples"] == N_SAMPLES
+        raised = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert raised == -(-16 // 1) + 2 + rack.FILE_DESCRIPTOR_MARGIN  # 16 in flight, 2 servers
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -214,6 +214,7 @@ def run_rack(
     batch_size: int,
     audit_config=None,
     max_in_flight: int | None = None,
+    prompts_per_request: dict | None = None,
     max_new_tokens: int,
     balance: str = "isl",
     ready_timeout: float = 1800.0,
@@ -236,6 +237,7 @@ def run_rack(
     from rackbench.endpoints import EndpointPool, stream_for
 
     _check_runs(runs, audit_config)
+    _check_connections(group, runs, batch_size, max_in_flight, prompts_per_request)
     out_dir = Path(out_dir)
     records: dict = {}
     with group:
@@ -256,17 +258,20 @@ def run_rack(
                 records[run["name"]] = {}
                 for mode in run["modes"]:
                     test06 = mode == paths.RACK_TEST06_MODE
+                    in_flight = max_in_flight or batch_size * len(urls)
+                    per_request = (prompts_per_request or {}).get(scenario, 1)
                     pool = EndpointPool(
                         urls,
                         model=model_name,
                         stream=stream_for(scenario),
                         balance=balance,
-                        concurrency=batch_size,
+                        # a server's share of the samples in flight, in requests of per_request
+                        concurrency=max(1, -(-in_flight // (len(urls) * per_request))),
+                        batch_size=per_request,
                         request_timeout=request_timeout,
                     )
                     mode_dir = tmp / run["name"] / mode
                     try:
-                        in_flight = max_in_flight or batch_size * len(urls)
                         meta = {
                             # the configuration's batch size bounds each server here, not one engine
                             **{k: v for k, v in (metadata or {}).items() if k != "batch_size"},
@@ -276,6 +281,7 @@ def run_rack(
                             "servers": len(urls),
                             "endpoints": urls,
                             "balance": balance,
+                            "prompts_per_request": per_request,
                             **({"test": compliance.TEST06} if test06 else {}),
                         }
                         record = _in_thread(
@@ -365,6 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mem-per-server", default=None, help="srun --mem of each server step")
     p.add_argument("--batch-size", type=int, required=True, help="requests open per server at once")
     p.add_argument("--max-in-flight", type=int, default=None, help="rack-wide bound; default batch size x servers")
+    p.add_argument(
+        "--prompts-per-request-json",
+        default="{}",
+        help='most samples per completions request, per scenario (JSON, e.g. {"Offline": 64}); default 1',
+    )
     p.add_argument("--balance", choices=("isl", "round_robin", "least_pending"), default="isl")
     p.add_argument("--ready-timeout", type=float, default=1800.0, help="seconds for every server to become ready")
     p.add_argument("--request-timeout", type=float, default=None, help="seconds without data on a request")
@@ -376,6 +387,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-log-dir", type=Path, default=None, help="one log per server (default: beside --out)")
     p.add_argument("--meta-json", default="{}", help="configuration fields for shard.json (JSON or file)")
     return p
+
+
+# descriptors the LoadGen process needs besides its connections (logs, parquet, pipes)
+FILE_DESCRIPTOR_MARGIN = 1024
+
+
+def _check_connections(group, runs, batch_size, max_in_flight, prompts_per_request) -> None:
+    """Each open request is one connection (HTTP/1.1): raise this process's open-file limit
+    to what the runs need, up to the hard limit, or say at once which settings to change."""
+    import resource
+
+    servers = max(1, len(group.specs))
+    in_flight = max_in_flight or batch_size * servers
+    per_request = min((prompts_per_request or {}).get(run["scenario"], 1) for run in runs)
+    needed = -(-in_flight // per_request) + servers + FILE_DESCRIPTOR_MARGIN
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise RackError(
+                f"{in_flight} samples in flight in requests of {per_request} need ~{needed} open files, over this "
+                f"process's hard limit {hard} (ulimit -Hn): raise it, or set rack_run.prompts_per_request "
+                "(fewer, larger requests) or rack_run.max_in_flight"
+            )
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+def _prompts_per_request(value) -> dict:
+    """{scenario: samples per request} from the CLI's JSON; RackError names what is wrong."""
+    from rackbench.harness import SCENARIOS
+
+    if not isinstance(value, dict):
+        raise RackError(f"--prompts-per-request-json must be an object of scenario: count, got {value!r}")
+    for scenario, count in value.items():
+        if scenario not in SCENARIOS:
+            raise RackError(f"--prompts-per-request-json: unknown scenario {scenario!r}; known: {list(SCENARIOS)}")
+        if type(count) is not int or count < 1:
+            raise RackError(f"--prompts-per-request-json: {scenario} must be an integer >= 1, got {count!r}")
+    return value
 
 
 def main(argv=None) -> int:
@@ -423,6 +472,7 @@ def main(argv=None) -> int:
             audit_config=args.audit_config,
             batch_size=args.batch_size,
             max_in_flight=args.max_in_flight,
+            prompts_per_request=_prompts_per_request(json_arg(args.prompts_per_request_json)),
             max_new_tokens=args.max_new_tokens,
             balance=args.balance,
             ready_timeout=args.ready_timeout,
