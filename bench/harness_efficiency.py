@@ -17,11 +17,13 @@ Target: rack >= 95 % of direct. Each repeat runs both, in alternating order; the
 prints best of ``--repeats`` each and the median of the repeats' ratios (the host's noise is
 large: the same direct run varies by +-20 % from one run to the next on the build VM).
 
-``--pin``: each engine (direct process or server) on a core of its own and the client
-(LoadGen, SUT, pool) on the core(s) left: on 2 cores, ``--servers 1 --pin``. On a GPU rack
-the harness runs on host cores while the engines run on GPUs; unpinned on 2 cores, the
-client's and the servers' HTTP CPU time comes straight out of the 2 engines' compute, which
-measures this VM's core count as much as the harness (BENCHMARKS note 9).
+``--pin``: each engine (the direct process; a server's engine thread) on a core of its own,
+and the client (LoadGen, SUT, pool) and the servers' HTTP threads on the core(s) left: on 2
+cores, ``--servers 1 --pin``. On a GPU rack the harness and trtllm-serve's HTTP run on host
+cores while the engines run on GPUs; unpinned on 2 cores, the client's and the servers' HTTP
+CPU time comes straight out of the 2 engines' compute, which measures this VM's core count as
+much as the harness (BENCHMARKS note 9). Each rack run also prints its CPU split (engine
+threads, servers' HTTP threads, client), measured within the run, so the host's noise cancels.
 
     python bench/harness_efficiency.py [--servers 2] [--copies 4] [--repeats 3] [--pin] [--assets DIR]
 """
@@ -29,7 +31,6 @@ measures this VM's core count as much as the harness (BENCHMARKS note 9).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -202,6 +203,17 @@ def _run_shard(engine, parquet, n_samples, max_in_flight, max_new, tmp: Path) ->
     )
 
 
+def pin_server_threads(pids, engine_cpus, client_cpus) -> None:
+    """``--pin`` for the servers, once loaded: each server's engine (every thread but the main
+    one) on its own core, its HTTP event loop (the main thread) on the client's cores, as a GPU
+    server's HTTP runs on host cores beside the GPU's engine."""
+    import psutil
+
+    for pid, core in zip(pids, engine_cpus):
+        for thread in psutil.Process(pid).threads():
+            os.sched_setaffinity(thread.id, client_cpus if thread.id == pid else {core})
+
+
 def run_rack(urls, parquet, n_samples, batch, max_new, tmp: Path, server_pids, prompts_per_request=1) -> dict:
     import psutil
 
@@ -215,13 +227,21 @@ def run_rack(urls, parquet, n_samples, batch, max_new, tmp: Path, server_pids, p
         concurrency=-(-batch // prompts_per_request),  # open requests per server
         batch_size=prompts_per_request,
     )
+
+    def threads_cpu(proc) -> dict:
+        return {t.id: t.user_time + t.system_time for t in proc.threads()}
+
     try:
-        s0, c0 = sum(sum(p.cpu_times()[:2]) for p in servers), time.process_time()
+        t0, c0 = [threads_cpu(p) for p in servers], time.process_time()
         rec = _run_shard(pool, parquet, n_samples, batch * len(urls), max_new, tmp)
-        server_cpu = sum(sum(p.cpu_times()[:2]) for p in servers) - s0
         client_cpu = time.process_time() - c0  # includes run_shard's setup and output files
+        deltas = [{k: v - before.get(k, 0.0) for k, v in threads_cpu(p).items()} for p, before in zip(servers, t0)]
     finally:
         pool.close()
+    server_cpu = sum(sum(d.values()) for d in deltas)
+    # within the same run, so the host's noise cancels: each server's busiest thread is its
+    # engine's; the rest is its HTTP (aiohttp, JSON, the engine's callbacks onto the loop)
+    engine_cpu = sum(max(d.values()) for d in deltas)
     return {
         "tokens": rec["output_tokens"],
         "samples": rec["completed_samples"],
@@ -229,6 +249,7 @@ def run_rack(urls, parquet, n_samples, batch, max_new, tmp: Path, server_pids, p
         "tokens_per_second": rec["loadgen"]["tokens_per_second"],
         "result": rec["loadgen"]["result"],
         "server_cpu_s": server_cpu,
+        "engine_cpu_s": engine_cpu,
         "client_cpu_s": client_cpu,
         "cpu_s": server_cpu + client_cpu,
     }
@@ -254,11 +275,12 @@ def main() -> int:
     ap.add_argument("--pin", action="store_true", help="each engine on its own core, the client on the rest")
     args = ap.parse_args()
     cpus = sorted(os.sched_getaffinity(0))
-    engine_cpus = None
+    engine_cpus = client_cpus = None
     if args.pin:
         if len(cpus) <= args.servers:
             raise SystemExit(f"--pin needs more cores than --servers ({len(cpus)} cores here)")
         engine_cpus = cpus[: args.servers]
+        client_cpus = set(cpus[args.servers :])
         os.sched_setaffinity(0, set(cpus[args.servers :]))  # the client: LoadGen, SUT, pool threads
 
     import pyarrow.parquet as pq
@@ -296,7 +318,7 @@ def main() -> int:
         flush=True,
     )
     best: dict = {}
-    ratios = []
+    ratios, shares = [], []
     for rep in range(args.repeats):
 
         def direct_run():
@@ -304,14 +326,11 @@ def main() -> int:
 
         def rack_run(rep=rep):
             specs = launch.local_rackbench_specs(args.servers, engine_dir, settings=settings)
-            if engine_cpus:
-                specs = [
-                    dataclasses.replace(sp, argv=["taskset", "-c", str(engine_cpus[i]), *sp.argv])
-                    for i, sp in enumerate(specs)
-                ]
             with launch.ServerGroup(specs, log_dir=tmp / f"logs{rep}") as group:
                 urls = group.wait_ready(300)
                 pids = [p.pid for p in group.procs.values()]
+                if engine_cpus:
+                    pin_server_threads(pids, engine_cpus, client_cpus)
                 return run_rack(urls, parquet, n_samples, batch, max_new, tmp, pids, args.prompts_per_request)
 
         if rep % 2 == 0:  # alternate the order: the host's noise drifts
@@ -319,13 +338,17 @@ def main() -> int:
         else:
             rack, direct = rack_run(), direct_run()
         ratios.append(rack["tokens_per_second"] / direct["tokens_per_second"])
+        shares.append(rack["engine_cpu_s"] / rack["cpu_s"])
         print(
             f"run {rep + 1}: direct {direct['tokens_per_second']:,.1f} tok/s ({direct['tokens']:,} tokens in "
             f"{direct['span_s']:.2f} s) | rack {rack['tokens_per_second']:,.1f} tok/s LoadGen ({rack['result']}; "
             f"{rack['tokens']:,} tokens, {rack['samples']} samples in {rack['span_s']:.2f} s) | ratio "
             f"{rack['tokens_per_second'] / direct['tokens_per_second']:.1%} | CPU: direct {direct['cpu_s']:.2f} s, "
             f"rack {rack['cpu_s']:.2f} s (servers {rack['server_cpu_s']:.2f} + client {rack['client_cpu_s']:.2f}): "
-            f"direct/rack {direct['cpu_s'] / rack['cpu_s']:.1%} | load {os.getloadavg()[0]:.2f}",
+            f"direct/rack {direct['cpu_s'] / rack['cpu_s']:.1%} | rack CPU split: engine threads "
+            f"{rack['engine_cpu_s']:.2f} s, servers' HTTP {rack['server_cpu_s'] - rack['engine_cpu_s']:.2f} s, client "
+            f"{rack['client_cpu_s']:.2f} s: engines' share {rack['engine_cpu_s'] / rack['cpu_s']:.1%} | "
+            f"load {os.getloadavg()[0]:.2f}",
             flush=True,
         )
         for name, r in (("direct", direct), ("rack", rack)):
@@ -338,7 +361,8 @@ def main() -> int:
         f"best of {args.repeats}: direct {best['direct']['tokens_per_second']:,.1f} tok/s, rack (one LoadGen + HTTP) "
         f"{best['rack']['tokens_per_second']:,.1f} tok/s: {ratio:.1%} vs target {TARGET:.0%}: "
         f"{'met' if ratio >= TARGET else 'NOT met'}; median of the {len(ratios)} repeats' ratios "
-        f"{statistics.median(ratios):.1%}; load average now {os.getloadavg()[0]:.2f}"
+        f"{statistics.median(ratios):.1%}; engines' share of the rack path's CPU (median, within each run) "
+        f"{statistics.median(shares):.1%}; load average now {os.getloadavg()[0]:.2f}"
     )
     return 0
 

@@ -156,6 +156,26 @@ def test_a_port_in_use_is_a_clear_error(tmp_path):
     assert len(set(ports)) == 16
 
 
+def test_chosen_ports_are_free_and_below_the_ephemeral_range(tmp_path, monkeypatch):
+    """Outgoing connections take ephemeral ports at any moment, so a port chosen now for a
+    server that binds it later must not be one of them."""
+    low = int(launch.EPHEMERAL_PORT_RANGE.read_text().split()[0]) if launch.EPHEMERAL_PORT_RANGE.exists() else 32768
+    for ports in (launch.free_ports(8), launch.free_ports(3, "0.0.0.0", consecutive=True), [launch.free_port()]):
+        assert all(launch.SERVER_PORT_FLOOR <= p < low for p in ports), ports
+        for port in ports:
+            launch.ensure_port_free("127.0.0.1", port)
+    block = launch.free_ports(3, "0.0.0.0", consecutive=True)
+    assert block == list(range(block[0], block[0] + 3))
+    with socket.socket() as taken:  # a port in use is never chosen: here 1 of the 5 in range
+        taken.bind(("127.0.0.1", block[0]))
+        taken.listen()
+        (tmp_path / "range").write_text(f"{block[0] + 5}\t60999\n")
+        monkeypatch.setattr(launch, "EPHEMERAL_PORT_RANGE", tmp_path / "range")
+        monkeypatch.setattr(launch, "SERVER_PORT_FLOOR", block[0])
+        chosen = {launch.free_port() for _ in range(40)}
+        assert block[0] not in chosen and chosen <= set(range(block[0] + 1, block[0] + 5)), chosen
+
+
 # --------------------------------------------------------------------------- teardown
 
 

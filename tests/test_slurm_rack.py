@@ -88,15 +88,7 @@ def direct(demo_model, samples):
 
 def _base_port() -> int:
     """A port p with p .. p+SERVERS-1 free (server i listens on base + i)."""
-    for _ in range(50):
-        p = launch.free_port()
-        try:
-            for port in range(p, p + SERVERS):
-                launch.ensure_port_free("0.0.0.0", port)
-            return p
-        except launch.LaunchError:
-            continue
-    raise AssertionError("no two consecutive free ports")
+    return launch.free_ports(SERVERS, "0.0.0.0", consecutive=True)[0]
 
 
 def _submit(wd: Path, engine_dir: Path, *, backend: str, settings: dict, client_args: list[str]) -> tuple[str, int]:

@@ -65,25 +65,54 @@ class LaunchError(RuntimeError):
 # --------------------------------------------------------------------------- ports
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS reports free on ``host`` now (the server binds it moments later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+# Ports picked now for servers that bind them later come from below the kernel's ephemeral
+# range: a port the kernel hands out (bind to port 0) can meanwhile be taken by any outgoing
+# connection on the machine (seen on the test cluster: a server step failing with "Address
+# already in use" for the port chosen moments before).
+SERVER_PORT_FLOOR = 10000
+EPHEMERAL_PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct free ports (all held open while choosing, so none repeats)."""
-    socks = []
+def _ephemeral_low() -> int:
     try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+        return int(EPHEMERAL_PORT_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on ``host`` now, outside the ephemeral range (the server binds it moments later)."""
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1", *, consecutive: bool = False) -> list[int]:
+    """``count`` distinct ports free on ``host`` now, below the kernel's ephemeral range (all
+    held open while choosing, so none repeats); ``consecutive``: ``p .. p+count-1``."""
+    import random
+
+    low, high = SERVER_PORT_FLOOR, _ephemeral_low()
+    if high - low < 4 * count:  # an odd ephemeral range: take the kernel's choice
+        low, high = 1024, 65535
+    rng = random.Random()
+    for _ in range(200):
+        if consecutive:
+            start = rng.randrange(low, high - count)
+            ports = list(range(start, start + count))
+        else:
+            ports = rng.sample(range(low, high), count)
+        socks = []
+        try:
+            for port in ports:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(sock)
+                sock.bind((host, port))
+            return ports
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise LaunchError(f"found no {count} free port(s) on {host} between {low} and {high}")
 
 
 def ensure_port_free(host: str, port: int) -> None:
