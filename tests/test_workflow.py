@@ -106,11 +106,15 @@ def test_demo_end_to_end(demo_run):
     markdown = (report / "report.md").read_text()
     assert "VALID" in markdown
 
-    # the shards ran at the same time (the start barrier, then the same samples): the report's
-    # overlap test passes, and (a) is not called "not a rack throughput"
+    # the shards ran at the same time: the start barrier starts both at one moment, and they
+    # run the same samples. How long each then takes depends on the CPU it gets (on a loaded CI
+    # machine one shard was seen at 0.89 of the other), so the report's verdict is checked
+    # against its own overlap test rather than assumed.
+    starts = sorted(s["started_at"] for s in shards)
+    assert starts[1] - starts[0] < 0.1, starts
     overlap = pd.read_csv(report / "shards.csv")["overlap_fraction"]
-    assert len(overlap) == 2 and (overlap >= 0.9).all(), list(overlap)
-    assert "(a) is not a rack throughput" not in markdown
+    assert len(overlap) == 2 and (overlap >= 0.8).all(), list(overlap)
+    assert ("(a) is not a rack throughput" in markdown) == bool((overlap < 0.9).any()), list(overlap)
 
     # the rack-wide runs: two engine servers on localhost, one LoadGen
     # (one session: the servers started once for every run)
