@@ -691,7 +691,9 @@ def run_with_servers(
                 child.wait(timeout=30)
         dead = group.dead()
         if dead:
-            print("rackbench.launch: server(s) down at the end of the run: " + "; ".join(dead), file=sys.stderr)
+            # ready at the start, so dead now means died during the run (the client may have
+            # failed and exited before the loop above saw it)
+            print("rackbench.launch: server(s) died during the run: " + "; ".join(dead), file=sys.stderr)
             return child.returncode or 1
         return child.returncode
 
