@@ -135,16 +135,12 @@ def main() -> int:
     if len(os.sched_getaffinity(0)) < 2:
         raise SystemExit("needs 2 cores")
     import pyarrow.parquet as pq
-    from reference_engine import _pkl_to_parquet, make_assets
+    from reference_engine import demo_engine_and_samples
 
     config = yaml.safe_load(Path(args.config).read_text())
     tmpdir = tempfile.TemporaryDirectory(prefix="rb-interference-")
     root = Path(args.assets or Path(tmpdir.name) / "assets")
-    root.mkdir(parents=True, exist_ok=True)
-    engine_dir, samples_pkl = make_assets(root, config)
-    parquet = root / "samples.parquet"
-    if not parquet.exists():
-        _pkl_to_parquet(samples_pkl, parquet)
+    engine_dir, parquet = demo_engine_and_samples(root, config)
     base = [list(map(int, p)) for p in pq.read_table(parquet, columns=["tok_input"]).column("tok_input").to_pylist()]
     ratios = []
     print(

@@ -260,7 +260,7 @@ def main() -> int:
         engine_dir, settings_json, prompts_json, batch, max_new, feed_mode, cpu = sys.argv[2:9]
         direct_worker(engine_dir, settings_json, prompts_json, int(batch), int(max_new), feed_mode, cpu)
         return 0
-    from reference_engine import _pkl_to_parquet, make_assets
+    from reference_engine import demo_engine_and_samples
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "config.yaml"))
@@ -296,11 +296,7 @@ def main() -> int:
     tmpdir = tempfile.TemporaryDirectory(prefix="rb-efficiency-")
     tmp = Path(tmpdir.name)
     root = Path(args.assets or tmp / "assets")
-    root.mkdir(parents=True, exist_ok=True)
-    engine_dir, samples_pkl = make_assets(root, config)
-    parquet = root / "samples.parquet"
-    if not parquet.exists():
-        _pkl_to_parquet(samples_pkl, parquet)
+    engine_dir, parquet = demo_engine_and_samples(root, config)
     base = [list(map(int, p)) for p in pq.read_table(parquet, columns=["tok_input"]).column("tok_input").to_pylist()]
     n_samples = len(base) * args.copies
     prompts = loadgen_order(parquet, n_samples, batch, args.servers, max_new, tmp)

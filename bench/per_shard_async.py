@@ -85,7 +85,7 @@ def run_mode(engine, mode: str, parquet: Path, out: Path, *, batch: int, num_sha
 
 
 def main() -> None:
-    from reference_engine import _pkl_to_parquet, make_assets
+    from reference_engine import demo_engine_and_samples
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "config.yaml"))
@@ -109,11 +109,7 @@ def main() -> None:
     torch.set_num_threads(threads)
     tmp = tempfile.TemporaryDirectory(prefix="rb-per-shard-")
     root = Path(args.assets or tmp.name)
-    root.mkdir(parents=True, exist_ok=True)
-    engine_dir, samples_pkl = make_assets(root, config)
-    parquet = root / "samples.parquet"
-    if not parquet.exists():
-        _pkl_to_parquet(samples_pkl, parquet)
+    engine_dir, parquet = demo_engine_and_samples(root, config)
     engine = reference.load(engine_dir, record={}, gpu_ids=[], settings={**settings, "torch_threads": threads})
     print(
         f"per-shard Offline, {args.num_shards} shards (split) of the demo's {demo.__name__} dataset, "

@@ -96,6 +96,17 @@ def _pkl_to_parquet(pkl: Path, parquet: Path) -> None:
     convert(pkl, parquet)
 
 
+def demo_engine_and_samples(root: Path, config: dict) -> tuple[Path, Path]:
+    """``make_assets`` in ``root`` (made once, reused), plus the demo samples as the harness
+    reads them: (engine_dir, samples.parquet)."""
+    root.mkdir(parents=True, exist_ok=True)
+    engine_dir, samples_pkl = make_assets(root, config)
+    parquet = root / "samples.parquet"
+    if not parquet.exists():
+        _pkl_to_parquet(samples_pkl, parquet)
+    return engine_dir, parquet
+
+
 def naive(model, prompts, max_new_tokens, eos):
     """The baseline: transformers' ``model.generate`` once per prompt, the tests' reference too."""
     from rackbench import demo
