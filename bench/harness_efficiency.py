@@ -203,15 +203,26 @@ def _run_shard(engine, parquet, n_samples, max_in_flight, max_new, tmp: Path) ->
     )
 
 
+def engine_processes(proc) -> list:
+    """A server's engine process(es): the children ``rackbench.serve`` spawned (not the
+    resource tracker); none when the engine runs inline."""
+    return [c for c in proc.children(recursive=True) if "spawn_main" in " ".join(c.cmdline())]
+
+
 def pin_server_threads(pids, engine_cpus, client_cpus) -> None:
-    """``--pin`` for the servers, once loaded: each server's engine (every thread but the main
-    one) on its own core, its HTTP event loop (the main thread) on the client's cores, as a GPU
-    server's HTTP runs on host cores beside the GPU's engine."""
+    """``--pin`` for the servers, once loaded: each server's engine on its own core (its child
+    process; inline, every thread of the server but the main one), its HTTP event loop on the
+    client's cores, as a GPU server's HTTP runs on host cores beside the GPU's engine."""
     import psutil
 
     for pid, core in zip(pids, engine_cpus):
-        for thread in psutil.Process(pid).threads():
-            os.sched_setaffinity(thread.id, client_cpus if thread.id == pid else {core})
+        server = psutil.Process(pid)
+        children = engine_processes(server)
+        for thread in server.threads():
+            os.sched_setaffinity(thread.id, client_cpus if children or thread.id == pid else {core})
+        for child in children:
+            for thread in child.threads():
+                os.sched_setaffinity(thread.id, {core})
 
 
 def run_rack(urls, parquet, n_samples, batch, max_new, tmp: Path, server_pids, prompts_per_request=1) -> dict:
@@ -228,8 +239,8 @@ def run_rack(urls, parquet, n_samples, batch, max_new, tmp: Path, server_pids, p
         batch_size=prompts_per_request,
     )
 
-    def threads_cpu(proc) -> dict:
-        return {t.id: t.user_time + t.system_time for t in proc.threads()}
+    def threads_cpu(proc) -> dict:  # the server's threads and its engine process's
+        return {t.id: t.user_time + t.system_time for q in (proc, *engine_processes(proc)) for t in q.threads()}
 
     try:
         t0, c0 = [threads_cpu(p) for p in servers], time.process_time()
@@ -273,6 +284,12 @@ def main() -> int:
     ap.add_argument("--prompts-per-request", type=int, default=1, help="the pool's batch_size (rack_run knob)")
     ap.add_argument("--max-batch-size", type=int, default=None, help="the engine's max_batch_size (default config's)")
     ap.add_argument("--pin", action="store_true", help="each engine on its own core, the client on the rest")
+    ap.add_argument(
+        "--engine-process",
+        choices=("child", "inline"),
+        default="child",
+        help="the servers' engines in child processes (rackbench.serve's default) or inline (before)",
+    )
     args = ap.parse_args()
     cpus = sorted(os.sched_getaffinity(0))
     engine_cpus = client_cpus = None
@@ -309,7 +326,7 @@ def main() -> int:
     print(
         f"harness efficiency: {args.servers} demo engine(s), {n_samples} samples ({len(base)} x {args.copies}), "
         f"{batch} in flight per engine, max_new_tokens {max_new}, engine settings {settings}; "
-        f"{pinning}; "
+        f"{pinning}; servers' engines {args.engine_process}; "
         f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
         flush=True,
     )
@@ -322,6 +339,8 @@ def main() -> int:
 
         def rack_run(rep=rep):
             specs = launch.local_rackbench_specs(args.servers, engine_dir, settings=settings)
+            for spec in specs:
+                spec.argv += ["--engine-process", args.engine_process]
             with launch.ServerGroup(specs, log_dir=tmp / f"logs{rep}") as group:
                 urls = group.wait_ready(300)
                 pids = [p.pid for p in group.procs.values()]

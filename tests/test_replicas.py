@@ -1,6 +1,7 @@
 """ReplicaPool with a tiny picklable test backend (this module, imported by name in spawned workers)."""
 
 import os
+import signal
 import threading
 import time
 
@@ -32,7 +33,8 @@ class _EchoEngine:
 
 def load(engine_dir, *, record, gpu_ids, settings):
     assert gpu_ids == list(range(settings["per"])), gpu_ids  # workers see only their GPUs, renumbered
-    assert len(os.environ["CUDA_VISIBLE_DEVICES"].split(",")) == settings["per"]
+    if settings["per"]:
+        assert len(os.environ["CUDA_VISIBLE_DEVICES"].split(",")) == settings["per"]
     if settings.get("fail_load"):
         raise RuntimeError("cannot load")
     return _EchoEngine(settings.get("fail_on"))
@@ -114,3 +116,34 @@ def test_pool_reports_load_and_generate_errors(tmp_path, monkeypatch):
 def test_pool_rejects_bad_layouts(tmp_path):
     with pytest.raises(ValueError):
         ReplicaPool(BACKEND, tmp_path, record={}, settings={}, gpu_ids=[0, 1, 2], gpus_per_replica=2)
+
+
+def test_one_cpu_replica_leaves_devices_alone_ignores_group_signals_and_reports_its_exit(tmp_path, monkeypatch):
+    """rackbench.serve's engine process: gpu_ids=[] with gpus_per_replica=0."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")  # the worker must not change it
+    exits = []
+    with ReplicaPool(
+        BACKEND,
+        tmp_path,
+        record={},
+        settings={"per": 0},
+        gpu_ids=[],
+        gpus_per_replica=0,
+        on_replica_exit=lambda r, why: exits.append((r, why)),
+    ) as pool:
+        assert pool.num_replicas == 1 and pool.replica_devices == ["cpu"]
+        assert pool.generate([[1, 2]], 3) == [[7, 2, 3]]
+        worker = pool._procs[0]
+        os.kill(worker.pid, signal.SIGTERM)  # as a launcher's SIGTERM to the server's process group
+        os.kill(worker.pid, signal.SIGINT)
+        time.sleep(0.3)
+        assert worker.is_alive() and pool.generate([[4]], 3) == [[7, 1, 4]]
+        assert exits == []
+        worker.kill()
+        deadline = time.monotonic() + 10
+        while not exits and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert exits == [(0, "replica 0 (cpu) exited (exit code -9)")]
+        with pytest.raises(ReplicaError, match="no replica is left"):
+            pool.submit([1], 1, on_done=print, on_error=print)
+    assert exits == [(0, "replica 0 (cpu) exited (exit code -9)")]  # closing is not an exit to report

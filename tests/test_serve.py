@@ -8,8 +8,11 @@ here; the tokens that come back must equal the engine's own, generated in-proces
 from __future__ import annotations
 
 import shutil
+import signal
 import time
+from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
@@ -84,15 +87,36 @@ def test_blocking_engine_adapter_gives_the_engine_tokens(demo_model, prompts, di
     assert firsts == {i: t[0] for i, t in enumerate(direct) if t}
 
 
+def engine_children(pid) -> list[psutil.Process]:
+    """The processes a server spawned for its engine (multiprocessing's spawn_main; not its resource tracker)."""
+    return [c for c in psutil.Process(pid).children(recursive=True) if "spawn_main" in " ".join(c.cmdline())]
+
+
+def maps_libtorch(pid) -> bool:
+    return "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text()
+
+
 @pytest.fixture(scope="module")
 def servers(demo_model, tmp_path_factory):
     specs = launch.local_rackbench_specs(2, demo_model, settings=SETTINGS)
     group = launch.ServerGroup(specs, log_dir=tmp_path_factory.mktemp("serve-logs"))
     with group:
         group.wait_ready(READY_TIMEOUT)
+        family = [c.pid for p in group.procs.values() for c in psutil.Process(p.pid).children(recursive=True)]
         yield group
-    pids = [p.pid for p in group.procs.values()]
-    assert not alive(pids), f"servers left running after teardown: {alive(pids)}"
+    pids = [p.pid for p in group.procs.values()] + family
+    assert not alive(pids), f"servers or their engine processes left running after teardown: {alive(pids)}"
+    for name, path in group.logs.items():
+        assert "exited" not in path.read_text(), f"{name}: a clean teardown reported its engine as exited"
+
+
+def test_each_server_runs_its_engine_in_a_child_process(servers):
+    """The HTTP loop must not share the engine's process (and GIL): BENCHMARKS note 9."""
+    for proc in servers.procs.values():
+        children = engine_children(proc.pid)
+        assert len(children) == 1, f"server {proc.pid}: engine processes {children}"
+        assert maps_libtorch(children[0].pid), "the engine process has no torch loaded"
+        assert not maps_libtorch(proc.pid), "the server's own process loaded torch: the engine runs inline"
 
 
 def test_offline_round_trip_equals_the_engine(servers, prompts, direct):
@@ -205,3 +229,16 @@ def _one(pool, prompt, n, firsts, i):
     if isinstance(box[0], BaseException):
         raise box[0]
     return box[0]
+
+
+def test_a_server_whose_engine_process_dies_stops_and_names_it(demo_model, tmp_path):
+    (spec,) = launch.local_rackbench_specs(1, demo_model, settings=SETTINGS)
+    group = launch.ServerGroup([spec], log_dir=tmp_path)
+    with group:
+        (url,) = group.wait_ready(READY_TIMEOUT)
+        server = group.procs[spec.name]
+        (engine,) = engine_children(server.pid)
+        engine.send_signal(signal.SIGKILL)
+        assert server.wait(timeout=60) == 1, "the server should exit, failing, once its engine is gone"
+    log = group.logs[spec.name].read_text()
+    assert "replica 0 (cpu) exited (exit code -9); stopping" in log, log

@@ -24,6 +24,12 @@ so one client serves both:
 The engine is driven through the asynchronous Engine contract
 (``rackbench.engines.Engine.submit``). Engines that only have the older blocking
 ``generate(prompts, max_new_tokens)`` are wrapped in ``BlockingEngineAdapter``.
+
+The engine runs in a child process (``--engine-process child``, the default): a
+``ReplicaPool`` of one replica, requests and results over a pipe. In one process the
+aiohttp loop's work (JSON, responses) shared the engine's GIL and slowed the engine's
+own steps by ~18 % (bench/engine_http_interference.py, BENCHMARKS note 9). If the engine
+process dies, the server stops with exit code 1, saying why, so the launcher sees it die.
 """
 
 from __future__ import annotations
@@ -181,15 +187,36 @@ def as_async_engine(engine):
     return engine if hasattr(engine, "submit") else BlockingEngineAdapter(engine)
 
 
-def load_engine(backend: str, engine_dir, *, settings: dict | None = None, gpu_ids=None):
+def load_engine(
+    backend: str, engine_dir, *, settings: dict | None = None, gpu_ids=None, own_process=False, on_exit=None
+):
+    """The engine, in this process; or with ``own_process``, in a child process behind the same
+    contract (a ``ReplicaPool`` of one replica; ``on_exit(why)`` if that process dies). A
+    server with several GPUs leaves that to the backend, whose own ``load`` then starts one
+    process per replica."""
     if backend == "instant":
         settings = settings or {}
         return InstantEngine(output_len=int(settings.get("output_len", 1)), delay_s=float(settings.get("delay_s", 0)))
-    from rackbench.engines import backend_module
+    from rackbench.engines import BACKENDS, backend_module
 
     record_path = Path(engine_dir) / "engine.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    engine = backend_module(backend).load(engine_dir, record=record, gpu_ids=gpu_ids or [], settings=settings or {})
+    gpu_ids = list(gpu_ids or [])
+    if own_process and len(gpu_ids) <= 1:
+        from rackbench.engines.replicas import ReplicaPool
+
+        if backend not in BACKENDS:
+            backend_module(backend)  # its error names the known backends
+        return ReplicaPool(  # the backend (torch, CUDA) is imported in the child only
+            BACKENDS[backend],
+            engine_dir,
+            record=record,
+            settings=settings or {},
+            gpu_ids=gpu_ids,
+            gpus_per_replica=len(gpu_ids),
+            on_replica_exit=(lambda r, why: on_exit(why)) if on_exit else None,
+        )
+    engine = backend_module(backend).load(engine_dir, record=record, gpu_ids=gpu_ids, settings=settings or {})
     return as_async_engine(engine)
 
 
@@ -248,7 +275,7 @@ class CompletionServer:
         self.model_name = model_name
         self.decode = decode
         self.engine = None
-        self.load_error: str | None = None
+        self.engine_error: str | None = None
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
         self.app.router.add_get(HEALTH_ROUTE, self.health)
         self.app.router.add_get(MODELS_ROUTE, self.models)
@@ -258,8 +285,8 @@ class CompletionServer:
         self.engine = engine
 
     async def health(self, request):
-        if self.load_error:
-            return web.Response(status=500, text=f"engine failed to load: {self.load_error}")
+        if self.engine_error:
+            return web.Response(status=500, text=f"engine unavailable: {self.engine_error}")
         return web.Response(status=200 if self.engine is not None else 503)
 
     async def models(self, request):
@@ -467,6 +494,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--settings", default="{}", help="engine settings as JSON")
     p.add_argument("--gpu-ids", default="", help="comma-separated device indices as this process sees them")
     p.add_argument("--model-name", default=None, help="name reported in responses (default: engine dir name)")
+    p.add_argument(
+        "--engine-process",
+        choices=("child", "inline"),
+        default="child",
+        help="run the engine in a child process (default: the HTTP loop does not share its GIL) "
+        "or in this one (inline; the 'instant' backend always is)",
+    )
     args = p.parse_args(argv)
     if args.backend != "instant" and args.engine_dir is None:
         p.error("--engine-dir is required unless --backend instant")
@@ -486,16 +520,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
 
+        def engine_exited(why):  # from the engine's reader thread: this server is of no use now
+            def stop_serving():
+                if not stop.is_set():
+                    server.engine_error = why
+                    print(f"rackbench.serve: {why}; stopping", file=sys.stderr, flush=True)
+                    stop.set()
+
+            loop.call_soon_threadsafe(stop_serving)
+
         def load():
             try:
-                server.set_engine(load_engine(args.backend, args.engine_dir, settings=settings, gpu_ids=gpu_ids))
+                engine = load_engine(
+                    args.backend,
+                    args.engine_dir,
+                    settings=settings,
+                    gpu_ids=gpu_ids,
+                    own_process=args.engine_process == "child",
+                    on_exit=engine_exited,
+                )
+                server.set_engine(engine)
                 print(
                     f"rackbench.serve: engine ready on {args.host}:{','.join(map(str, args.port))}",
                     file=sys.stderr,
                     flush=True,
                 )
             except BaseException as exc:
-                server.load_error = repr(exc)
+                server.engine_error = repr(exc)
                 print(f"rackbench.serve: engine failed to load: {exc!r}", file=sys.stderr, flush=True)
                 loop.call_soon_threadsafe(stop.set)
 
@@ -512,7 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         loop.run_until_complete(run())
     finally:
         loop.close()
-    return 1 if server.load_error else 0
+    return 1 if server.engine_error else 0
 
 
 if __name__ == "__main__":

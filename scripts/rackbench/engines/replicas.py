@@ -8,6 +8,9 @@ with the fewest pending, and its callbacks come back from that replica, so the
 one LoadGen in front sees one engine.
 
 Workers are started with the ``spawn`` method: no CUDA state is inherited.
+
+``rackbench.serve`` runs its engine as a pool of one replica (no GPUs: one CPU replica),
+so that its HTTP event loop does not share the engine's process and GIL (BENCHMARKS note 9).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import importlib
 import multiprocessing as mp
 import os
+import signal
 import threading
 import traceback
 from typing import Sequence
@@ -38,6 +42,11 @@ def visible_devices(gpu_ids: Sequence[int], parent_visible: str | None) -> str:
 def _worker_main(
     conn, backend: str, loader: str, engine_dir, record, settings, n_gpus: int, cuda_visible: str | None
 ) -> None:
+    # The parent closes its workers through the pipe, and a parent that dies closes the pipe
+    # (EOF below); a signal to the whole process group (Ctrl-C, a launcher's SIGTERM) must not
+    # kill a worker first, or the parent would report it as a replica that died.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if cuda_visible is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible
     os.environ["RACKBENCH_REPLICA_DEVICES"] = cuda_visible or ""
@@ -115,7 +124,11 @@ class ReplicaPool:
     ``submit`` sends each request to the live replica with the fewest requests pending
     (ties: the lowest index); one reader thread per replica calls the request's callbacks
     as the replica reports them. A replica that dies fails its pending requests with a
-    ReplicaError naming it; the others go on.
+    ReplicaError naming it; the others go on, and ``on_replica_exit(r, why)`` (if given) is
+    called from its reader thread.
+
+    ``gpu_ids=[]`` with ``gpus_per_replica=0``: one replica that sees no GPUs (a CPU engine;
+    ``CUDA_VISIBLE_DEVICES`` is left as it is).
     """
 
     def __init__(
@@ -129,12 +142,15 @@ class ReplicaPool:
         gpus_per_replica: int,
         loader: str = "load",
         start_timeout_s: float | None = None,
+        on_replica_exit=None,
     ):
         gpu_ids = list(gpu_ids)
-        if gpus_per_replica < 1:
-            raise ValueError("gpus_per_replica must be >= 1")
-        if not gpu_ids or len(gpu_ids) % gpus_per_replica:
+        cpu_only = not gpu_ids and gpus_per_replica == 0
+        if gpus_per_replica < 1 and not cpu_only:
+            raise ValueError("gpus_per_replica must be >= 1 (0 only with no GPUs: one CPU replica)")
+        if not cpu_only and (not gpu_ids or len(gpu_ids) % gpus_per_replica):
             raise ValueError(f"{len(gpu_ids)} GPUs do not divide into replicas of {gpus_per_replica}")
+        self.on_replica_exit = on_replica_exit
         ctx = mp.get_context("spawn")
         parent_visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         self.replica_devices: list[str] = []
@@ -146,9 +162,9 @@ class ReplicaPool:
         self._next_id = 0
         self._closing = False
         try:
-            for r in range(len(gpu_ids) // gpus_per_replica):
+            for r in range(1 if cpu_only else len(gpu_ids) // gpus_per_replica):
                 ids = gpu_ids[r * gpus_per_replica : (r + 1) * gpus_per_replica]
-                devices = visible_devices(ids, parent_visible)
+                devices = None if cpu_only else visible_devices(ids, parent_visible)
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(
                     target=_worker_main,
@@ -160,7 +176,7 @@ class ReplicaPool:
                 child.close()
                 self._procs.append(proc)
                 self._conns.append(parent)
-                self.replica_devices.append(devices)
+                self.replica_devices.append("cpu" if devices is None else devices)
             in_flight, batch = [], []
             for r, conn in enumerate(self._conns):
                 if start_timeout_s is not None and not conn.poll(start_timeout_s):
@@ -249,6 +265,10 @@ class ReplicaPool:
             why = "closed" if self._closing else f"exited (exit code {self._procs[r].exitcode})"
             for cbs in lost:
                 cbs[1](ReplicaError(f"replica {r} ({self.replica_devices[r]}) {why} with the request pending"))
+        if not self._closing and self.on_replica_exit is not None:
+            self._procs[r].join(timeout=5)
+            code = self._procs[r].exitcode
+            self.on_replica_exit(r, f"replica {r} ({self.replica_devices[r]}) exited (exit code {code})")
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         """Blocking: every prompt's tokens, in order (``rackbench.engines.generate``)."""
