@@ -110,7 +110,8 @@ def test_pool_reports_load_and_generate_errors(tmp_path, monkeypatch):
     ) as pool:
         with pytest.raises(ReplicaError, match="poisoned"):
             pool.generate([[1], [666]], 4)
-        assert pool.generate([[1], [2]], 4) == [[0, 1, 1], [1, 1, 2]]  # still usable
+        out = pool.generate([[1], [2]], 4)  # still usable (which replica answers is timing's choice)
+        assert [o[1:] for o in out] == [[1, 1], [1, 2]] and {o[0] for o in out} <= {0, 1}
 
 
 def test_pool_rejects_bad_layouts(tmp_path):
