@@ -20,6 +20,10 @@ repeats' ratios (the verdict), all repeats' tokens over all their spans, and the
 (the host's noise is large: the same direct run varies by +-20 % from one run to the next on
 the build VM).
 
+``--rack-in-flight N`` keeps N samples in flight per server on the rack path (default: as the
+direct feed). Above the engine's ``--max-batch-size``, each server's engine keeps a queue, so a
+row that finishes is refilled at once instead of one HTTP round trip later (BENCHMARKS note 9).
+
 ``--engine-process inline`` serves the engine in the server's own process (the layout before
 ``rackbench.serve`` moved it to a child process), for a before/after.
 
@@ -246,7 +250,7 @@ def pin_server_threads(pids, engine_cpus, client_cpus) -> None:
                 os.sched_setaffinity(thread.id, {core})
 
 
-def run_rack(urls, parquet, n_samples, batch, max_new, tmp: Path, server_pids, prompts_per_request=1) -> dict:
+def run_rack(urls, parquet, n_samples, in_flight, max_new, tmp: Path, server_pids, prompts_per_request=1) -> dict:
     import psutil
 
     from rackbench.endpoints import EndpointPool
@@ -256,7 +260,7 @@ def run_rack(urls, parquet, n_samples, batch, max_new, tmp: Path, server_pids, p
         urls,
         stream=False,
         balance="isl",
-        concurrency=-(-batch // prompts_per_request),  # open requests per server
+        concurrency=-(-in_flight // prompts_per_request),  # open requests per server
         batch_size=prompts_per_request,
     )
 
@@ -265,7 +269,7 @@ def run_rack(urls, parquet, n_samples, batch, max_new, tmp: Path, server_pids, p
 
     try:
         t0, c0 = [threads_cpu(p) for p in servers], time.process_time()
-        rec = _run_shard(pool, parquet, n_samples, batch * len(urls), max_new, tmp)
+        rec = _run_shard(pool, parquet, n_samples, in_flight * len(urls), max_new, tmp)
         client_cpu = time.process_time() - c0  # includes run_shard's setup and output files
         deltas = [{k: v - before.get(k, 0.0) for k, v in threads_cpu(p).items()} for p, before in zip(servers, t0)]
     finally:
@@ -305,6 +309,14 @@ def main() -> int:
     ap.add_argument("--direct-feed", choices=("callback", "thread"), default="callback")
     ap.add_argument("--prompts-per-request", type=int, default=1, help="the pool's batch_size (rack_run knob)")
     ap.add_argument("--max-batch-size", type=int, default=None, help="the engine's max_batch_size (default config's)")
+    ap.add_argument(
+        "--rack-in-flight",
+        type=int,
+        default=None,
+        help="samples in flight per server on the rack path (rack_run.max_in_flight / servers); default --batch, "
+        "as the direct feed. Above the engine's max_batch_size, the server's engine keeps a queue that hides the "
+        "HTTP round trip of each refill",
+    )
     ap.add_argument("--pin", action="store_true", help="each engine on its own core, the client on the rest")
     ap.add_argument(
         "--engine-process",
@@ -331,6 +343,7 @@ def main() -> int:
     if args.max_batch_size:
         settings["max_batch_size"] = args.max_batch_size
     batch = args.batch or config["benchmarks"]["batch_sizes"][0]
+    rack_in_flight = args.rack_in_flight or batch
     max_new = config["run"]["max_new_tokens"]
     tmpdir = tempfile.TemporaryDirectory(prefix="rb-efficiency-")
     tmp = Path(tmpdir.name)
@@ -347,7 +360,8 @@ def main() -> int:
         pinning = f"engines pinned to cores {engine_cpus}, the client to {sorted(os.sched_getaffinity(0))}"
     print(
         f"harness efficiency: {args.servers} demo engine(s), {n_samples} samples ({len(base)} x {args.copies}), "
-        f"{batch} in flight per engine, max_new_tokens {max_new}, engine settings {settings}; "
+        f"{batch} in flight per engine (rack: {rack_in_flight} per server), max_new_tokens {max_new}, "
+        f"engine settings {settings}; "
         f"{pinning}; servers' engines {args.engine_process}; "
         f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
         flush=True,
@@ -365,11 +379,11 @@ def main() -> int:
             pin_server_threads(pids, engine_cpus, client_cpus)
         for _ in range(args.warmup):  # each side once, not counted: both then run warm
             direct_feed.run()
-            run_rack(urls, parquet, n_samples, batch, max_new, tmp, pids, args.prompts_per_request)
+            run_rack(urls, parquet, n_samples, rack_in_flight, max_new, tmp, pids, args.prompts_per_request)
         for rep in range(args.repeats):
 
             def rack_run():
-                return run_rack(urls, parquet, n_samples, batch, max_new, tmp, pids, args.prompts_per_request)
+                return run_rack(urls, parquet, n_samples, rack_in_flight, max_new, tmp, pids, args.prompts_per_request)
 
             if rep % 2 == 0:  # alternate the order: the host's noise drifts
                 direct, rack = direct_feed.run(), rack_run()
