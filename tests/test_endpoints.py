@@ -8,6 +8,7 @@ so they start in about a second), and for the never-ready case a small aiohttp a
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -106,8 +107,6 @@ def test_isl_balancing_and_counters_over_http(tmp_path):
     assert sum(s["samples"] for s in stats) == len(prompts)
     assert all(s["pending"] == 0 and s["open_requests"] == 0 for s in stats)
     assert sum(s["output_tokens"] for s in stats) == 3 * len(prompts)
-    import json
-
     written = json.loads((tmp_path / "endpoints.json").read_text())
     assert written["balance"] == "isl" and [e["url"] for e in written["endpoints"]] == group.urls
 
@@ -184,25 +183,22 @@ def _gone(pid):
         return True
 
 
-class _NeverReady:
-    """An aiohttp server on a thread whose /health always answers 503."""
+class _AppOnThread:
+    """An aiohttp server on a thread of this process, with the routes ``add_routes(router)`` adds."""
 
-    def __init__(self):
+    def __init__(self, add_routes):
         self.port = launch.free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
         self.loop = asyncio.new_event_loop()
         started = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(started,), daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(add_routes, started), daemon=True)
         self.thread.start()
         started.wait()
 
-    def _run(self, started):
+    def _run(self, add_routes, started):
         asyncio.set_event_loop(self.loop)
         app = web.Application()
-
-        async def health(request):
-            return web.Response(status=503)
-
-        app.router.add_get("/health", health)
+        add_routes(app.router)
         self.runner = web.AppRunner(app)
         self.loop.run_until_complete(self.runner.setup())
         self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", self.port).start())
@@ -215,9 +211,16 @@ class _NeverReady:
         self.thread.join(10)
 
 
+def _never_ready(router):
+    async def health(request):
+        return web.Response(status=503)
+
+    router.add_get("/health", health)
+
+
 def test_never_ready_endpoint_times_out_with_a_clear_error():
-    srv = _NeverReady()
-    url = f"http://127.0.0.1:{srv.port}"
+    srv = _AppOnThread(_never_ready)
+    url = srv.url
     try:
         t0 = time.monotonic()
         with pytest.raises(EndpointError) as err:
@@ -239,3 +242,93 @@ def test_a_server_process_that_exits_fails_readiness_at_once(tmp_path):
         group.wait_ready(60)
     assert time.monotonic() - t0 < 30
     assert spec.url in str(err.value) and "exited with code 3" in str(err.value) and "boom" in str(err.value)
+
+
+STAGGER_S = 0.4  # a streamed request's choice k finishes (k + 1) x this after the request came
+
+
+def _staggered_stream(requests: list, drop_after_first_of_several: bool = False):
+    """/v1/completions streaming each prompt's one-token answer (its last id + 1) at its own
+    time, as an engine whose rows finish at different steps; optionally the connection drops
+    once the first choice of a request of several prompts has finished."""
+
+    async def completions(request):
+        body = await request.json()
+        prompts = body["prompt"] if isinstance(body["prompt"][0], list) else [body["prompt"]]
+        requests.append(len(prompts))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for k, p in enumerate(prompts):
+            await asyncio.sleep(STAGGER_S)
+            choice = {"index": k, "text": "", "token_ids": [p[-1] + 1], "finish_reason": "length"}
+            await resp.write(b"data: " + json.dumps({"choices": [choice]}).encode() + b"\n\n")
+            if drop_after_first_of_several and len(prompts) > 1:
+                request.transport.close()  # the server dies mid-request
+                return resp
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    def add_routes(router):
+        router.add_post("/v1/completions", completions)
+
+    return add_routes
+
+
+def _submit_behind_a_first_request(pool, requests, prompts):
+    """prompts[0] alone, then the rest while it runs: with one open request per endpoint they
+    wait, and go out together as one request of several prompts."""
+    done_at, results = {}, {}
+    finished = threading.Semaphore(0)
+
+    def settle(i):
+        def cb(value):
+            assert i not in results, f"sample {i} completed twice"
+            results[i], done_at[i] = value, time.monotonic()
+            finished.release()
+
+        return cb
+
+    def submit(i):
+        pool.submit(prompts[i], 1, on_done=settle(i), on_error=settle(i))
+
+    submit(0)
+    deadline = time.monotonic() + 10
+    while not requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for i in range(1, len(prompts)):
+        submit(i)
+    for _ in prompts:
+        assert finished.acquire(timeout=30), "a sample never completed (hang)"
+    return results, done_at
+
+
+def test_streamed_samples_of_one_request_complete_as_their_own_choices_finish():
+    """Server/Interactive: a sample's completion (its latency, so LoadGen's TPOT) is its own,
+    not its request's slowest prompt's."""
+    requests: list = []
+    srv = _AppOnThread(_staggered_stream(requests))
+    try:
+        with EndpointPool([srv.url], stream=True, batch_size=8, concurrency=1) as pool:
+            results, done_at = _submit_behind_a_first_request(pool, requests, [[10], [20], [30]])
+            stats = pool.stats()[0]
+    finally:
+        srv.stop()
+    assert requests == [1, 2], requests  # the last two shared one request
+    assert results == {0: [11], 1: [21], 2: [31]}
+    assert done_at[2] - done_at[1] >= 0.75 * STAGGER_S  # not both at the request's end
+    assert stats["samples"] == 3 and stats["output_tokens"] == 3 and stats["pending"] == 0
+
+
+def test_a_stream_that_dies_after_one_choice_keeps_that_sample_and_fails_the_rest_once():
+    requests: list = []
+    srv = _AppOnThread(_staggered_stream(requests, drop_after_first_of_several=True))
+    try:
+        with EndpointPool([srv.url], stream=True, batch_size=8, concurrency=1) as pool:
+            results, _ = _submit_behind_a_first_request(pool, requests, [[10], [20], [30]])
+            stats = pool.stats()[0]
+    finally:
+        srv.stop()
+    assert requests == [1, 2], requests
+    assert results[0] == [11] and results[1] == [21]  # finished before the drop: kept
+    assert isinstance(results[2], EndpointError) and srv.url in str(results[2])
+    assert stats["samples"] == 2 and stats["errors"] == 1 and stats["pending"] == 0 and stats["dead"]

@@ -137,7 +137,7 @@ class EndpointStats:
 
 
 class _Request:
-    __slots__ = ("prompt", "max_new_tokens", "on_done", "on_error", "on_first_token", "first_sent")
+    __slots__ = ("prompt", "max_new_tokens", "on_done", "on_error", "on_first_token", "first_sent", "completed")
 
     def __init__(self, prompt, max_new_tokens, on_done, on_error, on_first_token):
         self.prompt = prompt
@@ -146,6 +146,7 @@ class _Request:
         self.on_error = on_error
         self.on_first_token = on_first_token
         self.first_sent = False
+        self.completed = False
 
 
 def choose_endpoint(stats: Sequence[EndpointStats], balance: str, counter: int) -> int:
@@ -372,8 +373,9 @@ class EndpointPool:
                     raise EndpointError(
                         url, f"HTTP {resp.status} from {COMPLETIONS_ROUTE}: {detail}", status=resp.status
                     )
-                if self.stream:
-                    outputs = await self._read_stream(url, resp, batch)
+                if self.stream:  # each sample completes as its choice finishes
+                    await self._read_stream(i, url, resp, batch)
+                    outputs = None
                 else:
                     data = _loads(await resp.read())
                     outputs = self._outputs_of(url, data, len(batch))
@@ -383,23 +385,14 @@ class EndpointPool:
                 self._mark_dead(i, str(err))  # a 4xx is this request's fault; anything else the server's
             self._finish_request(i)
             for r in batch:
-                self._fail(i, r, err)
+                if not r.completed:  # a streamed sample whose choice finished keeps its result
+                    self._fail(i, r, err)
             self._burst_end()
             return
         self._finish_request(i)
-        st = self._stats[i]
-        with self._lock:  # pending is also counted up by submit() on the caller's thread
-            st.pending -= len(batch)
-        st.samples += len(batch)
-        in_tokens = out_tokens = 0
-        for r, tokens in zip(batch, outputs):
-            in_tokens += len(r.prompt)
-            out_tokens += len(tokens)
-            if tokens and r.on_first_token is not None and not r.first_sent:
-                r.on_first_token(tokens[0])
-            r.on_done(tokens)
-        st.input_tokens += in_tokens
-        st.output_tokens += out_tokens
+        if outputs is not None:
+            for r, tokens in zip(batch, outputs):
+                self._complete(i, r, tokens)
         if self._waiting[i]:
             self._start_requests(i)
         self._burst_end()
@@ -417,7 +410,29 @@ class EndpointPool:
             raise EndpointError(url, f"response answered {sum(o is not None for o in out)} of {n} prompts")
         return out
 
-    async def _read_stream(self, url, resp, batch: list[_Request]) -> list[list[int]]:
+    def _complete(self, i: int, r: _Request, tokens: list[int]) -> None:
+        st = self._stats[i]
+        r.completed = True
+        with self._lock:  # pending is also counted up by submit() on the caller's thread
+            st.pending -= 1
+        st.samples += 1
+        st.input_tokens += len(r.prompt)
+        st.output_tokens += len(tokens)
+        if tokens and r.on_first_token is not None and not r.first_sent:
+            r.first_sent = True
+            r.on_first_token(tokens[0])
+        r.on_done(tokens)
+
+    def _stream_tokens(self, ids: list[int], texts: list[str]) -> list[int]:
+        """A streamed choice's output ids: the server's, else its text re-encoded (as NVIDIA's client)."""
+        if texts and not ids:
+            return self.tokenizer.encode("".join(texts))
+        return ids
+
+    async def _read_stream(self, i: int, url, resp, batch: list[_Request]) -> None:
+        """Reads the SSE stream; each prompt's sample completes when its choice's finish_reason
+        comes, not when the whole request ends: in Server and Interactive a sample's latency
+        (and so TPOT) is its own, whatever its request's other prompts still generate."""
         n = len(batch)
         ids: list[list[int]] = [[] for _ in range(n)]
         texts: list[list[str]] = [[] for _ in range(n)]
@@ -434,21 +449,17 @@ class EndpointPool:
                 if payload == b"[DONE]":
                     done = True
                     break
-                self._stream_event(url, _loads(payload), batch, ids, texts, finished)
+                self._stream_event(i, url, _loads(payload), batch, ids, texts, finished)
             self._burst_end()  # this read's first tokens
             if done:
                 break
         if not done and not all(finished):
             raise EndpointError(url, "stream ended before every prompt finished (server died?)")
-        out = []
-        for idx in range(n):
-            if texts[idx] and not ids[idx]:
-                out.append(self.tokenizer.encode("".join(texts[idx])))
-            else:
-                out.append(ids[idx])
-        return out
+        for idx, r in enumerate(batch):  # [DONE] without a finish_reason for some choice
+            if not r.completed:
+                self._complete(i, r, self._stream_tokens(ids[idx], texts[idx]))
 
-    def _stream_event(self, url, obj, batch, ids, texts, finished):
+    def _stream_event(self, i, url, obj, batch, ids, texts, finished):
         n = len(batch)
         if "error" in obj or obj.get("object") == "error":
             raise EndpointError(url, f"stream error: {str(obj)[:300]}")
@@ -475,8 +486,9 @@ class EndpointPool:
                 req.first_sent = True
                 if req.on_first_token is not None:
                     req.on_first_token(first)
-            if choice.get("finish_reason") is not None:
+            if choice.get("finish_reason") is not None and not finished[idx]:
                 finished[idx] = True
+                self._complete(i, req, self._stream_tokens(ids[idx], texts[idx]))
 
     def _finish_request(self, i):
         st = self._stats[i]
