@@ -302,17 +302,24 @@ def _submit_behind_a_first_request(pool, requests, prompts):
     return results, done_at
 
 
-def test_streamed_samples_of_one_request_complete_as_their_own_choices_finish():
-    """Server/Interactive: a sample's completion (its latency, so LoadGen's TPOT) is its own,
-    not its request's slowest prompt's."""
+def _staggered_run(drop_after_first_of_several: bool = False):
+    """Three one-token samples through a one-request-per-endpoint streamed pool over the
+    staggering server: (request sizes, results, completion times, the endpoint's stats, url)."""
     requests: list = []
-    srv = _AppOnThread(_staggered_stream(requests))
+    srv = _AppOnThread(_staggered_stream(requests, drop_after_first_of_several))
     try:
         with EndpointPool([srv.url], stream=True, batch_size=8, concurrency=1) as pool:
             results, done_at = _submit_behind_a_first_request(pool, requests, [[10], [20], [30]])
             stats = pool.stats()[0]
     finally:
         srv.stop()
+    return requests, results, done_at, stats, srv.url
+
+
+def test_streamed_samples_of_one_request_complete_as_their_own_choices_finish():
+    """Server/Interactive: a sample's completion (its latency, so LoadGen's TPOT) is its own,
+    not its request's slowest prompt's."""
+    requests, results, done_at, stats, _ = _staggered_run()
     assert requests == [1, 2], requests  # the last two shared one request
     assert results == {0: [11], 1: [21], 2: [31]}
     assert done_at[2] - done_at[1] >= 0.75 * STAGGER_S  # not both at the request's end
@@ -320,15 +327,8 @@ def test_streamed_samples_of_one_request_complete_as_their_own_choices_finish():
 
 
 def test_a_stream_that_dies_after_one_choice_keeps_that_sample_and_fails_the_rest_once():
-    requests: list = []
-    srv = _AppOnThread(_staggered_stream(requests, drop_after_first_of_several=True))
-    try:
-        with EndpointPool([srv.url], stream=True, batch_size=8, concurrency=1) as pool:
-            results, _ = _submit_behind_a_first_request(pool, requests, [[10], [20], [30]])
-            stats = pool.stats()[0]
-    finally:
-        srv.stop()
+    requests, results, _, stats, url = _staggered_run(drop_after_first_of_several=True)
     assert requests == [1, 2], requests
     assert results[0] == [11] and results[1] == [21]  # finished before the drop: kept
-    assert isinstance(results[2], EndpointError) and srv.url in str(results[2])
+    assert isinstance(results[2], EndpointError) and url in str(results[2])
     assert stats["samples"] == 2 and stats["errors"] == 1 and stats["pending"] == 0 and stats["dead"]
