@@ -436,7 +436,6 @@ class EndpointPool:
         n = len(batch)
         ids: list[list[int]] = [[] for _ in range(n)]
         texts: list[list[str]] = [[] for _ in range(n)]
-        finished = [False] * n
         done = False
         buf = b""
         async for data in resp.content.iter_any():  # whole reads, split here: far cheaper than readline
@@ -449,17 +448,17 @@ class EndpointPool:
                 if payload == b"[DONE]":
                     done = True
                     break
-                self._stream_event(i, url, _loads(payload), batch, ids, texts, finished)
+                self._stream_event(i, url, _loads(payload), batch, ids, texts)
             self._burst_end()  # this read's first tokens
             if done:
                 break
-        if not done and not all(finished):
+        if not done and not all(r.completed for r in batch):
             raise EndpointError(url, "stream ended before every prompt finished (server died?)")
         for idx, r in enumerate(batch):  # [DONE] without a finish_reason for some choice
             if not r.completed:
                 self._complete(i, r, self._stream_tokens(ids[idx], texts[idx]))
 
-    def _stream_event(self, i, url, obj, batch, ids, texts, finished):
+    def _stream_event(self, i, url, obj, batch, ids, texts):
         n = len(batch)
         if "error" in obj or obj.get("object") == "error":
             raise EndpointError(url, f"stream error: {str(obj)[:300]}")
@@ -486,8 +485,7 @@ class EndpointPool:
                 req.first_sent = True
                 if req.on_first_token is not None:
                     req.on_first_token(first)
-            if choice.get("finish_reason") is not None and not finished[idx]:
-                finished[idx] = True
+            if choice.get("finish_reason") is not None and not req.completed:
                 self._complete(i, req, self._stream_tokens(ids[idx], texts[idx]))
 
     def _finish_request(self, i):
