@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -46,6 +47,15 @@ def alive(pids) -> list[int]:
         except psutil.NoSuchProcess:
             pass
     return running
+
+
+def wait_gone(pids, timeout: float, poll: float = 0.1) -> list[int]:
+    """Those of ``pids`` still running after up to ``timeout`` seconds (a killed process takes
+    a moment to be gone)."""
+    deadline = time.monotonic() + timeout
+    while (left := alive(pids)) and time.monotonic() < deadline:
+        time.sleep(poll)
+    return left
 
 
 def make_demo_model(out: Path, *model_args: str, seed: int = 0, env: dict | None = None) -> Path:

@@ -18,7 +18,7 @@ import time
 import pytest
 from aiohttp import web
 
-from helpers import python_env
+from helpers import alive, python_env
 from rackbench import launch
 from rackbench.endpoints import (
     EndpointError,
@@ -171,16 +171,7 @@ def test_server_killed_mid_run_gives_errors_naming_it_and_no_hang(tmp_path, stre
     assert all(isinstance(e, EndpointError) and victim.url in str(e) for e in errors)
     assert all(r == [p[-1] + 1, p[-1] + 2, p[-1] + 3] for r, p in zip(oks, prompts[0::2]))
     pids = [p.pid for p in group.procs.values()]
-    assert all(_gone(pid) for pid in pids), "a server outlived the teardown"
-
-
-def _gone(pid):
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
+    assert not alive(pids), "a server outlived the teardown"
 
 
 class _AppOnThread:

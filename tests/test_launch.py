@@ -15,7 +15,7 @@ import psutil
 import pytest
 import yaml
 
-from helpers import ROOT, alive, python_env
+from helpers import ROOT, alive, python_env, wait_gone
 from rackbench import launch
 from rackbench.endpoints import EndpointError, EndpointPool
 
@@ -239,10 +239,8 @@ def test_sigterm_to_the_launcher_tears_every_server_down(tmp_path):
         proc.send_signal(signal.SIGTERM)  # what scancel sends the batch script
         proc.wait(timeout=60)
         assert proc.returncode != 0
-        deadline = time.monotonic() + 30
-        while alive(family) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not alive(family), f"left running: {alive(family)}"
+        left = wait_gone(family, 30, poll=0.2)
+        assert not left, f"left running: {left}"
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -12,12 +12,12 @@ import threading
 import time
 
 import numpy as np
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT
+from helpers import wait_gone
 from rackbench import compliance, launch, paths, rack
 
 N_SAMPLES = 40
@@ -68,16 +68,6 @@ def _pids(group):
     return [p.pid for p in group.procs.values()]
 
 
-def _all_gone(pids, timeout=10):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        if not alive:
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_one_session_makes_every_run_over_two_servers_started_once(tmp_path, dataset):
     """Offline (performance, accuracy), Server (performance, accuracy) and a Server sweep point
     (performance), each one LoadGen over both servers, in one session: the servers start once
@@ -94,7 +84,7 @@ def test_one_session_makes_every_run_over_two_servers_started_once(tmp_path, dat
     out = tmp_path / "runs"
     records = _run(group, dataset, out, runs)
     assert started == [1], "the servers were started more than once"
-    assert _all_gone(_pids(group)), "a server outlived the session"
+    assert not wait_gone(_pids(group), 10), "a server outlived the session"
     assert list(records) == ["Offline", "Server-qps200", "Server-qps100"]
     for run in runs:
         assert list(records[run["name"]]) == run["modes"]
@@ -211,7 +201,7 @@ def test_server_killed_mid_run_names_it_tears_down_and_keeps_earlier_results(tmp
     assert time.monotonic() - started < 60, "the run hung after the server died"
     message = str(err.value)
     assert "INVALID" in message and victim["url"] in message and "server1" in message, message
-    assert _all_gone(_pids(group)), "the other servers were not torn down"
+    assert not wait_gone(_pids(group), 10), "the other servers were not torn down"
     after = {p.name: p.read_bytes() for p in (out / "Offline" / "performance").iterdir()}
     assert after == before, "the earlier result was touched"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".runs.tmp")], "a temporary session dir was left"

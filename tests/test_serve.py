@@ -16,7 +16,7 @@ import psutil
 import pytest
 import requests
 
-from helpers import alive, make_demo_model, python_env
+from helpers import alive, make_demo_model, python_env, wait_gone
 from rackbench import launch
 from rackbench.endpoints import EndpointPool
 from rackbench.engines import generate
@@ -105,11 +105,10 @@ def servers(demo_model, tmp_path_factory):
         family = [c.pid for p in group.procs.values() for c in psutil.Process(p.pid).children(recursive=True)]
         yield group
     pids = [p.pid for p in group.procs.values()] + family
-    deadline = time.monotonic() + 10  # a SIGKILLed straggler takes a moment to be gone
-    while alive(pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    left = {pid: " ".join(psutil.Process(pid).cmdline())[:200] for pid in alive(pids)}
-    assert not left, f"servers or their engine processes left running after teardown: {left}"
+    left = wait_gone(pids, 10)
+    assert not left, "servers or their engine processes left running after teardown: " + str(
+        {pid: " ".join(psutil.Process(pid).cmdline())[:200] for pid in left}
+    )
     for name, path in group.logs.items():
         assert "exited" not in path.read_text(), f"{name}: a clean teardown reported its engine as exited"
 
